@@ -1,0 +1,153 @@
+"""`auto`: a priority list per device class, written as data.
+
+Each entry names a backend and the call shapes it is preferred for. A call goes to the
+first entry whose rule matches *and* whose backend can serve it; every list ends with
+`sdpa`, which serves everything. Rules only ever narrow where a faster kernel is used:
+a rule never sends a call to a kernel that the evidence shows slower than SDPA there.
+
+Evidence:
+- sm90 rows are measured: ../benchmarks and shared/reference/h200-kernels-2026-11.md.
+  Quantized kernels lose to SDPA (cuDNN) below ~8k tokens (0.10-0.81x) and win at
+  video lengths (1.36-1.43x at 32k-76k); FA4/FA3 win 1.04-1.22x at head dim 128 from
+  ~4.6k tokens; SD1.5 head dims and 77-key cross-attention stay on SDPA.
+- Other classes are *not measured here*: they follow the kernels' own published
+  guidance (SageAttention's per-architecture choice; no Triton Sage on sm80/86, where
+  it has produced black images) and use the same conservative length thresholds. The
+  README marks them as such; `auto_tuned` (issue 6) replaces guesses with measurements.
+
+Override: set ATTENTION_BACKENDS_AUTO to a JSON file with the same structure as
+`AUTO_TABLE` (device class -> list of entries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+from .call import CallSignature
+from .registry import get
+
+log = logging.getLogger(__name__)
+
+# Below this many query and key tokens no quantized kernel paid off on the H200.
+VIDEO_TOKENS = 16384
+# From here FA4/FA3 at head dim 128 beat cuDNN SDPA on the H200 (Flux 1024² has 4608).
+LONG_TOKENS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """When an auto entry applies. Unset fields do not restrict."""
+
+    min_tokens: int = 0  # both Nq and Nk at least this
+    head_dims: Optional[frozenset[int]] = None
+
+    def reason(self, call: CallSignature) -> Optional[str]:
+        if self.head_dims is not None and call.head_dim not in self.head_dims:
+            return f"auto uses it for head dims {sorted(self.head_dims)} only"
+        if min(call.seq_q, call.seq_k) < self.min_tokens:
+            return f"auto uses it from {self.min_tokens} query and key tokens"
+        return None
+
+    def to_json(self) -> dict:
+        data: dict = {}
+        if self.min_tokens:
+            data["min_tokens"] = self.min_tokens
+        if self.head_dims is not None:
+            data["head_dims"] = sorted(self.head_dims)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoEntry:
+    backend: str
+    rule: Rule = Rule()
+    evidence: str = ""
+
+
+_D128 = frozenset({128})
+_ALWAYS = Rule()
+
+AUTO_TABLE: dict[str, tuple[AutoEntry, ...]] = {
+    # Hopper (H100/H200), measured.
+    "sm90": (
+        AutoEntry("sage_qk_int8_pv_fp8_cuda_sm90", Rule(VIDEO_TOKENS, _D128), "measured: 1.36-1.43x at Wan 480p/720p"),
+        AutoEntry("flash4", Rule(LONG_TOKENS, _D128), "measured: 1.07-1.22x from Flux 1024² up"),
+        AutoEntry("flash3", Rule(LONG_TOKENS, _D128), "measured: 1.04-1.20x from Flux 1024² up"),
+        AutoEntry("sdpa", _ALWAYS, "measured: fastest below 4k tokens and at head dims other than 128"),
+    ),
+    # Blackwell data centre (B200) and consumer (RTX 50): not measured here.
+    "sm100": (
+        AutoEntry("flash4", Rule(LONG_TOKENS, _D128), "assumed: FA4 targets Blackwell first"),
+        AutoEntry("sdpa", _ALWAYS),
+    ),
+    "sm120": (
+        AutoEntry("sage_qk_int8_pv_fp8_cuda", Rule(VIDEO_TOKENS, _D128), "assumed: SageAttention's sm120 choice"),
+        AutoEntry("sdpa", _ALWAYS),
+    ),
+    # Ada (RTX 40, L4, L40): not measured here.
+    "sm89": (
+        AutoEntry("sage_qk_int8_pv_fp8_cuda", Rule(VIDEO_TOKENS, _D128), "assumed: SageAttention's sm89 choice"),
+        AutoEntry("sdpa", _ALWAYS),
+    ),
+    # Ampere (A100, RTX 30): not measured here; no Triton Sage (black images reported).
+    "sm80": (
+        AutoEntry("sage_qk_int8_pv_fp16_cuda", Rule(VIDEO_TOKENS, _D128), "assumed: SageAttention's sm80 choice"),
+        AutoEntry("sdpa", _ALWAYS),
+    ),
+    # Older GPUs, CPUs and everything else: PyTorch's own choice.
+    "default": (AutoEntry("sdpa", _ALWAYS),),
+}
+
+
+def device_class(device_type: str, capability: Optional[tuple[int, int]]) -> str:
+    """The AUTO_TABLE row for a device."""
+    if device_type != "cuda" or capability is None:
+        return "default"
+    major, minor = capability
+    if major == 9:
+        return "sm90"
+    if major in (10, 11):
+        return "sm100"
+    if major >= 12:
+        return "sm120"
+    if (major, minor) >= (8, 9):
+        return "sm89"
+    if major == 8:
+        return "sm80"
+    return "default"
+
+
+def _entries_from_json(data: dict) -> dict[str, tuple[AutoEntry, ...]]:
+    table: dict[str, tuple[AutoEntry, ...]] = {}
+    for device, rows in data.items():
+        entries = []
+        for row in rows:
+            get(row["backend"])  # unknown names fail loudly, with suggestions
+            head_dims = row.get("head_dims")
+            rule = Rule(int(row.get("min_tokens", 0)), frozenset(head_dims) if head_dims else None)
+            entries.append(AutoEntry(row["backend"], rule, row.get("evidence", "user override")))
+        if not entries or entries[-1].backend != "sdpa" or entries[-1].rule != _ALWAYS:
+            entries.append(AutoEntry("sdpa", _ALWAYS))
+        table[device] = tuple(entries)
+    return table
+
+
+def load_table(path: Optional[str] = None) -> dict[str, tuple[AutoEntry, ...]]:
+    """AUTO_TABLE, with device classes replaced from a JSON override file if one is set."""
+    path = path or os.environ.get("ATTENTION_BACKENDS_AUTO")
+    if not path:
+        return dict(AUTO_TABLE)
+    with open(path, encoding="utf-8") as handle:
+        override = _entries_from_json(json.load(handle))
+    log.info("attention backends: auto table for %s from %s", ", ".join(override), path)
+    return {**AUTO_TABLE, **override}
+
+
+def auto_entries(device_type: str, capability: Optional[tuple[int, int]],
+                 table: Optional[dict[str, tuple[AutoEntry, ...]]] = None) -> tuple[AutoEntry, ...]:
+    table = table if table is not None else load_table()
+    return table.get(device_class(device_type, capability), table["default"])
