@@ -1,0 +1,181 @@
+"""Reasons and selection for every backend on synthetic calls: GPU-only backends'
+constraint logic runs here without a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import attention
+from attention import CallSignature, Dispatcher, registry
+from attention.call import MASK_ADDITIVE, MASK_BOOL
+from attention.errors import UNAVAILABLE
+from attention.shapes import by_key
+
+
+def sig(**overrides) -> CallSignature:
+    base = dict(device_type="cuda", compute_capability=(9, 0), dtype=torch.bfloat16, batch=2, heads_q=24,
+                heads_kv=24, seq_q=4608, seq_k=4608, head_dim=128, head_dim_v=128)
+    base.update(overrides)
+    return CallSignature(**base)
+
+
+def reasons(name: str, call: CallSignature) -> list[str]:
+    return registry.get(name).call_reasons(call)
+
+
+def test_every_backend_is_listed_with_a_stable_name():
+    assert registry.names() == [
+        "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex", "sage",
+        "sage_qk_int8_pv_fp16_triton", "sage_qk_int8_pv_fp16_cuda", "sage_qk_int8_pv_fp8_cuda",
+        "sage_qk_int8_pv_fp8_cuda_sm90", "sage3", "flash", "flash3", "flash4", "xformers", "kitchen_int8"]
+
+
+def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():
+    call = sig()
+    for backend in registry.all_backends():
+        if backend.name == "sage3":
+            assert reasons("sage3", call) == ["built for sm10x, sm12x only, this GPU is sm90"]
+        else:
+            assert backend.call_reasons(call) == [], backend.name
+
+
+@pytest.mark.parametrize("name", ["sage", "sage_qk_int8_pv_fp16_triton", "sage_qk_int8_pv_fp16_cuda",
+                                  "sage_qk_int8_pv_fp8_cuda", "sage_qk_int8_pv_fp8_cuda_sm90", "sage3",
+                                  "flash", "flash3", "flash4", "flex", "sdpa_flash"])
+def test_mask_less_backends_refuse_masked_calls(name):
+    call = sig(mask_kind=MASK_ADDITIVE, mask_shape=(2, 1, 4608, 4608))
+    assert any("mask" in r for r in reasons(name, call)), name
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa_math", "sdpa_efficient", "sdpa_cudnn", "xformers", "kitchen_int8"])
+def test_mask_capable_backends_take_broadcastable_masks(name):
+    for shape in [(4608, 4608), (2, 4608, 4608), (2, 24, 4608, 4608), (1, 1, 1, 4608)]:
+        assert reasons(name, sig(mask_kind=MASK_BOOL, mask_shape=shape)) == [], (name, shape)
+
+
+def test_unbroadcastable_mask_is_refused_with_its_shape():
+    why = reasons("sdpa", sig(mask_kind=MASK_ADDITIVE, mask_shape=(3, 4608, 4608)))
+    assert why == ["mask shape [3, 4608, 4608] does not broadcast to [2, 24, 4608, 4608]"]
+
+
+def test_quantized_backends_honour_precision_requests():
+    for name in ["sage", "sage_qk_int8_pv_fp8_cuda_sm90", "kitchen_int8"]:
+        assert "low_precision_attention=False" in " ".join(reasons(name, sig(low_precision_ok=False)))
+        assert "attn_precision=float32" in " ".join(reasons(name, sig(attn_precision=torch.float32)))
+    for name in ["sdpa", "flash4", "flash3"]:
+        assert reasons(name, sig(low_precision_ok=False, attn_precision=torch.float32)) == []
+
+
+def test_head_dim_rules():
+    assert reasons("sage", sig(head_dim=80, head_dim_v=80)) == ["head dim 80 not in [64, 96, 128]"]
+    assert reasons("flash3", sig(head_dim=512, head_dim_v=512)) == ["head dim 512 outside 8..256, a multiple of 8"]
+    assert reasons("flash4", sig(head_dim=40, head_dim_v=40)) == []
+    blackwell = sig(compute_capability=(10, 0), head_dim=160, head_dim_v=160)
+    assert reasons("flash4", blackwell) == ["head dim 160 outside 8..128, a multiple of 8"]
+    assert reasons("sage_qk_int8_pv_fp16_cuda", sig(head_dim=80, head_dim_v=80)) == []
+
+
+def test_device_and_architecture_rules():
+    cpu = sig(device_type="cpu", compute_capability=None, dtype=torch.float32)
+    assert reasons("flash4", cpu)[0] == "runs on cuda only, not cpu"
+    assert reasons("sdpa", cpu) == [] and reasons("sdpa_flash", cpu) == [] and reasons("sdpa_math", cpu) == []
+    ampere = sig(compute_capability=(8, 6))
+    assert reasons("sage_qk_int8_pv_fp8_cuda", ampere) == ["needs sm89 or newer, this GPU is sm86"]
+    assert reasons("flash3", ampere) == ["built for sm9x only, this GPU is sm86"]
+    assert reasons("sage_qk_int8_pv_fp8_cuda_sm90", sig(compute_capability=(12, 0))) == \
+        ["built for sm9x only, this GPU is sm120"]
+    turing = sig(compute_capability=(7, 5), dtype=torch.float16)
+    assert reasons("kitchen_int8", turing) == []
+    assert "needs sm80" in reasons("sdpa_flash", turing)[0]
+
+
+def test_dtype_and_head_count_rules():
+    assert reasons("flash4", sig(dtype=torch.float32)) == ["takes bfloat16/float16, not float32"]
+    gqa = sig(heads_kv=8)
+    assert reasons("flash4", gqa) == [] and reasons("sdpa", gqa) == []
+    assert reasons("xformers", gqa) == ["needs as many key heads as query heads (8 vs 24)"]
+    assert reasons("kitchen_int8", sig(heads_kv=7)) == ["query heads (24) must be a multiple of key heads (7)"]
+
+
+def test_sage3_needs_the_default_scale():
+    blackwell = sig(compute_capability=(12, 0))
+    assert reasons("sage3", blackwell) == []
+    assert reasons("sage3", dataclasses.replace(blackwell, custom_scale=True)) == [
+        "has no softmax-scale argument, and the call passes its own scale"]
+
+
+def test_every_reason_is_collected_not_just_the_first():
+    call = sig(device_type="cpu", compute_capability=None, dtype=torch.float32, head_dim=40, head_dim_v=40,
+               mask_kind=MASK_BOOL, mask_shape=(4608, 4608), low_precision_ok=False)
+    assert len(reasons("sage", call)) == 5
+
+
+class TestAutoOnSyntheticCalls:
+    """`auto` on an H200 as seen from here: pretend every kernel is installed."""
+
+    @pytest.fixture(autouse=True)
+    def everything_available(self, monkeypatch):
+        for backend in registry.all_backends():
+            monkeypatch.setattr(backend, "_availability", attention.Availability(True, "test", ()))
+
+    @pytest.mark.parametrize("key, expected", [
+        ("sd15_l1", "sdpa"), ("sd15_l2", "sdpa"), ("sd15_l3", "sdpa"), ("sdxl_l1", "sdpa"), ("sdxl_l2", "sdpa"),
+        ("sdxl_cross", "sdpa"), ("flux_1024", "flash4"), ("qwen_1328", "flash4"),
+        ("wan_480p", "sage_qk_int8_pv_fp8_cuda_sm90"), ("wan_720p", "sage_qk_int8_pv_fp8_cuda_sm90")])
+    def test_hopper_choices_follow_the_measurements(self, key, expected):
+        plan = Dispatcher("auto").plan_for(by_key(key).signature())
+        assert plan.name == expected
+        assert not plan.is_fallback
+
+    def test_video_call_with_a_mask_falls_back_with_the_reason(self):
+        call = dataclasses.replace(by_key("wan_480p").signature(), mask_kind=MASK_ADDITIVE,
+                                   mask_shape=(2, 1, 1, 32760))
+        plan = Dispatcher("auto").plan_for(call)
+        assert plan.name == "sdpa"
+        assert plan.is_fallback
+        assert [name for name, _ in plan.fallback_reasons()] == [
+            "sage_qk_int8_pv_fp8_cuda_sm90", "flash4", "flash3"]
+
+    def test_precision_request_skips_quantized_kernel_for_an_exact_one(self):
+        call = dataclasses.replace(by_key("wan_480p").signature(), low_precision_ok=False)
+        assert Dispatcher("auto").plan_for(call).name == "flash4"
+
+    def test_explicit_choice_then_auto(self):
+        dispatcher = Dispatcher(["kitchen_int8", "auto"])
+        assert dispatcher.plan_for(by_key("sdxl_l2").signature()).name == "kitchen_int8"
+        plan = dispatcher.plan_for(dataclasses.replace(by_key("sdxl_l2").signature(), low_precision_ok=False))
+        assert plan.name == "sdpa" and plan.is_fallback
+
+    def test_auto_never_picks_a_kernel_the_table_shows_slower_than_sdpa(self):
+        # The reference measurements (speed vs SDPA default) of kernels in the sm90 auto table.
+        slower = {("sage_qk_int8_pv_fp8_cuda_sm90", k) for k in
+                  ["sd15_l1", "sd15_l2", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024"]}
+        slower |= {("flash4", "sdxl_l1"), ("flash4", "sdxl_cross"), ("flash3", "sdxl_l1"), ("flash3", "sd15_l2")}
+        for shape in ["sd15_l1", "sd15_l2", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024", "qwen_1328"]:
+            chosen = Dispatcher("auto").plan_for(by_key(shape).signature()).name
+            assert (chosen, shape) not in slower
+
+
+def test_unavailable_auto_candidates_are_not_fallbacks_but_named_ones_are(monkeypatch):
+    flash4 = registry.get("flash4")
+    monkeypatch.setattr(flash4, "_availability", attention.Availability(False, None, ("not installed",)))
+    for name in ("sage_qk_int8_pv_fp8_cuda_sm90", "flash3"):
+        monkeypatch.setattr(registry.get(name), "_availability", attention.Availability(False, None, ("nope",)))
+    hopper = by_key("wan_480p").signature()
+    plan = Dispatcher("auto").plan_for(hopper)
+    assert plan.name == "sdpa" and not plan.is_fallback
+    assert [r.kind for r in plan.rejected] == [UNAVAILABLE] * 3
+    named = Dispatcher(["flash4", "auto"]).plan_for(hopper)
+    assert named.is_fallback
+    assert named.fallback_reasons() == [("flash4", "not installed")]
+
+
+def test_unknown_names_fail_with_suggestions():
+    with pytest.raises(attention.UnknownBackendError, match="Did you mean .*flash4"):
+        attention.parse_priority("flash5 > sdpa")
+    assert attention.parse_priority("flash4 > sage, sdpa") == ["flash4", "sage", "sdpa"]
+    with pytest.raises(attention.UnknownBackendError, match="empty"):
+        attention.parse_priority(" > ")

@@ -1,0 +1,256 @@
+// Pure logic over the JSON of GET /attention_backends/status (docs/api.md).
+// No DOM, no ComfyUI imports: Node's test runner imports this file directly.
+//
+// Every function returns plain "view models" ({kind, title, lines, ...}); the glue in
+// ../attention_backends.js turns them into DOM.
+
+/** The backend row of `name`, or null. */
+export function findBackend(status, name) {
+  const rows = (status && Array.isArray(status.backends)) ? status.backends : [];
+  return rows.find((row) => row && row.name === name) || null;
+}
+
+/** Names the node's combo offers: `nodes.selectable` when the server sends it, else auto + backends. */
+export function selectableNames(status) {
+  if (status && status.nodes && Array.isArray(status.nodes.selectable)) return status.nodes.selectable.slice();
+  const names = (status && Array.isArray(status.backends)) ? status.backends.map((b) => b.name) : [];
+  return ["auto", ...names];
+}
+
+function deviceLabel(device) {
+  if (!device) return "this machine";
+  if (device.type === "cpu") return "the CPU";
+  const parts = [device.name || `${device.type}:${device.index}`];
+  if (device.class) parts.push(`(${device.class})`);
+  return parts.join(" ");
+}
+
+/** Number of distinct devices worth naming: a one-GPU box says "on NVIDIA H200", not "on cuda:0". */
+function devicePrefix(status, device) {
+  const devices = (status && status.devices) || [];
+  const label = deviceLabel(device);
+  if (devices.length > 1 && device && device.type !== "cpu") return `GPU ${device.index}: ${label}`;
+  return label;
+}
+
+/**
+ * What `auto` picks for the typical shapes of one device, grouped by backend in the
+ * order the backends first appear: [{backend, shapes: [label, ...]}].
+ */
+export function groupTypical(device) {
+  const groups = [];
+  const byBackend = new Map();
+  for (const row of (device && device.typical) || []) {
+    const backend = row.backend || "?";
+    if (!byBackend.has(backend)) {
+      const group = { backend, shapes: [] };
+      byBackend.set(backend, group);
+      groups.push(group);
+    }
+    byBackend.get(backend).shapes.push(row.shape || row.key || "?");
+  }
+  return groups;
+}
+
+/** Backends of the device's auto order that are not available here: [{backend, reason, hint}]. */
+export function missingFromAutoOrder(status, device) {
+  const out = [];
+  const seen = new Set();
+  for (const entry of (device && device.auto_order) || []) {
+    if (entry.available || seen.has(entry.backend)) continue;
+    seen.add(entry.backend);
+    const row = findBackend(status, entry.backend);
+    out.push({
+      backend: entry.backend,
+      reason: (entry.reasons && entry.reasons[0]) || (row && row.reasons && row.reasons[0]) || "unavailable",
+      hint: (row && row.install_hint) || "",
+    });
+  }
+  return out;
+}
+
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+/**
+ * The "before a run" panel of an Attention Backend node.
+ *   status: the status JSON (or null while loading), error: a fetch error message
+ *   selection: the combo value, onUnsupported: "fall back" | "stop" (optional)
+ * Returns {kind, title, lines: [{text, cls?, title?}], hint}
+ *   kind: "loading" | "error" | "ok" | "unavailable" | "unknown" | "auto"
+ */
+export function describeSelection(status, selection, { error = null, onUnsupported = null } = {}) {
+  if (error) {
+    return { kind: "error", title: "Backend status unavailable", lines: [{ text: String(error), cls: "muted" }], hint: "" };
+  }
+  if (!status) return { kind: "loading", title: "Checking backends…", lines: [], hint: "" };
+  if (!selection || selection === "auto") return describeAuto(status);
+
+  const row = findBackend(status, selection);
+  if (!row) {
+    return {
+      kind: "unknown", title: `${selection}: unknown backend`,
+      lines: [{ text: "This ComfyUI's pack does not know this backend (workflow from a newer version?).", cls: "muted" }],
+      hint: "",
+    };
+  }
+  const lines = [];
+  if (row.description) lines.push({ text: row.description, cls: "muted" });
+  if (row.available) {
+    const version = row.version ? ` · ${row.version}` : "";
+    lines.unshift({ text: `Runs on this machine${version}${row.quantized ? " · quantized" : ""}`, cls: "good" });
+    lines.push({ text: "Calls it cannot serve (head dim, mask, dtype…) " +
+      (onUnsupported === "stop" ? "stop the run with the reasons." : "fall back to the auto choice."), cls: "muted" });
+    return { kind: "ok", title: `${row.name} ✓ available`, lines, hint: "" };
+  }
+  for (const reason of row.reasons || []) lines.unshift({ text: reason, cls: "bad" });
+  if (!row.reasons || row.reasons.length === 0) lines.unshift({ text: "Not available on this machine.", cls: "bad" });
+  lines.push({
+    text: onUnsupported === "stop"
+      ? "on_unsupported = stop: the run will stop."
+      : "on_unsupported = fall back: every call goes to the auto choice instead.",
+    cls: "warn",
+  });
+  return { kind: "unavailable", title: `${row.name} ✗ not available here`, lines, hint: row.install_hint || "" };
+}
+
+/** `auto`: per device, which backend serves each typical shape, and what is missing from the order. */
+export function describeAuto(status) {
+  const devices = (status && status.devices) || [];
+  const lines = [];
+  let hint = "";
+  if (devices.length === 0) lines.push({ text: "No device reported.", cls: "muted" });
+  for (const device of devices) {
+    const groups = groupTypical(device);
+    const prefix = devicePrefix(status, device);
+    if (groups.length === 0) {
+      lines.push({ text: `On ${prefix}: no typical shapes reported`, cls: "muted" });
+      continue;
+    }
+    if (groups.length === 1) {
+      lines.push({ text: `On ${prefix}: ${groups[0].backend} for all ${plural(groups[0].shapes.length, "typical shape", "typical shapes")}`, cls: "good" });
+    } else {
+      lines.push({ text: `On ${prefix}:`, cls: "head" });
+      for (const group of groups) {
+        lines.push({ text: `${group.backend} ← ${group.shapes.join(", ")}`, cls: "good", indent: true });
+      }
+    }
+    const missing = missingFromAutoOrder(status, device);
+    if (missing.length) {
+      lines.push({
+        text: `Not installed here: ${missing.map((m) => m.backend).join(", ")}`,
+        cls: "muted",
+        title: missing.map((m) => `${m.backend}: ${m.reason}${m.hint ? ` (${m.hint})` : ""}`).join("\n"),
+      });
+      if (!hint) hint = missing.find((m) => m.hint)?.hint || "";
+    }
+  }
+  return { kind: "auto", title: "auto → best available per call", lines, hint };
+}
+
+/** "flash4 > sage, sdpa" → ["flash4", "sage", "sdpa"] (separators: > , ; | whitespace). */
+export function parsePriority(text) {
+  if (Array.isArray(text)) return text.map(String).map((s) => s.trim()).filter(Boolean);
+  return String(text || "").split(/[>,;|\s]+/).map((s) => s.trim()).filter(Boolean);
+}
+
+/**
+ * The "before a run" panel of the Advanced node: each name of its priority list with
+ * availability, and which one a call is most likely to reach first.
+ */
+export function describePriority(status, priorityText, { error = null } = {}) {
+  if (error) return describeSelection(null, null, { error });
+  if (!status) return describeSelection(null, null);
+  const names = parsePriority(priorityText);
+  if (names.length === 0) return describeAuto(status);
+  const lines = [];
+  let first = null;
+  let hint = "";
+  let unknown = 0;
+  for (const name of names) {
+    if (name === "auto") {
+      lines.push({ text: "auto — the rest of the auto order", cls: "good" });
+      if (!first) first = "auto";
+      continue;
+    }
+    const row = findBackend(status, name);
+    if (!row) {
+      unknown += 1;
+      lines.push({ text: `${name} ✗ unknown backend name`, cls: "bad" });
+    } else if (row.available) {
+      lines.push({ text: `${name} ✓ available`, cls: "good", title: row.description || "" });
+      if (!first) first = name;
+    } else {
+      lines.push({ text: `${name} ✗ ${(row.reasons && row.reasons[0]) || "not available"}`, cls: "bad",
+                   title: row.install_hint || "" });
+      if (!hint && row.install_hint) hint = row.install_hint;
+    }
+  }
+  let kind = first ? "ok" : "unavailable";
+  if (unknown) kind = "unknown";
+  const title = first ? `Priority: calls go to ${first} first (when it can serve them)` : "Priority: nothing in the list runs here";
+  if (!first) lines.push({ text: "Calls fall back to the auto choice.", cls: "warn" });
+  return { kind, title, lines, hint };
+}
+
+/**
+ * Rows of the sidebar's backend table, sorted available first (in registry order):
+ * [{name, family, available, version, quantized, description, reason, hint, autoFor: [device labels]}]
+ */
+export function backendTable(status) {
+  const backends = (status && status.backends) || [];
+  const autoFor = new Map();
+  for (const device of (status && status.devices) || []) {
+    for (const row of device.typical || []) {
+      if (!autoFor.has(row.backend)) autoFor.set(row.backend, new Set());
+      autoFor.get(row.backend).add(row.shape || row.key);
+    }
+  }
+  const rows = backends.map((b, index) => ({
+    index,
+    name: b.name,
+    family: b.family || "",
+    available: !!b.available,
+    version: b.version || "",
+    quantized: !!b.quantized,
+    description: b.description || "",
+    reason: (b.reasons || []).join("; "),
+    hint: b.install_hint || "",
+    autoFor: autoFor.has(b.name) ? [...autoFor.get(b.name)] : [],
+  }));
+  rows.sort((a, b) => (Number(b.available) - Number(a.available)) || (a.index - b.index));
+  return rows;
+}
+
+/** One-line summary of the machine for the sidebar header. */
+export function machineSummary(status) {
+  if (!status) return "";
+  const backends = status.backends || [];
+  const available = backends.filter((b) => b.available).length;
+  const devices = (status.devices || []).map(deviceLabel);
+  const parts = [`${available} of ${backends.length} backends available`];
+  if (devices.length) parts.push(`on ${devices.join(", ")}`);
+  const soft = [];
+  if (status.torch) soft.push(`torch ${status.torch}`);
+  if (status.cuda) soft.push(`CUDA ${status.cuda}`);
+  if (soft.length) parts.push(`(${soft.join(", ")})`);
+  return parts.join(" ");
+}
+
+/**
+ * Benchmark charts the server offers. Accepts `benchmarks: [{name, chart, title?, device?}]`
+ * or a single `benchmark: {...}`; anything without a chart URL is dropped.
+ * Returns [{name, title, url}].
+ */
+export function benchmarkCharts(status) {
+  if (!status) return [];
+  let list = [];
+  if (Array.isArray(status.benchmarks)) list = status.benchmarks;
+  else if (status.benchmark && typeof status.benchmark === "object") list = [status.benchmark];
+  return list
+    .map((b) => ({
+      name: b.name || b.device || "benchmark",
+      title: b.title || b.device || b.name || "Benchmark",
+      url: b.chart || b.chart_url || b.url || "",
+    }))
+    .filter((b) => typeof b.url === "string" && b.url.length > 0);
+}
