@@ -13,7 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from attention import dispatch, registry  # noqa: E402
-from attention.backend import BHND, Backend  # noqa: E402
+from attention.backend import Backend  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,8 +43,3 @@ def extra_backend(monkeypatch):
         monkeypatch.setitem(registry._BY_NAME, backend.name, backend)
         return backend
     return add
-
-
-def sdpa_kernel(q, k, v, mask, scale, layout):
-    assert layout == BHND
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from library_support import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -179,3 +179,11 @@ def test_unknown_names_fail_with_suggestions():
     assert attention.parse_priority("flash4 > sage, sdpa") == ["flash4", "sage", "sdpa"]
     with pytest.raises(attention.UnknownBackendError, match="empty"):
         attention.parse_priority(" > ")
+
+
+def test_sage_1x_refuses_key_lengths_with_many_padded_keys():
+    # measured on the H200: sageattention 1.0.6 lets padded keys into the softmax
+    assert "padded keys" in " ".join(reasons("sage", sig(seq_k=77)))
+    assert "padded keys" in " ".join(reasons("sage", sig(seq_k=1090)))
+    assert reasons("sage", sig(seq_k=1024)) == [] and reasons("sage", sig(seq_k=6989)) == []
+    assert reasons("sage", sig(seq_k=32760)) == []

@@ -12,7 +12,7 @@ from attention import Backend, Dispatcher, NoBackendError, dispatch
 from attention.backend import BHND, BNHD
 from attention.call import MASK_ADDITIVE, MASK_BOOL, MASK_INTEGER
 from attention.constraints import Exactness, NoMask
-from conftest import sdpa_kernel
+from library_support import sdpa_kernel
 
 CPU_BACKENDS = ["sdpa", "sdpa_flash", "sdpa_math"]
 B, H, NQ, NK, D = 2, 3, 33, 17, 16

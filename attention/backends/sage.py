@@ -19,7 +19,7 @@ import torch
 
 from ..backend import BHND, BNHD, Backend, Kernel, Package, installed_version
 from ..constraints import (CapabilityFamilies, ComputeCapability, DefaultScale, DeviceTypes, DTypes, Exactness, HeadDims,
-                           KeyHeads, NoMask)
+                           KeyBlockPadding, KeyHeads, NoMask)
 from ..probes import cuda_probe
 
 _HALF = frozenset({torch.float16, torch.bfloat16})
@@ -98,7 +98,7 @@ BACKENDS = (
         description="SageAttention's own per-architecture choice (1.x: Triton INT8/FP16; 2.x: CUDA INT8/FP8)",
         quantized=True,
         layouts=(BNHD, BHND),
-        constraints=_COMMON + (ComputeCapability((8, 0)), _SAGE_HEAD_DIMS),
+        constraints=_COMMON + (ComputeCapability((8, 0)), _SAGE_HEAD_DIMS, KeyBlockPadding(64, 0.01)),
         load=_load_sage,
         package=_SAGE1,
         probe=cuda_probe(BHND, (8, 0)),

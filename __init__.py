@@ -1,0 +1,27 @@
+"""ComfyUI Attention Backends: the entry point ComfyUI imports from custom_nodes/.
+
+ComfyUI imports this file by path under a module name it makes up, so everything in
+the pack is imported relatively. Nodes use the V3 schema (`comfy_entrypoint`).
+
+The repository root is also a Python package to pytest, which imports this file where
+no ComfyUI exists (CI): then it defines nothing beyond WEB_DIRECTORY.
+"""
+
+import importlib.util
+import logging
+
+from .nodes.compat import MINIMUM_COMFYUI, prompt_server
+
+WEB_DIRECTORY = "./web"
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import routes
+    from .nodes.attention_backend import comfy_entrypoint
+
+    _server = prompt_server()
+    if _server is not None:
+        routes.register(_server)
+elif importlib.util.find_spec("comfy") is not None:
+    # A ComfyUI older than the V3 node API (0.3.48) cannot have the attention override either.
+    logging.getLogger(__name__).error("ComfyUI Attention Backends needs ComfyUI %s or newer; this ComfyUI has "
+                                      "no comfy_api, so the pack's nodes are not loaded.", MINIMUM_COMFYUI)
