@@ -26,7 +26,7 @@ def _shrunk(shape: ModelShape) -> ModelShape:
 
 def main(quick: bool = False, shapes: Optional[list[str]] = None, backends: Optional[list[str]] = None,
          out_dir: Optional[str] = None, dtype_name: Optional[str] = None, reps: int = 20,
-         budget_s: float = 2.0) -> int:
+         budget_s: float = 10.0) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype_name]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -36,7 +36,7 @@ def main(quick: bool = False, shapes: Optional[list[str]] = None, backends: Opti
         selected = [_shrunk(s) for s in selected]
         log.info("no GPU: shapes shrunk %dx in sequence length", CPU_SHRINK)
     if quick:
-        reps, budget_s = min(reps, 10), min(budget_s, 0.5)
+        reps, budget_s = min(reps, 10), min(budget_s, 2.0)
     rows = run(selected, device, dtype, backends=backends, reps=reps, budget_s=budget_s)
     print(markdown(rows))  # noqa: T201  (command-line output)
     if out_dir:

@@ -9,36 +9,45 @@ from typing import Callable
 import torch
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
-              budget_s: float = 2.0) -> float:
-    """Median milliseconds of `fn` over `reps` runs after `warmup` runs.
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                          reps: int = 20, budget_s: float = 10.0) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds.
 
-    CUDA work is timed with events around each run; the repetition count shrinks to
-    fit `budget_s` for long kernels (at least 5 timed runs).
+    Round-robin timing puts clock and thermal drift on every candidate equally, so the
+    ratios between them hold even when absolute times move. Each measurement runs a
+    function back to back enough times to last about a millisecond: a lone call of a
+    30 µs kernel would mostly measure the launch path, not the kernel.
     """
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     probe_start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device)
-    one = time.perf_counter() - probe_start
-    reps = max(5, min(reps, int(budget_s / max(one, 1e-6))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        start.record()
+    for fn in fns.values():
         fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    one_round = time.perf_counter() - probe_start
+    inner = max(1, int(1e-3 * len(fns) / max(one_round, 1e-9)))
+    reps = max(5, min(reps, int(budget_s / max(one_round * inner, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / inner)
+            else:
+                begin = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times[name].append((time.perf_counter() - begin) * 1e3 / inner)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:

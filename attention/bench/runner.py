@@ -17,13 +17,12 @@ from typing import Iterable, Optional
 import torch
 
 from .. import registry
-from ..call import FLAT, describe_call
+from ..call import FLAT
 from ..dispatch import Dispatcher
 from ..errors import NoBackendError
-from ..layout import input_view, native_layout
 from ..shapes import ModelShape
 from .inputs import as_bhnd, make_qkv, reference
-from .metrics import errors, median_ms
+from .metrics import errors, interleaved_median_ms
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +65,6 @@ def _call_args(shape: ModelShape) -> dict:
     return {"skip_reshape": heads_first, "skip_output_reshape": heads_first}
 
 
-def _direct_fn(name: str, q, k, v, shape: ModelShape):
-    """The bare kernel on views already in its layout: the floor dispatch is compared to."""
-    backend = registry.get(name)
-    call = describe_call(q, k, v, shape.heads, **_call_args(shape))
-    layout = native_layout(call.layout_in, backend.layouts)
-    views = [input_view(call.layout_in, layout, call.heads_q, backend.contiguous)(t) for t in (q, k, v)]
-    kernel = backend.kernel()
-    return lambda: kernel(*views, None, None, layout)
-
-
 def _extra_mib(fn, device: torch.device, out_bytes: int) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -89,10 +78,13 @@ def _extra_mib(fn, device: torch.device, out_bytes: int) -> Optional[float]:
 
 def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, dtype: torch.dtype,
                 reps: int, budget_s: float) -> list[Row]:
+    """Check, warm up and measure every backend on one shape, then time them all
+    together in interleaved rounds."""
     q, k, v = make_qkv(shape, device, dtype)
     ref = reference(q, k, v, shape, REFERENCE_ROWS)
     args = _call_args(shape)
     rows: list[Row] = []
+    timed: dict[str, tuple] = {}
     for name in names:
         dispatcher = Dispatcher(name, strict=name != AUTO_ROW)
         row = Row(shape.key, name, "ok", exact=None if name == AUTO_ROW else registry.get(name).exact)
@@ -103,12 +95,11 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
             row.error = errors(as_bhnd(out, shape)[:, :, :REFERENCE_ROWS], ref)
             out_bytes = out.numel() * out.element_size()
             del out
-            dispatched = lambda: dispatcher(q, k, v, shape.heads, **args)  # noqa: E731
+            dispatched = lambda d=dispatcher: d(q, k, v, shape.heads, **args)  # noqa: E731
             row.extra_mib = _extra_mib(dispatched, device, out_bytes)
-            row.ms = median_ms(dispatched, device, reps=reps, budget_s=budget_s)
-            row.direct_ms = median_ms(_direct_fn(plan.name, q, k, v, shape), device, reps=reps,
-                                      budget_s=budget_s)
-            row.tflops = shape.flops / (row.ms * 1e-3) / 1e12
+            # The plan's own function is the kernel with the views it needs and nothing else.
+            direct = lambda p=plan: p.run(q, k, v, None, None)  # noqa: E731
+            timed[name] = (dispatched, direct)
         except NoBackendError as error:
             row.status = "unsupported"
             row.reasons = [reason for r in error.rejected for reason in r.reasons]
@@ -118,10 +109,15 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-    baseline = next((r.ms for r in rows if r.backend == BASELINE and r.ms), None)
+    fns = {name: pair[0] for name, pair in timed.items()}
+    fns.update({f"{name} direct": pair[1] for name, pair in timed.items()})
+    medians = interleaved_median_ms(fns, device, reps=reps, budget_s=budget_s)
+    baseline = medians.get(BASELINE)
     for row in rows:
-        if baseline and row.ms:
-            row.speedup = baseline / row.ms
+        if row.backend in timed:
+            row.ms, row.direct_ms = medians[row.backend], medians[f"{row.backend} direct"]
+            row.tflops = shape.flops / (row.ms * 1e-3) / 1e12
+            row.speedup = baseline / row.ms if baseline else None
     return rows
 
 
@@ -149,7 +145,7 @@ def auto_verdicts(rows: list[Row]) -> dict:
 
 
 def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
-        backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 2.0) -> list[Row]:
+        backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 10.0) -> list[Row]:
     """Benchmark `backends` (default: every backend available here) and auto on `shapes`."""
     if backends is None:
         backends = [b.name for b, a in registry.availability_table() if a.available]

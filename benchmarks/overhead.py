@@ -1,0 +1,113 @@
+"""Dispatch overhead: the node's installed override, called the way ComfyUI's
+`wrap_attn` calls it, against a direct call of the kernel it chose on the same tensors
+(with the views the kernel needs and nothing else, as ComfyUI's attention_pytorch).
+
+Two timings per shape, both medians of CUDA-event intervals after warm-up:
+- per call: one call between two events, the way `triton.testing.do_bench` times;
+- back to back: 50 calls between two events, divided by 50. Python work per call that
+  is not hidden behind the GPU shows up here.
+
+Usage (GPU): python benchmarks/overhead.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PACK = "attention_backends_pack"
+
+
+def load_pack():
+    """Import the repository as the package ComfyUI would (relative imports inside)."""
+    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def events_median(fn, repeat: int, inner: int = 1) -> float:
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="sdxl_l2,sdxl_cross,sdxl_l1,flux_1024,qwen_1328,wan_480p")
+    args = parser.parse_args()
+    load_pack()
+    from attention_backends_pack.attention import Dispatcher
+    from attention_backends_pack.attention.bench.inputs import make_qkv
+    from attention_backends_pack.attention.shapes import by_key
+    from attention_backends_pack.nodes.override import build_override
+    from attention_backends_pack.nodes.state import PatchState
+
+    device = torch.device("cuda")
+    rows = []
+    for key in args.shapes.split(","):
+        shape = by_key(key)
+        q, k, v = make_qkv(shape, device, torch.bfloat16)
+        heads_first = shape.layout != "B,N,H*D"
+        state = PatchState(node_id="bench", node_type="AttentionBackend", selection="auto", strict=False,
+                           main=Dispatcher("auto"))
+        override = build_override(state)
+        options = {"transformer_options": {"block_index": 0}, "skip_reshape": heads_first,
+                   "skip_output_reshape": heads_first, "_inside_attn_wrapper": True}
+
+        def comfy_func(*a, **kw):
+            raise AssertionError("auto always serves these calls")
+
+        def through_override():
+            return override(comfy_func, q, k, v, shape.heads, **options)
+
+        through_override()
+        chosen = state.main.plans()[-1]
+
+        def direct():
+            # the chosen kernel with exactly the views it needs: ComfyUI's own
+            # attention_pytorch does the same views around SDPA
+            return chosen.run(q, k, v, None, None)
+
+        long_call = shape.flops > 5e12
+        repeat, inner = (10, 3) if long_call else (200, 50)
+        for fn in (through_override, direct):
+            for _ in range(5):
+                fn()
+        torch.cuda.synchronize()
+        row = {"shape": key, "backend": chosen.name,
+               "override_ms": events_median(through_override, repeat),
+               "direct_ms": events_median(direct, repeat),
+               "override_loop_ms": events_median(through_override, max(5, repeat // 20), inner),
+               "direct_loop_ms": events_median(direct, max(5, repeat // 20), inner)}
+        row["ratio"] = row["override_ms"] / row["direct_ms"]
+        row["ratio_loop"] = row["override_loop_ms"] / row["direct_loop_ms"]
+        rows.append(row)
+        print(f"{key:12s} {chosen.name:10s} per-call {row['ratio']:.3f}  back-to-back {row['ratio_loop']:.3f}  "
+              f"({row['direct_ms']*1e3:.1f} us direct)")  # noqa: T201
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "overhead.json"), "w", encoding="utf-8") as handle:
+        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
