@@ -71,6 +71,26 @@ export function missingFromAutoOrder(status, device) {
 
 const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
+/** True when an install hint is a command to copy ("pip install x"), not prose ("built from source: see ..."). */
+export function isCommand(hint) {
+  return /^\s*(pip3?|uv|python3?|conda|mamba|apt(-get)?)\s/.test(String(hint || ""));
+}
+
+/**
+ * The hint as the UI shows it: {command} to copy, or {text} when it is prose that the
+ * reasons do not already say; empty object when there is nothing to add.
+ */
+export function presentHint(hint, reasons = []) {
+  if (!hint) return {};
+  if (isCommand(hint)) {
+    // "pip install flash-attn (builds from source unless ...)": the command, then the note.
+    const m = /^(.*?\S)\s*\(([^()]*)\)\s*$/.exec(hint);
+    return m && isCommand(m[1]) ? { command: m[1], note: m[2] } : { command: hint };
+  }
+  if ((reasons || []).some((r) => String(r).includes(hint))) return {};
+  return { text: hint };
+}
+
 /**
  * The "before a run" panel of an Attention Backend node.
  *   status: the status JSON (or null while loading), error: a fetch error message
@@ -94,23 +114,27 @@ export function describeSelection(status, selection, { error = null, onUnsupport
     };
   }
   const lines = [];
-  if (row.description) lines.push({ text: row.description, cls: "muted" });
   if (row.available) {
+    if (row.description) lines.push({ text: row.description, cls: "muted" });
     const version = row.version ? ` · ${row.version}` : "";
     lines.unshift({ text: `Runs on this machine${version}${row.quantized ? " · quantized" : ""}`, cls: "good" });
     lines.push({ text: "Calls it cannot serve (head dim, mask, dtype…) " +
       (onUnsupported === "stop" ? "stop the run with the reasons." : "fall back to the auto choice."), cls: "muted" });
-    return { kind: "ok", title: `${row.name} ✓ available`, lines, hint: "" };
+    return { kind: "ok", title: `${row.name} ✓ available`, tooltip: row.description || "", lines, hint: "" };
   }
-  for (const reason of row.reasons || []) lines.unshift({ text: reason, cls: "bad" });
+  for (const reason of [...(row.reasons || [])].reverse()) lines.unshift({ text: reason, cls: "bad" });
   if (!row.reasons || row.reasons.length === 0) lines.unshift({ text: "Not available on this machine.", cls: "bad" });
+  const shown = presentHint(row.install_hint, row.reasons);
+  if (shown.text) lines.push({ text: shown.text, cls: "muted" });
+  if (shown.note && !(row.reasons || []).some((r) => r.includes(shown.note))) lines.push({ text: shown.note, cls: "muted" });
   lines.push({
     text: onUnsupported === "stop"
       ? "on_unsupported = stop: the run will stop."
       : "on_unsupported = fall back: every call goes to the auto choice instead.",
     cls: "warn",
   });
-  return { kind: "unavailable", title: `${row.name} ✗ not available here`, lines, hint: row.install_hint || "" };
+  return { kind: "unavailable", title: `${row.name} ✗ not available here`, tooltip: row.description || "", lines,
+           hint: shown.command || "" };
 }
 
 /** `auto`: per device, which backend serves each typical shape, and what is missing from the order. */
@@ -141,7 +165,7 @@ export function describeAuto(status) {
         cls: "muted",
         title: missing.map((m) => `${m.backend}: ${m.reason}${m.hint ? ` (${m.hint})` : ""}`).join("\n"),
       });
-      if (!hint) hint = missing.find((m) => m.hint)?.hint || "";
+      if (!hint) hint = missing.map((m) => presentHint(m.hint).command).find(Boolean) || "";
     }
   }
   return { kind: "auto", title: "auto → best available per call", lines, hint };
@@ -157,11 +181,11 @@ export function parsePriority(text) {
  * The "before a run" panel of the Advanced node: each name of its priority list with
  * availability, and which one a call is most likely to reach first.
  */
-export function describePriority(status, priorityText, { error = null } = {}) {
+export function describePriority(status, priorityText, { error = null, onUnsupported = null } = {}) {
   if (error) return describeSelection(null, null, { error });
   if (!status) return describeSelection(null, null);
   const names = parsePriority(priorityText);
-  if (names.length === 0) return describeAuto(status);
+  if (names.length === 0 || (names.length === 1 && names[0] === "auto")) return describeAuto(status);
   const lines = [];
   let first = null;
   let hint = "";
@@ -182,13 +206,18 @@ export function describePriority(status, priorityText, { error = null } = {}) {
     } else {
       lines.push({ text: `${name} ✗ ${(row.reasons && row.reasons[0]) || "not available"}`, cls: "bad",
                    title: row.install_hint || "" });
-      if (!hint && row.install_hint) hint = row.install_hint;
+      if (!hint) hint = presentHint(row.install_hint).command || "";
     }
   }
   let kind = first ? "ok" : "unavailable";
   if (unknown) kind = "unknown";
   const title = first ? `Priority: calls go to ${first} first (when it can serve them)` : "Priority: nothing in the list runs here";
-  if (!first) lines.push({ text: "Calls fall back to the auto choice.", cls: "warn" });
+  if (!first) {
+    lines.push({
+      text: onUnsupported === "stop" ? "on_unsupported = stop: the run will stop." : "Calls fall back to the auto choice.",
+      cls: "warn",
+    });
+  }
   return { kind, title, lines, hint };
 }
 
@@ -199,7 +228,9 @@ export function describePriority(status, priorityText, { error = null } = {}) {
 export function backendTable(status) {
   const backends = (status && status.backends) || [];
   const autoFor = new Map();
+  const allShapes = new Set();
   for (const device of (status && status.devices) || []) {
+    for (const row of device.typical || []) allShapes.add(row.shape || row.key);
     for (const row of device.typical || []) {
       if (!autoFor.has(row.backend)) autoFor.set(row.backend, new Set());
       autoFor.get(row.backend).add(row.shape || row.key);
@@ -215,7 +246,9 @@ export function backendTable(status) {
     description: b.description || "",
     reason: (b.reasons || []).join("; "),
     hint: b.install_hint || "",
+    hintShown: presentHint(b.install_hint, b.reasons),
     autoFor: autoFor.has(b.name) ? [...autoFor.get(b.name)] : [],
+    autoForAll: autoFor.has(b.name) && autoFor.get(b.name).size === allShapes.size,
   }));
   rows.sort((a, b) => (Number(b.available) - Number(a.available)) || (a.index - b.index));
   return rows;

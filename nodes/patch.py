@@ -1,0 +1,72 @@
+"""Installing the override into a clone of a MODEL, with its run-boundary and model-call hooks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Optional, Sequence
+
+from ..attention import AUTO, Dispatcher
+from .compat import OVERRIDE_KEY, require_override
+from .guard import guard_wrapper
+from .override import build_override
+from .report import run_wrapper
+from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
+from .state import PatchState
+
+FALL_BACK = "fall back"
+STOP = "stop"
+ON_UNSUPPORTED = (FALL_BACK, STOP)
+
+# Where calls routed to exact attention go: PyTorch's SDPA serves every call form and
+# never quantizes. (ComfyUI's own function is not necessarily exact: --use-sage-attention.)
+EXACT_PRIORITY = ("sdpa",)
+
+
+def resolve_priority(names: Sequence[str], on_unsupported: str) -> tuple[list[str], bool]:
+    """(priority, strict) for the user's backends and their choice for unsupported calls.
+
+    "fall back" lets `auto` serve what the named backends cannot, and ComfyUI's function
+    (or the previous override) what `auto` cannot; "stop" raises, naming every candidate.
+    """
+    if on_unsupported not in ON_UNSUPPORTED:
+        raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, not {on_unsupported!r}")
+    names = list(names)
+    if on_unsupported == STOP:
+        return names, True
+    return (names if AUTO in names else names + [AUTO]), False
+
+
+def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection: str,
+                node_id: Optional[str] = None, node_type: str = "AttentionBackend",
+                rules: Optional[RoutingRules] = None, guard: bool = False) -> tuple[Any, PatchState]:
+    """A clone of `model` whose attention calls go through a Dispatcher for `priority`.
+
+    The original MODEL is not touched. `rules` and `guard` (Advanced node) add an exact
+    dispatcher and the hooks that route calls to it.
+    """
+    require_override()
+    import comfy.patcher_extension as extension
+
+    advanced = rules is not None or guard
+    rules = rules or RoutingRules()
+    state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
+                       main=Dispatcher(list(priority), strict=strict),
+                       exact=Dispatcher(list(EXACT_PRIORITY)) if advanced else None)
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous = options.get(OVERRIDE_KEY)
+    # A key of its own, so a second Attention Backend node downstream adds its hooks beside ours.
+    key = f"attention_backends.{uuid.uuid4().hex}"
+
+    route = None
+    if guard or rules.has_step_window or rules.has_block_filter or rules.cross_max_keys:
+        route = build_route(state, rules, BlockLayout(patched.model.diffusion_model))
+    if rules.has_step_window:
+        patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, step_window_wrapper(state, rules))
+    if guard:
+        patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, guard_wrapper(state))
+    patched.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, key, run_wrapper(state))
+
+    state.override = build_override(state, previous, route)
+    options[OVERRIDE_KEY] = state.override
+    return patched, state

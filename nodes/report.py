@@ -1,0 +1,162 @@
+"""Run reports: one per sampler run of a patched MODEL (docs/api.md).
+
+The run boundary is an OUTER_SAMPLE wrapper: it runs inside the sampler's try/finally,
+so counters are zeroed when sampling starts and the report is built, logged, pushed to
+the browser and kept for `GET /attention_backends/report` however the run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from ..attention import PASSTHROUGH
+from .compat import OVERRIDE_KEY, prompt_server
+from .state import PatchState
+
+log = logging.getLogger(__name__)
+
+REPORT_EVENT = "attention_backends.report"
+
+# The last report of every node, by node id (as the prompt spells it).
+_last_reports: dict[str, dict] = {}
+
+_NEVER_INVOKED = "The override was never invoked during this run: "
+_REPLACED = ("a node after this one replaced the attention override (another attention node such as core's "
+             "ModelAttentionBackend, or a pack writing optimized_attention_override); put this node last "
+             "in the MODEL chain.")
+_BYPASSED = ("this model's attention does not go through ComfyUI's override (HunyuanDiT, PixArt, Hunyuan3D 2.1, "
+             "SD3 auxiliary paths, Mochi's attention pool and Wan Animate's face adapter bypass it, as do packs "
+             "that replace the model's forward, such as TeaCache-style caches); nothing was changed.")
+
+
+def last_reports() -> dict[str, dict]:
+    """A copy of the last report of every node."""
+    return dict(_last_reports)
+
+
+def run_wrapper(state: PatchState) -> Callable:
+    """OUTER_SAMPLE wrapper: the run boundary of one patched MODEL."""
+
+    def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.begin_run()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _finish(state, getattr(executor, "class_obj", None))
+
+    return wrapper
+
+
+def _finish(state: PatchState, guider: Any) -> None:
+    # Runs in the sampler's finally: a failure here must not hide the run's own outcome.
+    try:
+        options = getattr(guider, "model_options", {}).get("transformer_options", {})
+        model = getattr(getattr(guider, "model_patcher", None), "model", None)
+        report = build_report(state, still_installed=options.get(OVERRIDE_KEY) is state.override,
+                              model_name=_model_name(model))
+        publish(state, report)
+    except Exception:
+        log.exception("attention backends: could not build the run report")
+
+
+def _model_name(model: Any) -> str:
+    config = getattr(model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model).__name__
+
+
+def build_report(state: PatchState, *, still_installed: bool, model_name: str) -> dict:
+    """The report of the run that just ended, from the dispatchers' counters and plans."""
+    served: Counter[str] = Counter()
+    fallbacks: Counter[tuple[str, str, str]] = Counter()
+    plans = []
+    for route, dispatcher in state.dispatchers():
+        counters = dispatcher.counters()
+        served.update(counters.served)
+        for fallback in counters.fallbacks:
+            fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
+        plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls)
+    total = sum(served.values())
+    received = total + state.unknown_form
+    return {
+        "node_id": state.node_id,
+        "node_type": state.node_type,
+        "selection": state.selection,
+        "strict": state.strict,
+        "model": model_name,
+        "started_at": state.started_at,
+        "duration_s": round(time.time() - state.started_at, 3),
+        "total_calls": total,
+        "model_attention_calls": received,
+        "served": dict(served.most_common()),
+        "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
+        "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
+                      for (wanted, served_by, reason), calls in fallbacks.most_common()],
+        "routing": {"exact_by_step_window": state.routed_step, "exact_by_block_filter": state.routed_block,
+                    "exact_by_cross_rule": state.routed_cross},
+        "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
+                  "pinned_exact": state.pinned},
+        "plans": sorted(plans, key=lambda row: -row["calls"]),
+        "warnings": _warnings(state, received, still_installed),
+    }
+
+
+def _plan_row(route: str, plan: Any) -> dict:
+    return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls, "route": route,
+            "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
+                            for r in plan.rejected]}
+
+
+def _warnings(state: PatchState, received: int, still_installed: bool) -> list[str]:
+    warnings = []
+    if received == 0:
+        warnings.append(_NEVER_INVOKED + (_BYPASSED if still_installed else _REPLACED))
+    if state.unknown_form:
+        warnings.append(f"{state.unknown_form} calls were not in ComfyUI's attention form and went to "
+                        f"ComfyUI's own function unchanged.")
+    if state.block_unknown:
+        warnings.append(f"The block filter could not apply to {state.block_unknown} calls: this model (or this "
+                        f"ComfyUI version; Flux reports its blocks from ComfyUI 0.8.0) does not say which block "
+                        f"an attention call belongs to.")
+    if state.step_unknown:
+        warnings.append(f"The step window could not apply to {state.step_unknown} model calls: the sampler "
+                        f"gave no schedule (sample_sigmas).")
+    if state.nonfinite_exact:
+        warnings.append(f"{state.nonfinite_exact} model calls were not finite even with exact attention: "
+                        f"the cause is not the attention backend.")
+    return warnings
+
+
+def publish(state: PatchState, report: dict) -> None:
+    """Keep the report, log its summary, and push it to the browser when a server runs."""
+    state.last_report = report
+    if state.node_id is not None:
+        _last_reports[str(state.node_id)] = report
+    log.info("attention backends: %s", summary(report))
+    for warning in report["warnings"]:
+        log.warning("attention backends: %s", warning)
+    server = prompt_server()
+    if server is not None:
+        server.send_sync(REPORT_EVENT, report, getattr(server, "client_id", None))
+
+
+def summary(report: dict) -> str:
+    """One line: backend -> calls and share, fallbacks with reasons, routing, guard."""
+    who = f"node {report['node_id']}" if report["node_id"] is not None else report["node_type"]
+    parts = [f"{who} ({report['selection']}) on {report['model']}: {report['model_attention_calls']} calls"]
+    served = ", ".join(f"{name} {calls} ({report['shares'][name]:.0%})" for name, calls in report["served"].items())
+    if served:
+        parts.append(served)
+    for fallback in report["fallbacks"]:
+        target = "ComfyUI's function" if fallback["served_by"] == PASSTHROUGH else fallback["served_by"]
+        parts.append(f"{fallback['calls']} fell back from {fallback['wanted']} to {target}: {fallback['reason']}")
+    routed = {rule: calls for rule, calls in report["routing"].items() if calls}
+    if routed:
+        parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
+    guard = report["guard"]
+    if guard["nonfinite_model_calls"]:
+        parts.append(f"guard: {guard['nonfinite_model_calls']} non-finite model calls, {guard['reruns']} re-run "
+                     f"with exact attention")
+    return "; ".join(parts) + f" ({report['duration_s']:.2f}s)"

@@ -1,0 +1,57 @@
+"""The state one Attention Backend node shares between its override, its model-call
+hooks and its run report."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from ..attention import Dispatcher
+
+
+class PatchState:
+    """One patched MODEL's dispatchers, per-model-call flags and per-run counters.
+
+    Counters are plain integers bumped on the hot path: ComfyUI samples one prompt at a
+    time, so no lock is needed and reading them costs nothing until the report.
+    """
+
+    def __init__(self, *, node_id: Optional[str], node_type: str, selection: str, strict: bool,
+                 main: Dispatcher, exact: Optional[Dispatcher] = None) -> None:
+        self.node_id = node_id
+        self.node_type = node_type
+        self.selection = selection
+        self.strict = strict
+        self.main = main
+        self.exact = exact  # serves calls routed to exact attention (Advanced node only)
+        self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
+        self.last_report: Optional[dict] = None
+        self.begin_run()
+
+    def dispatchers(self) -> list[tuple[str, Dispatcher]]:
+        """(route, dispatcher) pairs: "main" for the user's priority, "exact" for routed calls."""
+        pairs = [("main", self.main)]
+        if self.exact is not None:
+            pairs.append(("exact", self.exact))
+        return pairs
+
+    def begin_run(self) -> None:
+        """Zero the counters and flags at the start of a sampler run (plans stay cached)."""
+        for _, dispatcher in self.dispatchers():
+            dispatcher.reset_counters()
+        self.started_at = time.time()
+        # Set once per model call by the step-window and guard hooks, read per attention call.
+        self.step_exact = False
+        self.pinned = False
+        # Calls the override passed on unread because their form was not ComfyUI's.
+        self.unknown_form = 0
+        # Routing: calls sent to the exact dispatcher, by rule, and calls a rule could not judge.
+        self.routed_step = 0
+        self.routed_block = 0
+        self.routed_cross = 0
+        self.block_unknown = 0
+        self.step_unknown = 0
+        # Non-finite guard.
+        self.nonfinite_model_calls = 0
+        self.reruns = 0
+        self.nonfinite_exact = 0

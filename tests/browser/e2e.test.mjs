@@ -1,0 +1,387 @@
+// End-to-end tests of web/ in headless Chromium against real ComfyUI servers.
+//
+//   cd tests/browser && npm ci && node --test --test-concurrency=1 e2e.test.mjs
+//
+// Versions: AB_COMFY_VERSIONS (default "0.19.3 0.3.64"), one server at a time.
+// Screenshots go to AB_SCREENSHOT_DIR (default tests/browser/screenshots/, git-ignored);
+// AB_SCREENSHOT_DIR=../../docs/screenshots refreshes the ones the docs use.
+
+import { after, before, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { comfyAvailable, comfyPaths, startComfy } from "./comfy.mjs";
+import { chromiumAvailable, launchBrowser, openComfy, ourProblems } from "./browser.mjs";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const VERSIONS = (process.env.AB_COMFY_VERSIONS || "0.19.3 0.3.64").split(/[\s,]+/).filter(Boolean);
+const SHOTS = path.resolve(here, process.env.AB_SCREENSHOT_DIR || "screenshots");
+const RUN_TIMEOUT = 180_000;
+// A 1x1 PNG standing in for benchmarks/results/<gpu>/chart.png while the server offers none.
+const PNG_1x1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+function skipReason(version) {
+  if (!chromiumAvailable()) return "no Chromium at /usr/bin/chromium (apt-get install chromium, or set CHROMIUM_PATH)";
+  if (!comfyAvailable(version)) return `no ComfyUI ${version} at ${comfyPaths(version).tree}`;
+  return false;
+}
+
+// ------------------------------------------------------------------ in-page helpers
+
+/** Load an empty workflow (as a user would) and put the view at scale 1 with a fixed offset. */
+async function resetGraph(page) {
+  await page.evaluate(async () => {
+    const app = window.app;
+    const view = { scale: 1, offset: [90, 110] }; // clear of the side toolbar and the top bar
+    // loadGraphData also resets per-workflow state such as 1.42's missing-model flags,
+    // which app.clean() keeps (they would mark the new node with a reused id in red).
+    await app.loadGraphData({ last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {},
+                              extra: { ds: view }, version: 0.4 });
+    const ds = app.canvas.ds;
+    ds.scale = view.scale;
+    ds.offset[0] = view.offset[0];
+    ds.offset[1] = view.offset[1];
+    app.graph.setDirtyCanvas(true, true);
+  });
+}
+
+/** Add nodes: specs = [{key, type, pos, widgets}]; returns {key: id}. */
+async function addNodes(page, specs) {
+  return page.evaluate((specs) => {
+    const { app, LiteGraph } = window;
+    const ids = {};
+    for (const spec of specs) {
+      const node = LiteGraph.createNode(spec.type);
+      if (!node) throw new Error(`cannot create ${spec.type}`);
+      node.pos = spec.pos;
+      app.graph.add(node);
+      for (const [name, value] of Object.entries(spec.widgets || {})) {
+        const w = node.widgets.find((x) => x.name === name);
+        if (!w) throw new Error(`${spec.type} has no widget ${name}`);
+        w.value = value;
+        w.callback?.(value, app.canvas, node);
+      }
+      ids[spec.key] = node.id;
+    }
+    app.graph.setDirtyCanvas(true, true);
+    return ids;
+  }, specs);
+}
+
+/** links = [[fromId, outputIndex, toId, inputName]] */
+async function connect(page, links) {
+  await page.evaluate((links) => {
+    const { app } = window;
+    for (const [from, output, to, inputName] of links) {
+      const source = app.graph.getNodeById(from);
+      const target = app.graph.getNodeById(to);
+      const slot = target.findInputSlot(inputName);
+      if (slot < 0) throw new Error(`node ${to} has no input ${inputName}`);
+      if (!source.connect(output, target, slot)) throw new Error(`could not connect ${from}:${output} → ${to}.${inputName}`);
+    }
+    app.graph.setDirtyCanvas(true, true);
+  }, links);
+}
+
+async function setWidget(page, id, name, value) {
+  await page.evaluate(({ id, name, value }) => {
+    const node = window.app.graph.getNodeById(id);
+    const w = node.widgets.find((x) => x.name === name);
+    w.value = value;
+    w.callback?.(value, window.app.canvas, node);
+    window.app.graph.setDirtyCanvas(true, true);
+  }, { id, name, value });
+}
+
+/** The panel element of a node as the page shows it. */
+async function panel(page, id) {
+  return page.evaluate((id) => {
+    const node = window.app.graph.getNodeById(id);
+    const p = node && node.__attentionPanel;
+    if (!p) return null;
+    const el = p.element;
+    const rect = el.getBoundingClientRect();
+    return {
+      kind: el.dataset.kind, selection: el.dataset.selection, report: el.dataset.report,
+      text: el.innerText, hint: el.querySelector(".ab-hint code")?.textContent || "",
+      visible: el.isConnected && rect.width > 0 && rect.height > 0,
+      overflow: el.firstElementChild ? el.firstElementChild.scrollHeight - el.clientHeight : 0,
+    };
+  }, id);
+}
+
+async function waitPanel(page, id, predicate, description, timeout = 15_000) {
+  const start = Date.now();
+  let last = null;
+  while (Date.now() - start < timeout) {
+    last = await panel(page, id);
+    if (last && predicate(last)) return last;
+    await page.waitForTimeout(200);
+  }
+  throw new Error(`node ${id}: ${description} not reached in ${timeout} ms; last panel: ${JSON.stringify(last)}`);
+}
+
+/** Screenshot of the screen area covering the given nodes (plus a margin). */
+async function shotNodes(page, ids, file) {
+  await page.waitForTimeout(400); // let the DOM widgets settle on the canvas
+  const clip = await page.evaluate((ids) => {
+    const { app } = window;
+    const canvasRect = app.canvas.canvas.getBoundingClientRect();
+    let x0 = Infinity; let y0 = Infinity; let x1 = -Infinity; let y1 = -Infinity;
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+    for (const id of ids) {
+      const n = app.graph.getNodeById(id);
+      const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - title]);
+      const s = app.canvas.ds.scale;
+      x0 = Math.min(x0, x); y0 = Math.min(y0, y);
+      x1 = Math.max(x1, x + n.size[0] * s); y1 = Math.max(y1, y + (n.size[1] + title) * s);
+    }
+    const m = 16;
+    return { x: Math.max(0, canvasRect.left + x0 - m), y: Math.max(0, canvasRect.top + y0 - m),
+             width: x1 - x0 + 2 * m, height: y1 - y0 + 2 * m };
+  }, ids);
+  fs.mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: path.join(SHOTS, file), clip });
+}
+
+async function fetchJson(url) {
+  const res = await fetch(url, { signal: AbortSignal.timeout(30_000) });
+  assert.equal(res.ok, true, `${url}: HTTP ${res.status}`);
+  return res.json();
+}
+
+// ------------------------------------------------------------------ the tests
+
+for (const version of VERSIONS) {
+  describe(`ComfyUI ${version}`, { skip: skipReason(version), timeout: 900_000 }, () => {
+    let server;
+    let browser;
+    let page;
+    let problems;
+    let status;
+    const ids = {};
+
+    before(async () => {
+      server = await startComfy(version);
+      browser = await launchBrowser();
+      ({ page, problems } = await openComfy(browser.context, server.url));
+      status = await fetchJson(`${server.url}/attention_backends/status`);
+    }, { timeout: 400_000 });
+
+    after(async () => {
+      try { if (browser) await browser.close(); } finally { if (server) await server.stop(); }
+    }, { timeout: 60_000 });
+
+    it("loads the extension and the machine status", async () => {
+      const loaded = await page.evaluate(() => ({
+        frontend: window.__COMFYUI_FRONTEND_VERSION__ || null,
+        extension: (window.app.extensions || []).some((e) => e.name === "AttentionBackends.Frontend"),
+        status: !!window.__attentionBackends.state.status,
+        error: window.__attentionBackends.state.statusError,
+      }));
+      assert.equal(loaded.error, null);
+      assert.equal(loaded.status, true);
+      assert.equal(loaded.extension, true);
+      console.log(`# ComfyUI ${version}: frontend ${loaded.frontend}`);
+    });
+
+    it("serves the pack's web folder once", async () => {
+      // Both WEB_DIRECTORY (in __init__.py) and `[tool.comfy] web` (in pyproject.toml) register
+      // it, under two names; the page then loads every file twice.
+      const entries = (await fetchJson(`${server.url}/extensions`)).filter((u) => u.endsWith("/attention_backends.js"));
+      assert.equal(entries.length, 1, `served ${entries.length} times: ${entries.join(", ")}`);
+    });
+
+    it("a new Attention Backend node shows what its backend does here", async () => {
+      await resetGraph(page);
+      Object.assign(ids, await addNodes(page, [
+        { key: "auto", type: "AttentionBackend", pos: [0, 0] },
+        { key: "sage", type: "AttentionBackend", pos: [320, 0], widgets: { backend: "sage" } },
+        { key: "adv", type: "AttentionBackendAdvanced", pos: [640, 0], widgets: { priority: "flash4 > sage > sdpa" } },
+      ]));
+      const typical = status.devices[0].typical.length;
+      const auto = await waitPanel(page, ids.auto, (p) => p.kind === "auto", "auto status");
+      assert.match(auto.text, new RegExp(`On the CPU: sdpa for all ${typical} typical shapes`));
+      assert.match(auto.text, /Last run: none yet/);
+      assert.equal(auto.visible, true);
+      assert.ok(auto.overflow <= 2, `panel content is cut off by ${auto.overflow}px`);
+
+      const sage = await waitPanel(page, ids.sage, (p) => p.kind === "unavailable", "sage unavailable");
+      assert.match(sage.text, /sage ✗ not available here/);
+      assert.match(sage.text, /sageattention is not installed/);
+      assert.equal(sage.hint, "pip install sageattention");
+
+      const adv = await waitPanel(page, ids.adv, (p) => p.kind === "ok", "advanced priority");
+      assert.match(adv.text, /calls go to sdpa first/);
+      assert.match(adv.text, /flash4 ✗/);
+      await shotNodes(page, [ids.auto, ids.sage, ids.adv], `nodes-before-run-${version}.png`);
+    });
+
+    it("the status follows the combo", async () => {
+      await setWidget(page, ids.sage, "backend", "sdpa_math");
+      let p = await waitPanel(page, ids.sage, (x) => x.kind === "ok", "sdpa_math ok");
+      assert.match(p.text, /sdpa_math ✓ available/);
+      assert.equal(p.hint, "");
+      await setWidget(page, ids.sage, "backend", "sdpa_cudnn");
+      p = await waitPanel(page, ids.sage, (x) => x.kind === "unavailable", "sdpa_cudnn unavailable");
+      assert.match(p.text, /no CUDA GPU/);
+      await setWidget(page, ids.sage, "on_unsupported", "stop");
+      p = await waitPanel(page, ids.sage, (x) => /the run will stop/.test(x.text), "stop policy");
+      await setWidget(page, ids.sage, "backend", "auto");
+      await waitPanel(page, ids.sage, (x) => x.kind === "auto", "back to auto");
+    });
+
+    it("a run with the tiny Flux model puts the report on the node", { timeout: RUN_TIMEOUT * 2 }, async () => {
+      await resetGraph(page);
+      const n = await addNodes(page, [
+        { key: "model", type: "AttentionBackendsTestTinyFlux", pos: [0, 0] },
+        { key: "cond", type: "AttentionBackendsTestFluxConditioning", pos: [0, 150] },
+        { key: "latent", type: "EmptySD3LatentImage", pos: [0, 320], widgets: { width: 64, height: 64, batch_size: 1 } },
+        { key: "ab", type: "AttentionBackend", pos: [390, 0], widgets: { backend: "auto" } },
+        { key: "sampler", type: "KSampler", pos: [710, 0], widgets: { seed: 1, steps: 2, cfg: 1.0 } },
+        { key: "save", type: "SaveLatent", pos: [1040, 0] },
+      ]);
+      await connect(page, [
+        [n.model, 0, n.ab, "model"],
+        [n.ab, 0, n.sampler, "model"],
+        [n.cond, 0, n.sampler, "positive"],
+        [n.cond, 1, n.sampler, "negative"],
+        [n.latent, 0, n.sampler, "latent_image"],
+        [n.sampler, 0, n.save, "samples"],
+      ]);
+      ids.run = n.ab;
+      ids.runGraph = n;
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      const p = await waitPanel(page, n.ab, (x) => x.report && x.report !== "none", "a run report", RUN_TIMEOUT);
+      assert.equal(p.report, "ok", p.text);
+      assert.match(p.text, /Last run: \d+ attention calls/);
+      assert.match(p.text, /sdpa\s*100%/);
+      const stored = await fetchJson(`${server.url}/attention_backends/report?node=${n.ab}`);
+      assert.equal(String(stored.node_id), String(n.ab));
+      assert.deepEqual(Object.keys(stored.served), ["sdpa"]);
+      await shotNodes(page, [n.ab], `node-after-run-${version}.png`);
+      await page.screenshot({ path: path.join(SHOTS, `workflow-after-run-${version}.png`) });
+    });
+
+    it("a run with a backend that cannot run here reports the fallback and its reason", { timeout: RUN_TIMEOUT * 2 }, async () => {
+      await setWidget(page, ids.run, "backend", "sage");
+      // The node now says the old report came from another selection.
+      await waitPanel(page, ids.run, (x) => /ran with "auto"/.test(x.text), "stale marker");
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      const p = await waitPanel(page, ids.run, (x) => x.report === "warn" && !/ran with "auto"/.test(x.text),
+        "a report with a fallback", RUN_TIMEOUT);
+      assert.match(p.text, /↪ sage → sdpa ×\d+: .*sageattention is not installed/);
+      await shotNodes(page, [ids.run], `node-fallback-${version}.png`);
+    });
+
+    it("after a reload the node gets its last report from GET /attention_backends/report", async () => {
+      await page.reload({ waitUntil: "domcontentloaded" });
+      await page.waitForFunction(() => !!(window.app && window.app.graph && window.__attentionBackends &&
+        window.__attentionBackends.state.status), null, { timeout: 90_000 });
+      await page.keyboard.press("Escape").catch(() => {});
+      await page.waitForFunction((id) => !!window.app.graph.getNodeById(id)?.__attentionPanel, ids.run, { timeout: 20_000 })
+        .catch(() => assert.fail("the workflow was not restored after the reload"));
+      const p = await waitPanel(page, ids.run, (x) => x.report === "warn", "report restored", 20_000);
+      assert.match(p.text, /↪ sage → sdpa/);
+    });
+
+    it("the Attention sidebar tab lists every backend", async () => {
+      await page.click(".attention-backends-tab-button", { timeout: 15_000 });
+      await page.waitForSelector(".ab-side .ab-list .ab-item", { timeout: 15_000 });
+      const side = await page.evaluate(() => {
+        const root = document.querySelector(".ab-side");
+        return {
+          items: [...root.querySelectorAll(".ab-item")].map((el) => ({ name: el.dataset.backend, available: el.dataset.available })),
+          text: root.innerText,
+        };
+      });
+      assert.deepEqual(side.items.map((i) => i.name).sort(), status.backends.map((b) => b.name).sort());
+      for (const b of status.backends) {
+        assert.equal(side.items.find((i) => i.name === b.name).available, String(b.available), b.name);
+      }
+      assert.match(side.text, /auto on this machine/);
+      assert.match(side.text, /Last runs/);
+      assert.match(side.text, new RegExp(`#${ids.run} sage`));
+      fs.mkdirSync(SHOTS, { recursive: true });
+      await page.waitForTimeout(300);
+      await page.screenshot({ path: path.join(SHOTS, `sidebar-${version}.png`) });
+    });
+
+    it("the sidebar shows the benchmark chart the status offers", async () => {
+      // Until the server publishes one (status.benchmarks), stand one in through the browser.
+      const real = Array.isArray(status.benchmarks) && status.benchmarks.some((b) => b.chart);
+      if (!real) {
+        await page.route("**/attention_backends/status*", async (route) => {
+          const res = await route.fetch();
+          const json = await res.json();
+          json.benchmarks = [{ name: "h200", title: "NVIDIA H200 (stand-in chart)", chart: "/attention_backends/benchmarks/h200/chart.png" }];
+          await route.fulfill({ response: res, json });
+        });
+        await page.route("**/attention_backends/benchmarks/h200/chart.png", (route) =>
+          route.fulfill({ status: 200, contentType: "image/png", body: Buffer.from(PNG_1x1, "base64") }));
+        await page.evaluate(() => window.__attentionBackends.loadStatus(true));
+      }
+      try {
+        await page.waitForFunction(() => {
+          const img = document.querySelector(".ab-side .ab-chart img");
+          return img && img.complete && img.naturalWidth > 0;
+        }, null, { timeout: 15_000 });
+        const src = await page.getAttribute(".ab-side .ab-chart img", "src");
+        assert.match(src, /attention_backends\/benchmarks\/h200\/chart\.png$/);
+        await page.evaluate(() => {
+          const charts = document.querySelector(".ab-side .ab-charts");
+          charts.scrollIntoView({ block: "end" });
+        });
+        await page.waitForTimeout(300);
+        const clip = await page.evaluate(() => {
+          const r = document.querySelector(".ab-side").parentElement.getBoundingClientRect();
+          return { x: r.left, y: Math.max(0, r.top), width: r.width, height: Math.min(window.innerHeight, r.bottom) - Math.max(0, r.top) };
+        });
+        if (clip.width > 0 && clip.height > 0) await page.screenshot({ path: path.join(SHOTS, `sidebar-runs-${version}.png`), clip });
+      } finally {
+        if (!real) {
+          await page.unrouteAll({ behavior: "ignoreErrors" });
+          await page.evaluate(() => window.__attentionBackends.loadStatus(true));
+        }
+      }
+    });
+
+    it("in the Nodes 2.0 (Vue) node design the panel renders inside the node", async (t) => {
+      const { has, frontend } = await page.evaluate(() => {
+        const setting = window.app.extensionManager?.setting;
+        return { has: !!(setting && setting.get && setting.get("Comfy.VueNodes.Enabled") !== undefined),
+                 frontend: window.__COMFYUI_FRONTEND_VERSION__ || "0.0.0" };
+      });
+      if (!has) { t.skip("this frontend has no Nodes 2.0 setting"); return; }
+      // Nodes 2.0 arrived as an experiment in 1.27 (it cannot even switch workflows there).
+      const [major, minor] = frontend.split(".").map(Number);
+      if (major === 1 && minor < 35) { t.skip(`Nodes 2.0 is an early experiment in frontend ${frontend}`); return; }
+      if (await page.isVisible(".ab-side")) await page.click(".attention-backends-tab-button"); // close the sidebar
+      await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", true));
+      try {
+        await resetGraph(page);
+        const n = await addNodes(page, [
+          { key: "auto", type: "AttentionBackend", pos: [0, 0] },
+          { key: "sage", type: "AttentionBackend", pos: [330, 0], widgets: { backend: "sage" } },
+        ]);
+        const sage = await waitPanel(page, n.sage, (x) => x.kind === "unavailable" && x.visible, "sage panel in a Vue node");
+        assert.equal(sage.hint, "pip install sageattention");
+        const inside = await page.evaluate((id) => {
+          const el = window.app.graph.getNodeById(id).__attentionPanel.element;
+          return !!el.closest(".lg-node-widgets, .lg-node, [data-node-id]");
+        }, n.sage);
+        assert.equal(inside, true, "the panel is not inside the Vue node");
+        await shotNodes(page, [n.auto, n.sage], `nodes-vue-${version}.png`);
+      } finally {
+        await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false));
+      }
+    });
+
+    it("raised no page errors from this pack", () => {
+      const others = problems.filter((p) => !ourProblems([p]).length && !/Failed to load resource/.test(p));
+      for (const p of others) console.log(`# (not this pack) ${p.split("\n")[0]}`);
+      assert.deepEqual(ourProblems(problems), []);
+    });
+  });
+}

@@ -1,0 +1,212 @@
+"""Through ComfyUI's server: the pack mounted in custom_nodes (under a hyphenated name),
+a workflow posted to /prompt, /object_info, both routes and the websocket event.
+
+One server per module; every wait is bounded and the server is killed in a finally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STARTUP_S = 180
+RUN_S = 120
+CLIENT_ID = "attention-backends-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path: Path, custom_nodes: Path, tmp_path_factory: pytest.TempPathFactory):
+    import urllib.request
+
+    base = tmp_path_factory.mktemp("comfy_server")
+    for folder in ("output", "user"):
+        (base / folder).mkdir()
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"attention_backends_test:\n    custom_nodes: {custom_nodes}\n")
+    port = _free_port()
+    log_path = base / "server.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--extra-model-paths-config", str(config), "--output-directory", str(base / "output"),
+               "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=comfyui_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + STARTUP_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"ComfyUI exited during startup:\n{log_path.read_text()[-4000:]}")
+                try:
+                    urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"ComfyUI did not answer within {STARTUP_S}s:\n{log_path.read_text()[-4000:]}")
+                    time.sleep(0.5)
+            yield url, log_path
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
+
+
+def _workflow(priority: str = "sdpa_math > sdpa") -> dict:
+    sampler = {"seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
+               "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "denoise": 1.0}
+    return {
+        "1": {"class_type": "AttentionBackendsTestTinyFlux", "inputs": {"seed": 0}},
+        "2": {"class_type": "AttentionBackend",
+              "inputs": {"model": ["1", 0], "backend": "sdpa", "on_unsupported": "fall back"}},
+        "3": {"class_type": "AttentionBackendsTestFluxConditioning", "inputs": {"seed": 0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], **sampler}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "attention_backends"}},
+        "7": {"class_type": "AttentionBackendAdvanced",
+              "inputs": {"model": ["1", 0], "priority": priority, "on_unsupported": "fall back",
+                         "step_start": 0.5, "step_end": 1.0, "exact_first_blocks": 0, "exact_last_blocks": 0,
+                         "cross_attention_exact_max_keys": 0, "nonfinite_guard": True}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["7", 0], **{**sampler, "seed": 1}}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "attention_backends"}},
+    }
+
+
+async def _get(session, url: str, status: int = 200) -> dict:
+    async with session.get(url) as response:
+        assert response.status == status, await response.text()
+        return await response.json()
+
+
+async def _poll_history(session, url: str, prompt_id: str, deadline: float) -> dict:
+    # ComfyUI files the history entry just after its last websocket message.
+    while time.monotonic() < deadline:
+        entry = (await _get(session, f"{url}/history/{prompt_id}")).get(prompt_id)
+        if entry is not None:
+            return entry
+        await asyncio.sleep(0.2)
+    pytest.fail(f"prompt {prompt_id} did not finish within {RUN_S}s")
+
+
+async def _run_workflow(url: str) -> tuple[dict, list[dict], dict]:
+    """Post the workflow with a websocket open; (history entry, report events, rejected-prompt answer)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=RUN_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.ws_connect(f"{url}/ws?clientId={CLIENT_ID}") as socket_:
+            async with session.post(f"{url}/prompt", json={"prompt": _workflow(), "client_id": CLIENT_ID}) as posted:
+                assert posted.status == 200, await posted.text()
+                prompt_id = (await posted.json())["prompt_id"]
+            events = []
+            deadline = time.monotonic() + RUN_S
+            while time.monotonic() < deadline:
+                message = await socket_.receive(timeout=deadline - time.monotonic())
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(message.data)
+                data = event.get("data") or {}
+                if event["type"] == "attention_backends.report":
+                    events.append(data)
+                finished = event["type"] in ("execution_success", "execution_error") or (
+                    event["type"] == "executing" and data.get("node") is None)
+                if finished and data.get("prompt_id") == prompt_id:
+                    break
+        history = await _poll_history(session, url, prompt_id, deadline)
+        invalid = {node: spec for node, spec in _workflow("flash5 > sdpa").items() if node not in ("2", "5", "6")}
+        async with session.post(f"{url}/prompt", json={"prompt": invalid}) as refused:
+            assert refused.status == 400
+            refusal = (await refused.json())["node_errors"]["7"]
+    return history, events, refusal
+
+
+def test_object_info_lists_both_nodes_with_every_backend(server):
+    url, _ = server
+    info = asyncio.run(_fetch(url + "/object_info"))
+    names = asyncio.run(_fetch(url + "/attention_backends/status"))["nodes"]["selectable"]
+    basic, advanced = info["AttentionBackend"], info["AttentionBackendAdvanced"]
+    assert basic["display_name"] == "Attention Backend"
+    assert advanced["display_name"] == "Attention Backend (Advanced)"
+    assert _combo_options(basic["input"]["required"]["backend"]) == names
+    assert names[0] == "auto" and "sdpa" in names and "flash4" in names
+    assert basic["category"] == advanced["category"] == "model_patches/attention"
+    assert basic["output"] == advanced["output"] == ["MODEL"]
+
+
+def test_workflow_runs_and_both_routes_report(server):
+    url, log_path = server
+    history, events, refusal = asyncio.run(_run_workflow(url))
+    assert history["status"]["status_str"] == "success", log_path.read_text()[-4000:]
+
+    reports = asyncio.run(_fetch(url + "/attention_backends/report"))["reports"]
+    basic, advanced = reports["2"], reports["7"]
+    assert basic["node_type"] == "AttentionBackend" and basic["selection"] == "sdpa"
+    assert basic["total_calls"] > 0 and basic["served"] == {"sdpa": basic["total_calls"]}
+    assert basic["shares"] == {"sdpa": 1.0} and basic["warnings"] == [] and basic["model"] == "Flux"
+    assert advanced["served"] == {"sdpa": 2, "sdpa_math": 2}  # step 0 of 2 is outside the window
+    assert advanced["routing"]["exact_by_step_window"] == 2
+    assert asyncio.run(_fetch(url + "/api/attention_backends/report?node=2")) == basic
+    asyncio.run(_fetch(url + "/attention_backends/report?node=does-not-exist", status=404))
+    # The websocket pushed one report per sampler run.
+    assert sorted(event["node_id"] for event in events) == ["2", "7"]
+    # Validation names the unknown backend and a close match.
+    assert "flash5" in json.dumps(refusal) and "flash4" in json.dumps(refusal), refusal
+
+
+def test_status_route(server):
+    url, _ = server
+    status = asyncio.run(_fetch(url + "/api/attention_backends/status"))
+    assert {"torch", "cuda", "cudnn", "backends", "devices", "nodes"} <= set(status)
+    rows = {row["name"]: row for row in status["backends"]}
+    assert rows["sdpa"]["available"] is True
+    assert rows["sage"]["available"] is False and rows["sage"]["reasons"]
+    assert [device["type"] for device in status["devices"]] == ["cpu"]
+    assert status["devices"][0]["auto_order"][-1]["backend"] == "sdpa"
+    assert status["nodes"]["selectable"][1:] == list(rows)
+
+
+def test_example_workflows_use_registered_nodes_and_valid_links(server, pack_root):
+    url, _ = server
+    info = asyncio.run(_fetch(url + "/object_info"))
+    workflows = sorted((pack_root / "example_workflows").glob("*.json"))
+    used = set()
+    for path in workflows:
+        workflow = json.loads(path.read_text())
+        nodes = {node["id"]: node for node in workflow["nodes"]}
+        for node in nodes.values():
+            assert node["type"] in info, f"{path.name}: {node['type']} is not a registered node"
+            used.add(node["type"])
+            if node["type"].startswith("AttentionBackend"):
+                widgets = [name for name, spec in info[node["type"]]["input"]["required"].items()
+                           if spec[0] != "MODEL"]
+                assert len(node["widgets_values"]) == len(widgets), path.name
+        for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+            assert nodes[source]["outputs"][source_slot]["type"] == kind
+            assert nodes[target]["inputs"][target_slot]["link"] == link_id
+    assert {"AttentionBackend", "AttentionBackendAdvanced"} <= used
+
+
+def _combo_options(spec: list) -> list:
+    # V1 form: [[options...], {...}]; V3 form: ["COMBO", {"options": [...]}].
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+async def _fetch(url: str, status: int = 200) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        return await _get(session, url, status)

@@ -1,0 +1,101 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  REPORT_EVENT, fallbackLines, planLines, formatCount, formatDuration, formatShare, noteLines, oneLine, reportsFromResponse,
+  shareRows, summariseReport,
+} from "../../web/lib/report.js";
+import { fixture } from "./helpers.mjs";
+
+const flux = fixture("report_flux.json");
+const never = fixture("report_never_invoked.json");
+
+test("the event name is the documented one", () => {
+  assert.equal(REPORT_EVENT, "attention_backends.report");
+});
+
+test("formatting", () => {
+  assert.equal(formatShare(0.947), "94.7%");
+  assert.equal(formatShare(0.5), "50%");
+  assert.equal(formatShare(1), "100%");
+  assert.equal(formatShare(0), "0%");
+  assert.equal(formatShare(0.0004), "<0.1%");
+  assert.equal(formatShare(0.99999), ">99.9%");
+  assert.equal(formatShare(undefined), "–");
+  assert.equal(formatCount(1520), "1,520");
+  assert.equal(formatCount(1234567), "1,234,567");
+  assert.equal(formatCount(12), "12");
+  assert.equal(formatDuration(3.24), "3.2 s");
+  assert.equal(formatDuration(0.25), "250 ms");
+  assert.equal(formatDuration(125), "2 min 5 s");
+  assert.equal(formatDuration(null), "");
+});
+
+test("shares are sorted by calls and use the report's shares", () => {
+  const rows = shareRows(flux);
+  assert.deepEqual(rows.map((r) => [r.backend, r.calls, r.label]), [["flash4", 1440, "94.7%"], ["sdpa", 80, "5.3%"]]);
+  // Without `shares`, computed from `served`.
+  const computed = shareRows({ served: { a: 1, b: 3 } });
+  assert.deepEqual(computed.map((r) => [r.backend, r.label]), [["b", "75%"], ["a", "25%"]]);
+  assert.equal(oneLine(flux), "flash4 94.7% · sdpa 5.3%");
+});
+
+test("fallbacks carry route, count and reason", () => {
+  assert.deepEqual(fallbackLines(flux).map((f) => f.text), ["flash4 → sdpa ×80: takes no mask (additive float mask)"]);
+});
+
+test("notes only for counters that happened", () => {
+  assert.deepEqual(noteLines(flux), []);
+  const notes = noteLines({ routing: { exact_by_step_window: 40, exact_by_block_filter: 1 },
+                            guard: { nonfinite_model_calls: 2, reruns: 2, pinned_exact: true } });
+  assert.deepEqual(notes, [
+    "40 calls exact outside the step window",
+    "1 call exact by block filter",
+    "guard: 2 model call(s) produced NaN/Inf, 2 re-run with exact attention (pinned exact)",
+  ]);
+});
+
+test("summary of a normal run", () => {
+  const s = summariseReport(flux, { currentSelection: "auto" });
+  assert.equal(s.level, "warn"); // it had a fallback
+  assert.equal(s.headline, "Last run: 1,520 attention calls · 3.2 s · Flux");
+  assert.equal(s.rows.length, 2);
+  assert.equal(s.stale, false);
+  assert.equal(s.warnings.length, 0);
+});
+
+test("summary of a run where the override never fired", () => {
+  const s = summariseReport(never, { currentSelection: "sage" });
+  assert.equal(s.level, "error");
+  assert.match(s.headline, /0 attention calls/);
+  assert.match(s.warnings[0], /never invoked/);
+});
+
+test("a report from another selection is marked stale", () => {
+  const s = summariseReport(flux, { currentSelection: "sdpa" });
+  assert.equal(s.stale, true);
+  assert.match(s.staleText, /ran with "auto"/);
+});
+
+test("partial coverage shows both counts", () => {
+  const s = summariseReport({ ...flux, model_attention_calls: 2000 });
+  assert.match(s.headline, /1,520 attention calls of 2,000/);
+  assert.equal(summariseReport(null), null);
+});
+
+test("reportsFromResponse accepts the route's shapes", () => {
+  assert.deepEqual(Object.keys(reportsFromResponse({ reports: { 12: flux, "5:3": never } })).sort(), ["12", "5:3"]);
+  assert.deepEqual(Object.keys(reportsFromResponse(flux)), ["12"]);
+  assert.deepEqual(reportsFromResponse(null), {});
+  assert.deepEqual(reportsFromResponse({}), {});
+});
+
+test("the Advanced node's priority spelling does not make a report stale", () => {
+  const adv = { ...flux, node_type: "AttentionBackendAdvanced", selection: "flash4 > sage > sdpa" };
+  assert.equal(summariseReport(adv, { currentSelection: "flash4>sage, sdpa" }).stale, false);
+  assert.equal(summariseReport(adv, { currentSelection: "sage > sdpa" }).stale, true);
+});
+
+test("plan lines for tooltips", () => {
+  assert.deepEqual(planLines(flux), ["B=1 H=24 Nq=4608 D=128 bf16 cuda sm90 → flash4 ×1,440"]);
+  assert.deepEqual(planLines({}), []);
+});
