@@ -10,18 +10,21 @@ no ComfyUI exists (CI): then it defines nothing beyond WEB_DIRECTORY.
 import importlib.util
 import logging
 
-from .nodes.compat import MINIMUM_COMFYUI, prompt_server
-
 WEB_DIRECTORY = "./web"
 
+# Relative imports only inside the branches: pytest may import this file with no parent
+# package (a checkout directory whose name is no Python identifier), where none resolve.
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import routes
     from .nodes.attention_backend import comfy_entrypoint
+    from .nodes.compat import prompt_server
 
     _server = prompt_server()
     if _server is not None:
         routes.register(_server)
 elif importlib.util.find_spec("comfy") is not None:
+    from .nodes.compat import MINIMUM_COMFYUI
+
     # A ComfyUI older than the V3 node API (0.3.48) cannot have the attention override either.
     logging.getLogger(__name__).error("ComfyUI Attention Backends needs ComfyUI %s or newer; this ComfyUI has "
                                       "no comfy_api, so the pack's nodes are not loaded.", MINIMUM_COMFYUI)

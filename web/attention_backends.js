@@ -210,7 +210,11 @@ function refreshEverything() {
 function sidebarReports() {
   const out = [];
   for (const [nodeId, report] of state.reports) {
-    out.push({ nodeId, selection: report.selection ?? "?", text: oneLine(report) || "no attention calls" });
+    const parts = [oneLine(report) || "no attention calls"];
+    const fallbacks = (report.fallbacks || []).reduce((n, f) => n + (Number(f.calls) || 0), 0);
+    if (fallbacks) parts.push(`${fallbacks} fell back`);
+    if ((report.warnings || []).length) parts.push(`⚠ ${report.warnings.length}`);
+    out.push({ nodeId, selection: report.selection ?? "?", text: parts.join(" · ") });
   }
   return out;
 }

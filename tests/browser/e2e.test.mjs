@@ -145,6 +145,19 @@ async function shotNodes(page, ids, file) {
   await page.screenshot({ path: path.join(SHOTS, file), clip });
 }
 
+/** Screenshot of the sidebar scrolled to its end (last runs, benchmark). */
+async function shotSidebarBottom(page, file) {
+  await page.evaluate(() => document.querySelector(".ab-side .ab-charts").scrollIntoView({ block: "end" }));
+  await page.waitForTimeout(300);
+  const clip = await page.evaluate(() => {
+    const r = document.querySelector(".ab-side").parentElement.getBoundingClientRect();
+    const top = Math.max(0, r.top);
+    return { x: r.left, y: top, width: r.width, height: Math.min(window.innerHeight, r.bottom) - top };
+  });
+  fs.mkdirSync(SHOTS, { recursive: true });
+  if (clip.width > 0 && clip.height > 0) await page.screenshot({ path: path.join(SHOTS, file), clip });
+}
+
 async function fetchJson(url) {
   const res = await fetch(url, { signal: AbortSignal.timeout(30_000) });
   assert.equal(res.ok, true, `${url}: HTTP ${res.status}`);
@@ -329,16 +342,7 @@ for (const version of VERSIONS) {
         }, null, { timeout: 15_000 });
         const src = await page.getAttribute(".ab-side .ab-chart img", "src");
         assert.match(src, /attention_backends\/benchmarks\/h200\/chart\.png$/);
-        await page.evaluate(() => {
-          const charts = document.querySelector(".ab-side .ab-charts");
-          charts.scrollIntoView({ block: "end" });
-        });
-        await page.waitForTimeout(300);
-        const clip = await page.evaluate(() => {
-          const r = document.querySelector(".ab-side").parentElement.getBoundingClientRect();
-          return { x: r.left, y: Math.max(0, r.top), width: r.width, height: Math.min(window.innerHeight, r.bottom) - Math.max(0, r.top) };
-        });
-        if (clip.width > 0 && clip.height > 0) await page.screenshot({ path: path.join(SHOTS, `sidebar-runs-${version}.png`), clip });
+        if (real) await shotSidebarBottom(page, `sidebar-chart-${version}.png`);
       } finally {
         if (!real) {
           await page.unrouteAll({ behavior: "ignoreErrors" });

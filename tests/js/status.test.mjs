@@ -123,7 +123,9 @@ test("install hints: commands are copyable, prose is shown once", () => {
   assert.ok(!isCommand("SageAttention 2 is built from source: see the README"));
   assert.deepEqual(presentHint("pip install x", ["x is not installed (pip install x)"]), { command: "pip install x" });
   assert.deepEqual(presentHint("built from source", ["x is not installed (built from source)"]), {});
-  assert.deepEqual(presentHint("built from source", ["no GPU"]), { text: "built from source" });
+  assert.deepEqual(presentHint("built from source", []), { text: "built from source" });
+  assert.deepEqual(presentHint("built from source", ["flash_attn_3 is not installed"]), { text: "built from source" });
+  assert.deepEqual(presentHint("built from source", ["no GPU"]), {});
   assert.deepEqual(presentHint("", []), {});
   const source = describeSelection(cpu, "sage_qk_int8_pv_fp8_cuda");
   assert.equal(source.kind, "unavailable");
@@ -150,4 +152,15 @@ test("a command hint with a parenthesised note is split", () => {
     { command: "pip install flash-attn", note: "builds from source unless a wheel matches your torch/CUDA" });
   const flash = describeSelection(cpu, "flash");
   assert.equal(flash.hint, "pip install flash-attn");
+});
+
+test("no install command when the package is not what is missing", () => {
+  assert.deepEqual(presentHint("pip install -U comfy-kitchen", ["no CUDA GPU is visible to PyTorch"]), {});
+  assert.deepEqual(presentHint("pip install --pre flash-attn-4", ["cannot load: ModuleNotFoundError: No module named 'cutlass.cute'"]),
+    { command: "pip install --pre flash-attn-4" });
+  assert.deepEqual(presentHint("pip install sageattention", ["sageattention 1.0.6 is older than the 2.0.0 this backend needs"]),
+    { command: "pip install sageattention" });
+  const kitchen = describeSelection(cpu, "kitchen_int8");
+  assert.equal(kitchen.kind, "unavailable");
+  assert.equal(kitchen.hint, "");
 });

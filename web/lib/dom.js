@@ -140,6 +140,7 @@ export function sidebarContent({ status, error, reports = [], onRefresh, chartSr
   return h("div", { class: "ab-side" }, header,
     h("div", { class: "ab-muted ab-summary" }, machineSummary(status)),
     autoBlock,
+    reportBlock,
     h("div", { class: "ab-title" }, "Backends"), list,
-    reportBlock, chartBlock);
+    chartBlock);
 }

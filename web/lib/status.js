@@ -82,6 +82,9 @@ export function isCommand(hint) {
  */
 export function presentHint(hint, reasons = []) {
   if (!hint) return {};
+  // "no CUDA GPU is visible": installing the package would not help, so no command.
+  const packageProblem = /install|not found|cannot (load|import)|older than|newer than|no module|missing|version/i;
+  if ((reasons || []).length && !(reasons || []).some((r) => packageProblem.test(String(r)))) return {};
   if (isCommand(hint)) {
     // "pip install flash-attn (builds from source unless ...)": the command, then the note.
     const m = /^(.*?\S)\s*\(([^()]*)\)\s*$/.exec(hint);
