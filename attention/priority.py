@@ -6,7 +6,9 @@ first entry whose rule matches *and* whose backend can serve it; every list ends
 a rule never sends a call to a kernel that the evidence shows slower than SDPA there.
 
 Evidence:
-- sm90 rows are measured: ../benchmarks and shared/reference/h200-kernels-2026-11.md.
+- sm90 rows follow measurements: SageAttention 2 / FA3 / FA4 figures from the team's
+  reference table (shared/reference/h200-kernels-2026-11.md); SDPA, sage 1.0.6 and
+  comfy-kitchen re-measured by us (benchmarks/results/h200/).
   Quantized kernels lose to SDPA (cuDNN) below ~8k tokens (0.10-0.81x) and win at
   video lengths (1.36-1.43x at 32k-76k); FA4/FA3 win 1.04-1.22x at head dim 128 from
   ~4.6k tokens; SD1.5 head dims and 77-key cross-attention stay on SDPA.
