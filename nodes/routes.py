@@ -1,4 +1,5 @@
-"""HTTP routes (docs/api.md): what this machine can run, and the last run reports."""
+"""HTTP routes (docs/api.md): what this machine can run, the last run reports, and the
+charts of the committed benchmark runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from ..attention import AUTO, names
 from ..attention.status import machine_status
+from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
 from .report import last_reports
 
 
@@ -16,7 +18,7 @@ def selectable() -> list[str]:
 
 
 def status() -> dict:
-    return {**machine_status(), "nodes": {"selectable": selectable()}}
+    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks()}
 
 
 def register(server: Any) -> None:
@@ -37,3 +39,24 @@ def register(server: Any) -> None:
         if node not in reports:
             return web.json_response({"error": f"no report for node {node} yet"}, status=404)
         return web.json_response(reports[node])
+
+    def no_chart(message: str, code: int) -> web.Response:
+        # ComfyUI's cache middleware gives an error at a .png path an hour of caching; a
+        # refusal must not outlive the reason for it.
+        return web.json_response({"error": message}, status=code, headers={"Cache-Control": "no-store"})
+
+    @server.routes.get(CHART_ROUTE)
+    async def get_benchmark_chart(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        try:
+            path = chart_path(name)
+        except ValueError as error:
+            return no_chart(str(error), 400)
+        if path is None:
+            published = [run["name"] for run in list_benchmarks() if run["chart"]]
+            return no_chart(f"no benchmark chart named {name!r}; published: {', '.join(published) or 'none'} "
+                            "(GET /attention_backends/status lists them under 'benchmarks')", 404)
+        # Revalidated on every load (answered 304 through the ETag/Last-Modified that
+        # FileResponse sets): the chart changes with the pack, and ComfyUI's cache
+        # middleware would otherwise keep a .png for a day.
+        return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "no-cache"})

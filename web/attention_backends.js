@@ -225,7 +225,7 @@ function renderSidebar(el) {
     error: state.statusError,
     reports: sidebarReports(),
     onRefresh: () => { loadStatus(true); loadReports(); },
-    chartSrc: (url) => (/^https?:|^\/extensions\//.test(url) ? url : api.apiURL(url)),
+    chartSrc: (url) => api.apiURL(url), // under /api, and the frontend's API base
   }));
 }
 

@@ -18,8 +18,6 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const VERSIONS = (process.env.AB_COMFY_VERSIONS || "0.19.3 0.3.64").split(/[\s,]+/).filter(Boolean);
 const SHOTS = path.resolve(here, process.env.AB_SCREENSHOT_DIR || "screenshots");
 const RUN_TIMEOUT = 180_000;
-// A 1x1 PNG standing in for benchmarks/results/<gpu>/chart.png while the server offers none.
-const PNG_1x1 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
 
 function skipReason(version) {
   if (!chromiumAvailable()) return "no Chromium at /usr/bin/chromium (apt-get install chromium, or set CHROMIUM_PATH)";
@@ -321,34 +319,28 @@ for (const version of VERSIONS) {
       await page.screenshot({ path: path.join(SHOTS, `sidebar-${version}.png`) });
     });
 
-    it("the sidebar shows the benchmark chart the status offers", async () => {
-      // Until the server publishes one (status.benchmarks), stand one in through the browser.
-      const real = Array.isArray(status.benchmarks) && status.benchmarks.some((b) => b.chart);
-      if (!real) {
-        await page.route("**/attention_backends/status*", async (route) => {
-          const res = await route.fetch();
-          const json = await res.json();
-          json.benchmarks = [{ name: "h200", title: "NVIDIA H200 (stand-in chart)", chart: "/attention_backends/benchmarks/h200/chart.png" }];
-          await route.fulfill({ response: res, json });
-        });
-        await page.route("**/attention_backends/benchmarks/h200/chart.png", (route) =>
-          route.fulfill({ status: 200, contentType: "image/png", body: Buffer.from(PNG_1x1, "base64") }));
-        await page.evaluate(() => window.__attentionBackends.loadStatus(true));
-      }
-      try {
-        await page.waitForFunction(() => {
-          const img = document.querySelector(".ab-side .ab-chart img");
-          return img && img.complete && img.naturalWidth > 0;
-        }, null, { timeout: 15_000 });
-        const src = await page.getAttribute(".ab-side .ab-chart img", "src");
-        assert.match(src, /attention_backends\/benchmarks\/h200\/chart\.png$/);
-        if (real) await shotSidebarBottom(page, `sidebar-chart-${version}.png`);
-      } finally {
-        if (!real) {
-          await page.unrouteAll({ behavior: "ignoreErrors" });
-          await page.evaluate(() => window.__attentionBackends.loadStatus(true));
-        }
-      }
+    it("the sidebar shows the committed benchmark chart with its title and a full-size link", async () => {
+      const h200 = (status.benchmarks || []).find((b) => b.name === "h200");
+      assert.ok(h200 && h200.chart, `status.benchmarks has no h200 chart: ${JSON.stringify(status.benchmarks)}`);
+      await page.waitForFunction(() => {
+        const img = document.querySelector('.ab-side .ab-chart[data-benchmark="h200"] img');
+        return img && img.complete && img.naturalWidth > 0;
+      }, null, { timeout: 15_000 });
+      const figure = await page.evaluate(() => {
+        const el = document.querySelector('.ab-side .ab-chart[data-benchmark="h200"]');
+        const img = el.querySelector("img");
+        return {
+          caption: el.querySelector("figcaption").textContent, src: img.getAttribute("src"), width: img.naturalWidth,
+          links: [...el.querySelectorAll("a")].map((a) => ({ href: a.getAttribute("href"), target: a.target, text: a.textContent })),
+        };
+      });
+      assert.equal(figure.caption, h200.title);
+      assert.match(figure.src, /\/attention_backends\/benchmarks\/h200\/chart\.png$/);
+      assert.ok(figure.width > 100, `the chart is ${figure.width}px wide: not the committed chart`);
+      assert.ok(figure.links.length >= 1 && figure.links.every((a) => a.href === figure.src && a.target === "_blank"),
+        JSON.stringify(figure.links));
+      assert.ok(figure.links.some((a) => /full size/i.test(a.text)), JSON.stringify(figure.links));
+      await shotSidebarBottom(page, `sidebar-chart-${version}.png`);
     });
 
     it("in the Nodes 2.0 (Vue) node design the panel renders inside the node", async (t) => {

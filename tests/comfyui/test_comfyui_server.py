@@ -1,5 +1,5 @@
 """Through ComfyUI's server: the pack mounted in custom_nodes (under a hyphenated name),
-a workflow posted to /prompt, /object_info, both routes and the websocket event.
+a workflow posted to /prompt, /object_info, the routes and the websocket event.
 
 One server per module; every wait is bounded and the server is killed in a finally.
 """
@@ -7,11 +7,13 @@ One server per module; every wait is bounded and the server is killed in a final
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 STARTUP_S = 180
 RUN_S = 120
 CLIENT_ID = "attention-backends-test"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _free_port() -> int:
@@ -177,6 +180,40 @@ def test_status_route(server):
     assert [device["type"] for device in status["devices"]] == ["cpu"]
     assert status["devices"][0]["auto_order"][-1]["backend"] == "sdpa"
     assert status["nodes"]["selectable"][1:] == list(rows)
+    assert {"name": "h200", "title": "NVIDIA H200 · torch 2.11.0 · CUDA 13.0",
+            "chart": "/attention_backends/benchmarks/h200/chart.png"} in status["benchmarks"]
+
+
+def test_benchmark_chart_route_serves_the_committed_png(server, pack_root):
+    url, _ = server
+    chart = (pack_root / "benchmarks" / "results" / "h200" / "chart.png").read_bytes()
+    for prefix in ("", "/api"):
+        code, headers, body = _raw_get(url, f"{prefix}/attention_backends/benchmarks/h200/chart.png")
+        assert code == 200 and body.startswith(PNG_SIGNATURE) and body == chart
+        assert headers["content-type"] == "image/png"
+        assert headers["cache-control"] == "no-cache"
+    # Revalidation is answered without the body.
+    code, _, body = _raw_get(url, "/attention_backends/benchmarks/h200/chart.png",
+                             {"If-None-Match": headers["etag"]})
+    assert code == 304 and body == b""
+
+
+@pytest.mark.parametrize("name", ["..", "H200", "a/b", "%2e%2e", "%2E%2E%2F%2E%2E", "..%2f..%2fh200", "h200%00"])
+def test_benchmark_chart_route_refuses_names_that_are_not_plain(server, name):
+    url, _ = server
+    code, headers, body = _raw_get(url, f"/attention_backends/benchmarks/{name}/chart.png")
+    assert code in (400, 404), (code, body[:200])
+    assert not body.startswith(PNG_SIGNATURE)
+    if code == 400:  # the pack's own answer (a/b never reaches it: no route has that shape)
+        assert "not a benchmark name" in json.loads(body)["error"]
+        assert headers["cache-control"] == "no-store"
+
+
+def test_benchmark_chart_route_names_the_published_charts_when_one_is_missing(server):
+    url, _ = server
+    code, headers, body = _raw_get(url, "/attention_backends/benchmarks/no-such-gpu/chart.png")
+    assert code == 404 and headers["cache-control"] == "no-store"
+    assert "published: h200" in json.loads(body)["error"]
 
 
 def test_example_workflows_use_registered_nodes_and_valid_links(server, pack_root):
@@ -203,6 +240,19 @@ def test_example_workflows_use_registered_nodes_and_valid_links(server, pack_roo
 def _combo_options(spec: list) -> list:
     # V1 form: [[options...], {...}]; V3 form: ["COMBO", {"options": [...]}].
     return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def _raw_get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET `path` sent byte for byte: HTTP clients normalise `..` and `%2e` away before the
+    server could refuse them."""
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
 
 
 async def _fetch(url: str, status: int = 200) -> dict:

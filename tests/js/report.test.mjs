@@ -14,20 +14,14 @@ test("the event name is the documented one", () => {
 });
 
 test("formatting", () => {
-  assert.equal(formatShare(0.947), "94.7%");
-  assert.equal(formatShare(0.5), "50%");
-  assert.equal(formatShare(1), "100%");
-  assert.equal(formatShare(0), "0%");
-  assert.equal(formatShare(0.0004), "<0.1%");
-  assert.equal(formatShare(0.99999), ">99.9%");
-  assert.equal(formatShare(undefined), "–");
-  assert.equal(formatCount(1520), "1,520");
-  assert.equal(formatCount(1234567), "1,234,567");
-  assert.equal(formatCount(12), "12");
-  assert.equal(formatDuration(3.24), "3.2 s");
-  assert.equal(formatDuration(0.25), "250 ms");
-  assert.equal(formatDuration(125), "2 min 5 s");
-  assert.equal(formatDuration(null), "");
+  const cases = [
+    [formatShare, 0.947, "94.7%"], [formatShare, 0.5, "50%"], [formatShare, 1, "100%"], [formatShare, 0, "0%"],
+    [formatShare, 0.0004, "<0.1%"], [formatShare, 0.99999, ">99.9%"], [formatShare, undefined, "–"],
+    [formatCount, 1520, "1,520"], [formatCount, 1234567, "1,234,567"], [formatCount, 12, "12"],
+    [formatDuration, 3.24, "3.2 s"], [formatDuration, 0.25, "250 ms"], [formatDuration, 125, "2 min 5 s"],
+    [formatDuration, null, ""],
+  ];
+  for (const [format, value, expected] of cases) assert.equal(format(value), expected, `${format.name}(${value})`);
 });
 
 test("shares are sorted by calls and use the report's shares", () => {

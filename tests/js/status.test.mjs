@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  backendTable, benchmarkCharts, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
+  backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
   isCommand, machineSummary, missingFromAutoOrder, parsePriority, presentHint, selectableNames,
 } from "../../web/lib/status.js";
 import { fixture } from "./helpers.mjs";
@@ -108,13 +108,27 @@ test("backendTable puts available backends first and records auto's picks", () =
   assert.match(sage.reason, /not installed/);
 });
 
-test("machineSummary and benchmarkCharts", () => {
+test("machineSummary", () => {
   assert.match(machineSummary(cpu), /^\d+ of \d+ backends available on the CPU \(torch /);
   assert.match(machineSummary(gpu), /NVIDIA H200 \(sm90\), NVIDIA H200 \(sm90\)/);
-  assert.deepEqual(benchmarkCharts(cpu), []);
-  assert.deepEqual(benchmarkCharts(gpu), [{ name: "h200", title: "NVIDIA H200", url: "/attention_backends/benchmarks/h200/chart.png" }]);
-  assert.equal(benchmarkCharts({ benchmark: { chart_url: "/x.png" } })[0].url, "/x.png");
-  assert.deepEqual(benchmarkCharts({ benchmarks: [{ name: "no chart" }] }), []);
+});
+
+test("benchmarkRuns: the server's runs, each with its chart path or none", () => {
+  assert.deepEqual(benchmarkRuns(gpu), [{
+    name: "h200", title: "NVIDIA H200 · torch 2.11.0 · CUDA 13.0", url: "/attention_backends/benchmarks/h200/chart.png",
+  }]);
+  assert.deepEqual(benchmarkRuns(cpu), []); // a server without the field
+  assert.deepEqual(benchmarkRuns(null), []);
+  assert.deepEqual(benchmarkRuns({ benchmarks: {} }), []);
+  assert.deepEqual(benchmarkRuns({ benchmarks: [{ name: "cpu", title: "", chart: null }, null, { title: "no name" }] }),
+    [{ name: "cpu", title: "cpu", url: null }]);
+});
+
+test("benchmarkRuns keeps only chart paths on this server", () => {
+  const urls = (charts) => benchmarkRuns({ benchmarks: charts.map((chart) => ({ name: "x", chart })) }).map((r) => r.url);
+  assert.deepEqual(urls(["/attention_backends/benchmarks/x/chart.png", "//evil.example/x.png", "/\\evil.example/x.png",
+    "javascript:alert(1)", "https://example.com/x.png", "chart.png", 42, ""]),
+  ["/attention_backends/benchmarks/x/chart.png", null, null, null, null, null, null, null]);
 });
 
 test("install hints: commands are copyable, prose is shown once", () => {

@@ -1,7 +1,7 @@
 // DOM rendering of the view models built by status.js and report.js.
 // Needs `document` (a browser) but nothing from ComfyUI, so the glue stays thin.
 
-import { backendTable, benchmarkCharts, describeAuto, machineSummary } from "./status.js";
+import { backendTable, benchmarkRuns, describeAuto, machineSummary } from "./status.js";
 import { formatCount } from "./report.js";
 
 export function h(tag, props = {}, ...children) {
@@ -89,6 +89,22 @@ export function estimateHeight(statusView, reportSummary, width = 300) {
   return Math.round(n * 15 + 26);
 }
 
+/** One committed benchmark run: its title, and its chart linked to the full-size image. */
+function benchmarkFigure(run, chartSrc) {
+  if (!run.url) {
+    return h("div", { class: "ab-line ab-chart-none", dataset: { benchmark: run.name } },
+      run.title, h("span", { class: "ab-muted" }, " — no chart in this run"));
+  }
+  const src = chartSrc(run.url);
+  // The sidebar is narrow: the chart opens in a tab of its own to be read.
+  const link = { href: src, target: "_blank", rel: "noopener" };
+  return h("figure", { class: "ab-chart", dataset: { benchmark: run.name } },
+    h("figcaption", { class: "ab-chart-title" }, run.title),
+    h("a", { ...link, class: "ab-chart-image", title: "Open the chart full size" },
+      h("img", { src, alt: `Benchmark chart: ${run.title}` })),
+    h("a", { ...link, class: "ab-chart-open" }, "Open full size ↗"));
+}
+
 /** The sidebar / floating panel content. */
 export function sidebarContent({ status, error, reports = [], onRefresh, chartSrc = (u) => u }) {
   const header = h("div", { class: "ab-side-head" },
@@ -121,14 +137,12 @@ export function sidebarContent({ status, error, reports = [], onRefresh, chartSr
     h("div", { class: "ab-title" }, "auto on this machine"),
     auto.lines.map(lineEl));
 
-  const charts = benchmarkCharts(status);
+  const runs = benchmarkRuns(status);
   const chartBlock = h("div", { class: "ab-charts" },
     h("div", { class: "ab-title" }, "Benchmark"),
-    charts.length
-      ? charts.map((c) => h("figure", { class: "ab-chart" },
-          h("img", { src: chartSrc(c.url), alt: `${c.title} benchmark chart` }),
-          h("figcaption", { class: "ab-muted" }, c.title)))
-      : h("div", { class: "ab-line ab-muted" }, "No benchmark chart published with this version."));
+    runs.length
+      ? runs.map((run) => benchmarkFigure(run, chartSrc))
+      : h("div", { class: "ab-line ab-muted" }, "No benchmark results ship with this version."));
 
   const reportBlock = h("div", { class: "ab-reports" },
     h("div", { class: "ab-title" }, "Last runs"),

@@ -273,20 +273,19 @@ export function machineSummary(status) {
 }
 
 /**
- * Benchmark charts the server offers. Accepts `benchmarks: [{name, chart, title?, device?}]`
- * or a single `benchmark: {...}`; anything without a chart URL is dropped.
- * Returns [{name, title, url}].
+ * The committed benchmark runs the server lists (`status.benchmarks`, docs/api.md):
+ * [{name, title, url}], where url is the chart's path on this server, or null when the
+ * run has no chart.
  */
-export function benchmarkCharts(status) {
-  if (!status) return [];
-  let list = [];
-  if (Array.isArray(status.benchmarks)) list = status.benchmarks;
-  else if (status.benchmark && typeof status.benchmark === "object") list = [status.benchmark];
-  return list
-    .map((b) => ({
-      name: b.name || b.device || "benchmark",
-      title: b.title || b.device || b.name || "Benchmark",
-      url: b.chart || b.chart_url || b.url || "",
-    }))
-    .filter((b) => typeof b.url === "string" && b.url.length > 0);
+export function benchmarkRuns(status) {
+  const runs = (status && Array.isArray(status.benchmarks)) ? status.benchmarks : [];
+  return runs
+    .filter((run) => run && typeof run.name === "string" && run.name)
+    .map((run) => ({
+      name: run.name,
+      title: run.title || run.name,
+      // It becomes a link and goes through api.apiURL: a path on this server, nothing else
+      // ("//host" and "/\host" are other hosts to a browser).
+      url: typeof run.chart === "string" && /^\/(?![/\\])/.test(run.chart) ? run.chart : null,
+    }));
 }
