@@ -233,7 +233,13 @@ class Dispatcher:
         plan = self.plan_for(call, (q, k, v, mask))
         if plan.is_fallback:
             causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
-            log.info("attention backends: %s served by %s (%s)", call.describe(), plan.name, causes)
+            if plan.run is not None:
+                served = f"served by {plan.name}"
+            elif self.strict:
+                served = "refused (strict)"
+            else:
+                served = "passed on to the caller's attention"
+            log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
         self._plans[key] = plan
         return plan
 

@@ -2,7 +2,8 @@
 `wrap_attn` calls it, against a direct call of the kernel it chose on the same tensors
 (with the views the kernel needs and nothing else, as ComfyUI's attention_pytorch).
 
-Two timings per shape, both medians of CUDA-event intervals after warm-up:
+Two timings per shape, both medians of CUDA-event intervals after warm-up, the two
+paths interleaved in shuffled rounds (attention.measure):
 - per call: one call between two events, the way `triton.testing.do_bench` times;
 - back to back: 50 calls between two events, divided by 50. Python work per call that
   is not hidden behind the GPU shows up here.
@@ -16,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -36,19 +36,6 @@ def load_pack():
     return module
 
 
-def events_median(fn, repeat: int, inner: int = 1) -> float:
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -57,6 +44,7 @@ def main() -> int:
     load_pack()
     from attention_backends_pack.attention import Dispatcher
     from attention_backends_pack.attention.bench.inputs import make_qkv
+    from attention_backends_pack.attention.measure import interleaved_median_ms
     from attention_backends_pack.attention.shapes import by_key
     from attention_backends_pack.nodes.override import build_override
     from attention_backends_pack.nodes.state import PatchState
@@ -89,15 +77,14 @@ def main() -> int:
 
         long_call = shape.flops > 5e12
         repeat, inner = (10, 3) if long_call else (200, 50)
-        for fn in (through_override, direct):
-            for _ in range(5):
-                fn()
-        torch.cuda.synchronize()
+        paths = {"override": through_override, "direct": direct}
+        per_call = interleaved_median_ms(paths, device, warmup=5, reps=repeat, budget_s=20.0, inner=1,
+                                        prefill=False)
+        loop = interleaved_median_ms(paths, device, warmup=0, reps=max(5, repeat // 20), budget_s=20.0,
+                                     inner=inner, prefill=False)
         row = {"shape": key, "backend": chosen.name,
-               "override_ms": events_median(through_override, repeat),
-               "direct_ms": events_median(direct, repeat),
-               "override_loop_ms": events_median(through_override, max(5, repeat // 20), inner),
-               "direct_loop_ms": events_median(direct, max(5, repeat // 20), inner)}
+               "override_ms": per_call["override"], "direct_ms": per_call["direct"],
+               "override_loop_ms": loop["override"], "direct_loop_ms": loop["direct"]}
         row["ratio"] = row["override_ms"] / row["direct_ms"]
         row["ratio_loop"] = row["override_loop_ms"] / row["direct_loop_ms"]
         rows.append(row)

@@ -22,7 +22,7 @@ from ..dispatch import Dispatcher
 from ..errors import NoBackendError
 from ..shapes import ModelShape
 from .inputs import as_bhnd, make_qkv, reference
-from .metrics import errors, interleaved_median_ms
+from ..measure import errors, interleaved_median_ms
 
 log = logging.getLogger(__name__)
 

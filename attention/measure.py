@@ -1,0 +1,130 @@
+"""Timing and error measurements, shared by the benchmark and the tuner (`auto_tuned`).
+
+Both ask the same questions of a kernel on a call: how long does it take on the GPU
+(interleaved with its rivals, so drift falls on all of them), and how far is its
+output from a reference."""
+
+from __future__ import annotations
+
+import functools
+import random
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# Orders in which one round of interleaved timing visits the functions.
+FIXED = "fixed"
+SHUFFLED = "shuffled"
+
+
+# How long the GPU is kept busy per call timed when `prefill` is on: longer than any
+# kernel's host-side launch path (FlashAttention-4's CuTe DSL call takes ~90 µs).
+_PREFILL_PER_CALL_MS = 0.2
+_PREFILL_MIN_MS = 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    """`torch.cuda._sleep` counts clock cycles: calibrate them against CUDA events once."""
+    cycles = 1_000_000
+    torch.cuda._sleep(cycles)  # the first call may include module loading
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, inner: int = 1, prefill: bool = False) -> float:
+    """Milliseconds per call of `fn`, called `inner` times back to back: device time
+    between two CUDA events on a GPU, wall time on a CPU.
+
+    prefill: keep the GPU busy (a sleep kernel) while the host enqueues the timed calls,
+    so the events time the kernels alone. Without it, the host's launch path for the
+    first call lands inside the interval: a 90 µs launch path on a 450 µs kernel timed
+    two calls at a time reads 10% slow. Model code hides launch paths behind the other
+    layers' kernels, so the kernel table times with prefill; the overhead benchmark
+    times without, because the launch path is what it measures.
+    """
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if prefill:
+            busy_ms = max(_PREFILL_MIN_MS, inner * _PREFILL_PER_CALL_MS)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda._sleep(int(busy_ms * _sleep_cycles_per_ms(index)))
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    begin = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - begin) * 1e3 / inner
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                          reps: int = 20, budget_s: float = 10.0, inner: int | None = None,
+                          order: str = SHUFFLED, seed: int = 0, prefill: bool = True) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds.
+
+    Round-robin timing puts clock and thermal drift on every candidate equally, so the
+    ratios between them hold even when absolute times move. The order inside a round
+    is shuffled (seeded) so that whatever one kernel leaves behind (L2 contents, clocks)
+    falls on a different neighbour each round. On the H200 a fixed order proved as
+    neutral as a shuffled one for identical calls (benchmarks/results/h200/
+    timing_bias.json): the shuffle is a guard, not a correction. What did bias the
+    table was the host's launch path inside the timed interval (see `time_ms`).
+
+    inner: calls per measurement. None sizes it so that one measurement lasts about a
+    millisecond: a lone call of a 30 µs kernel would mostly measure the launch path.
+    prefill: see `time_ms`.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _synchronize(device)
+    if inner is None:
+        probe_start = time.perf_counter()
+        for fn in fns.values():
+            fn()
+        _synchronize(device)
+        one_round = time.perf_counter() - probe_start
+        inner = max(1, int(1e-3 * len(fns) / max(one_round, 1e-9)))
+    else:
+        one_round = sum(time_ms(fn, device) for fn in fns.values()) * 1e-3
+    reps = max(5, min(reps, int(budget_s / max(one_round * inner, 1e-6))))
+    names = list(fns)
+    shuffle = random.Random(seed).shuffle if order == SHUFFLED else None
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        if shuffle is not None:
+            shuffle(names)
+        for name in names:
+            times[name].append(time_ms(fns[name], device, inner, prefill))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Error of `out` against a reference of the same shape (computed in float64):
+    cosine similarity, relative L1, max abs difference, count of non-finite values."""
+    out, ref = out.double(), ref.double()
+    nonfinite = int((~torch.isfinite(out)).sum().item())
+    clean = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    diff = (clean - ref).abs()
+    cosine = torch.nn.functional.cosine_similarity(clean.flatten(), ref.flatten(), dim=0).item()
+    return {
+        "cosine": cosine,
+        "rel_l1": (diff.sum() / ref.abs().sum()).item(),
+        "max_abs": diff.max().item(),
+        "nonfinite": nonfinite,
+    }
