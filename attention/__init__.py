@@ -4,7 +4,7 @@ Pure PyTorch; never imports ComfyUI. The node pack (`nodes/`) plugs this into
 ComfyUI's attention override; `python -m attention doctor|bench` uses it standalone.
 
     from attention import Dispatcher
-    attend = Dispatcher("auto")                # or "flash4 > sage > sdpa"
+    attend = Dispatcher("auto")                # or "auto_tuned", or "flash4 > sage > sdpa"
     out = attend(q, k, v, heads, mask)         # ComfyUI's call forms, see attention.call
 """
 
@@ -16,10 +16,10 @@ from .counters import UsageCounters
 from .dispatch import PASSTHROUGH, Dispatcher, Plan, forget_failures
 from .errors import NoBackendError, Rejection
 from .priority import AUTO_TABLE, auto_entries, device_class
-from .registry import AUTO, UnknownBackendError, all_backends, get, names, parse_priority
+from .registry import AUTO, AUTO_TUNED, UnknownBackendError, all_backends, get, names, parse_priority
 
 __all__ = [
-    "AUTO", "AUTO_TABLE", "Availability", "Backend", "CallSignature", "Dispatcher", "FLAT", "HEADS_FIRST",
+    "AUTO", "AUTO_TABLE", "AUTO_TUNED", "Availability", "Backend", "CallSignature", "Dispatcher", "FLAT", "HEADS_FIRST",
     "NoBackendError", "PASSTHROUGH", "Package", "Plan", "Rejection", "UnknownBackendError", "UsageCounters",
     "all_backends", "auto_entries", "describe_call", "device_class", "forget_failures", "get", "names",
     "parse_priority",

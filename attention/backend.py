@@ -88,6 +88,8 @@ class Backend:
         only the library itself knows (PyTorch's SDPA kernel selection).
     copies: what the adapter copies or allocates beyond the kernel's own output, for
         the record (e.g. sage 1.x subtracts the key mean out of place: one copy of k).
+    tunable: whether `auto_tuned` may measure it; False for kernels whose first call on
+        a new shape costs far more than tuning may spend (compiles, huge buffers).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Backend:
     runtime_check: Optional[Callable[..., list[str]]] = None
     contiguous: bool = False
     copies: str = ""
+    tunable: bool = True
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)

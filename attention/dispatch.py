@@ -10,11 +10,16 @@ asking runtime checks, and preparing the views.
 A kernel that raises is remembered as failed for that signature (process-wide, with
 its error as the reason), logged once, and the call is served by the next candidate;
 in strict mode the call raises instead, naming every candidate and why.
+
+`auto_tuned` in the priority hands the first call of each signature to a Tuner
+(tuning.py), which measures every eligible backend on the real tensors; the plan then
+carries the tuner's decision, and later calls cost what any plan costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 from typing import Callable, Iterable, Optional, Sequence
@@ -28,6 +33,7 @@ from .counters import UsageCounters, summarize
 from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection
 from .layout import input_view, mask_adapter, native_layout, output_view
 from .priority import AutoEntry, Rule, auto_entries, load_table
+from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +68,11 @@ class Candidate:
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
-                 run: Optional[Callable], error: Optional[NoBackendError] = None) -> None:
+                 run: Optional[Callable], error: Optional[NoBackendError] = None,
+                 tuning: Optional[Decision] = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else PASSTHROUGH
         self.signature = signature
@@ -73,6 +80,7 @@ class Plan:
         self.run = run
         self.calls = 0
         self.error = error
+        self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
 
     @property
     def is_fallback(self) -> bool:
@@ -104,10 +112,10 @@ def _prepare(backend: Backend, call: CallSignature) -> Callable:
     return run
 
 
-def _runtime_reasons(backend: Backend, call: CallSignature, tensors: tuple) -> list[str]:
+def _runtime_reasons(backend: Backend, call: CallSignature, tensors: Tensors) -> list[str]:
     if backend.runtime_check is None:
         return []
-    q, k, v, mask = tensors
+    q, k, v, mask, _ = tensors
     layout = native_layout(call.layout_in, backend.layouts)
     view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
     view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
@@ -122,13 +130,19 @@ class Dispatcher:
     priority: backend names, best first; `auto` expands to the device's auto order.
     strict: no passthrough to the caller's fallback, and a kernel error raises
         (with every candidate's reasons) instead of moving to the next backend.
+    tuner: decides `auto_tuned` positions; one is made (default file) when the
+        priority names `auto_tuned` and none is given.
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
-                 auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None) -> None:
+                 auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
+                 tuner: Optional[Tuner] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
         self._auto_table = auto_table if auto_table is not None else load_table()
+        if tuner is None and registry.AUTO_TUNED in self.priority:
+            tuner = Tuner()
+        self.tuner = tuner
         self._plans: dict[tuple, Plan] = {}
         self._retired: list[Plan] = []  # plans replaced after a failure, kept for the counters
 
@@ -162,14 +176,19 @@ class Dispatcher:
                         scale=scale, attn_precision=attn_precision, low_precision=low_precision, fallback=fallback)
 
     def candidates(self, call: CallSignature) -> list[Candidate]:
-        """The priority list for this call, `auto` expanded, duplicates dropped."""
+        """The priority list for this call, `auto` expanded, duplicates dropped.
+        `auto_tuned` stays as a marker (decided with the tensors), followed by the
+        auto order for calls the tuner leaves undecided."""
         seen: set[str] = set()
         result = []
         for name in self.priority:
+            static_auto: Iterable[Candidate] = (
+                Candidate(e.backend, e.rule, False)
+                for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
             if name == registry.AUTO:
-                expanded: Iterable[Candidate] = (
-                    Candidate(e.backend, e.rule, False)
-                    for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
+                expanded: Iterable[Candidate] = static_auto
+            elif name == registry.AUTO_TUNED:
+                expanded = itertools.chain((Candidate(registry.AUTO_TUNED, _ALWAYS, False),), static_auto)
             else:
                 expanded = (Candidate(name, _ALWAYS, True),)
             for candidate in expanded:
@@ -178,11 +197,17 @@ class Dispatcher:
                     result.append(candidate)
         return result
 
-    def plan_for(self, call: CallSignature, tensors: Optional[tuple] = None) -> Plan:
+    def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
-        skipped and the plan cannot run, but says what would be chosen and why."""
+        skipped, `auto_tuned` measures nothing (its static order answers) and the plan
+        cannot run, but says what would be chosen and why."""
         rejected: list[Rejection] = []
         for candidate in self.candidates(call):
+            if candidate.name == registry.AUTO_TUNED:
+                tuned = self._tuned_plan(call, tensors, rejected) if tensors is not None and self.tuner else None
+                if tuned is not None:
+                    return tuned
+                continue
             backend = registry.get(candidate.name)
             why_rule = candidate.rule.reason(call)
             if why_rule is not None:
@@ -207,6 +232,24 @@ class Dispatcher:
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error)
 
+    def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
+        """Every tunable backend that can serve this call here, prepared to run it."""
+        runs = {}
+        for backend in registry.all_backends():
+            if not backend.tunable or not backend.availability().available or backend.call_reasons(call):
+                continue
+            if (backend.name, call) in _failures or _runtime_reasons(backend, call, tensors):
+                continue
+            runs[backend.name] = _prepare(backend, call)
+        return runs
+
+    def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
+        runs = self.eligible(call, tensors)
+        decision = self.tuner.choose(call, tensors, runs) if runs else None
+        if decision is None:
+            return None
+        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision)
+
     def plans(self) -> list[Plan]:
         """Every plan made so far (including ones replaced after a kernel failure)."""
         return self._retired + list(self._plans.values())
@@ -230,7 +273,7 @@ class Dispatcher:
         call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
                              skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                              low_precision_ok=low_precision, custom_scale=scale is not None)
-        plan = self.plan_for(call, (q, k, v, mask))
+        plan = self.plan_for(call, (q, k, v, mask, scale))
         if plan.is_fallback:
             causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
             if plan.run is not None:

@@ -74,7 +74,8 @@ def _synchronize(device: torch.device) -> None:
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                           reps: int = 20, budget_s: float = 10.0, inner: int | None = None,
-                          order: str = SHUFFLED, seed: int = 0, prefill: bool = True) -> dict[str, float]:
+                          order: str = SHUFFLED, seed: int = 0, prefill: bool = True,
+                          min_reps: int = 5) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds.
 
     Round-robin timing puts clock and thermal drift on every candidate equally, so the
@@ -88,6 +89,7 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
     inner: calls per measurement. None sizes it so that one measurement lasts about a
     millisecond: a lone call of a 30 µs kernel would mostly measure the launch path.
     prefill: see `time_ms`.
+    min_reps: rounds run even when `budget_s` allows fewer.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -102,7 +104,7 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
         inner = max(1, int(1e-3 * len(fns) / max(one_round, 1e-9)))
     else:
         one_round = sum(time_ms(fn, device) for fn in fns.values()) * 1e-3
-    reps = max(5, min(reps, int(budget_s / max(one_round * inner, 1e-6))))
+    reps = max(min_reps, min(reps, int(budget_s / max(one_round * inner, 1e-6))))
     names = list(fns)
     shuffle = random.Random(seed).shuffle if order == SHUFFLED else None
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -10,6 +10,9 @@ from .backend import Availability, Backend
 from .backends import ALL
 
 AUTO = "auto"
+# Measures the eligible backends on this machine per call signature (attention.tuning).
+AUTO_TUNED = "auto_tuned"
+_AUTOS = (AUTO, AUTO_TUNED)
 
 _BY_NAME: dict[str, Backend] = {backend.name: backend for backend in ALL}
 
@@ -28,10 +31,10 @@ def get(name: str) -> Backend:
     try:
         return _BY_NAME[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_BY_NAME) + [AUTO], n=3)
+        close = difflib.get_close_matches(name, list(_BY_NAME) + list(_AUTOS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackendError(
-            f"unknown attention backend {name!r}.{hint} Known: {', '.join(_BY_NAME)}, {AUTO}.") from None
+            f"unknown attention backend {name!r}.{hint} Known: {', '.join(_BY_NAME)}, {', '.join(_AUTOS)}.") from None
 
 
 def all_backends() -> tuple[Backend, ...]:
@@ -46,7 +49,8 @@ def availability_table() -> list[tuple[Backend, Availability]]:
 def parse_priority(text: str | Iterable[str]) -> list[str]:
     """'flash4 > sage > sdpa' (or ',' separated, or a list) to validated names.
 
-    `auto` may appear, standing for the device's auto order at that position.
+    `auto` may appear, standing for the device's auto order at that position, and
+    `auto_tuned`, standing for the backend measured fastest here (then the auto order).
     """
     if isinstance(text, str):
         parts = [p.strip() for p in text.replace(",", ">").split(">")]
@@ -56,6 +60,6 @@ def parse_priority(text: str | Iterable[str]) -> list[str]:
     if not parts:
         raise UnknownBackendError("the priority list is empty: name at least one backend, e.g. 'flash4 > sdpa'")
     for part in parts:
-        if part != AUTO:
+        if part not in _AUTOS:
             get(part)
     return parts

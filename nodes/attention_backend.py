@@ -10,6 +10,7 @@ from ..attention import AUTO, UnknownBackendError, parse_priority
 from .patch import FALL_BACK, ON_UNSUPPORTED, patch_model, resolve_priority
 from .routes import selectable
 from .routing import RoutingRules
+from .tuning import REUSE, TUNING_MODES
 
 CATEGORY = "model_patches/attention"
 
@@ -25,6 +26,15 @@ def _model_input() -> io.Model.Input:
 def _on_unsupported_input() -> io.Combo.Input:
     return io.Combo.Input("on_unsupported", options=list(ON_UNSUPPORTED), default=FALL_BACK,
                           tooltip=_ON_UNSUPPORTED_TIP)
+
+
+def _tuning_input() -> io.Combo.Input:
+    return io.Combo.Input("tuning", options=list(TUNING_MODES), default=REUSE, optional=True,
+                          tooltip=("For 'auto_tuned' only. 'reuse saved': call shapes measured before on this GPU "
+                                   "(same driver, torch and kernel versions) use the saved choice; new shapes are "
+                                   "measured once (a few seconds at most each). 're-tune': measure every shape of "
+                                   "this run again and replace the saved choices. Saved in ComfyUI's user "
+                                   "directory, attention_backends/tuning.json."))
 
 
 def _model_output() -> io.Model.Output:
@@ -44,20 +54,23 @@ class AttentionBackend(io.ComfyNode):
             inputs=[
                 _model_input(),
                 io.Combo.Input("backend", options=selectable(), default=AUTO,
-                               tooltip=("The attention kernel. 'auto' picks per call shape from measured rules. "
-                                        "Every backend is listed on every machine so workflows travel; "
+                               tooltip=("The attention kernel. 'auto' picks per call shape from rules measured on "
+                                        "an H200; 'auto_tuned' measures the eligible kernels on this GPU the first "
+                                        "time a call shape appears and keeps the fastest accurate one. Every "
+                                        "backend is listed on every machine so workflows travel; "
                                         "GET /attention_backends/status says which run here.")),
                 _on_unsupported_input(),
+                _tuning_input(),
             ],
             outputs=[_model_output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, backend: str, on_unsupported: str) -> io.NodeOutput:
+    def execute(cls, model, backend: str, on_unsupported: str, tuning: str = REUSE) -> io.NodeOutput:
         priority, strict = resolve_priority([backend], on_unsupported)
         patched, _ = patch_model(model, priority=priority, strict=strict, selection=backend,
-                                 node_id=cls.hidden.unique_id, node_type="AttentionBackend")
+                                 node_id=cls.hidden.unique_id, node_type="AttentionBackend", tuning=tuning)
         return io.NodeOutput(patched)
 
 
@@ -87,7 +100,8 @@ class AttentionBackendAdvanced(io.ComfyNode):
                 _model_input(),
                 io.String.Input("priority", default=AUTO,
                                 tooltip=("Backends to try, best first, e.g. 'flash4 > sage > sdpa'. 'auto' stands "
-                                         "for the automatic order at its position.")),
+                                         "for the automatic order at its position, 'auto_tuned' for the backend "
+                                         "measured fastest on this GPU.")),
                 _on_unsupported_input(),
                 io.Float.Input("step_start", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip=("Steps before this fraction of the schedule use exact attention "
@@ -107,6 +121,7 @@ class AttentionBackendAdvanced(io.ComfyNode):
                                  tooltip=("Check each model output for NaN/Inf (one GPU sync per model call); on a "
                                           "hit, re-run that call with exact attention and keep exact attention "
                                           "for the rest of the run.")),
+                _tuning_input(),
             ],
             outputs=[_model_output()],
             hidden=[io.Hidden.unique_id],
@@ -121,7 +136,7 @@ class AttentionBackendAdvanced(io.ComfyNode):
     @classmethod
     def execute(cls, model, priority: str, on_unsupported: str, step_start: float, step_end: float,
                 exact_first_blocks: int, exact_last_blocks: int, cross_attention_exact_max_keys: int,
-                nonfinite_guard: bool) -> io.NodeOutput:
+                nonfinite_guard: bool, tuning: str = REUSE) -> io.NodeOutput:
         names = parse_priority(priority)
         rules = RoutingRules(step_start=step_start, step_end=step_end, first_blocks=exact_first_blocks,
                              last_blocks=exact_last_blocks, cross_max_keys=cross_attention_exact_max_keys)
@@ -131,7 +146,7 @@ class AttentionBackendAdvanced(io.ComfyNode):
         ordered, strict = resolve_priority(names, on_unsupported)
         patched, _ = patch_model(model, priority=ordered, strict=strict, selection=" > ".join(names),
                                  node_id=cls.hidden.unique_id, node_type="AttentionBackendAdvanced",
-                                 rules=rules, guard=nonfinite_guard)
+                                 rules=rules, guard=nonfinite_guard, tuning=tuning)
         return io.NodeOutput(patched)
 
 

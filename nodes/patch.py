@@ -12,6 +12,7 @@ from .override import build_override
 from .report import run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
 from .state import PatchState
+from .tuning import REUSE, make_tuner
 
 FALL_BACK = "fall back"
 STOP = "stop"
@@ -38,11 +39,13 @@ def resolve_priority(names: Sequence[str], on_unsupported: str) -> tuple[list[st
 
 def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection: str,
                 node_id: Optional[str] = None, node_type: str = "AttentionBackend",
-                rules: Optional[RoutingRules] = None, guard: bool = False) -> tuple[Any, PatchState]:
+                rules: Optional[RoutingRules] = None, guard: bool = False,
+                tuning: str = REUSE) -> tuple[Any, PatchState]:
     """A clone of `model` whose attention calls go through a Dispatcher for `priority`.
 
     The original MODEL is not touched. `rules` and `guard` (Advanced node) add an exact
-    dispatcher and the hooks that route calls to it.
+    dispatcher and the hooks that route calls to it. `tuning` (nodes.tuning) says
+    whether `auto_tuned` reuses saved decisions or measures again.
     """
     require_override()
     import comfy.patcher_extension as extension
@@ -50,7 +53,7 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
     advanced = rules is not None or guard
     rules = rules or RoutingRules()
     state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
-                       main=Dispatcher(list(priority), strict=strict),
+                       main=Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning)),
                        exact=Dispatcher(list(EXACT_PRIORITY)) if advanced else None)
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})

@@ -99,6 +99,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
                   "pinned_exact": state.pinned},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
+        "tuning": state.tuner.summary() if state.tuner is not None else None,
         "warnings": _warnings(state, received, still_installed),
     }
 
@@ -106,7 +107,8 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
 def _plan_row(route: str, plan: Any) -> dict:
     return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
-                            for r in plan.rejected]}
+                            for r in plan.rejected],
+            "tuned": None if plan.tuning is None else plan.tuning.source}
 
 
 def _warnings(state: PatchState, received: int, still_installed: bool) -> list[str]:
@@ -155,6 +157,12 @@ def summary(report: dict) -> str:
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
+    tuning = report.get("tuning")
+    if tuning:
+        parts.append(f"auto_tuned: {tuning['measured']} signatures measured in {tuning['tuning_s']:.2f}s, "
+                     f"{tuning['reused']} reused from {tuning['file']}"
+                     + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
+                        if tuning["left_to_auto"] else ""))
     guard = report["guard"]
     if guard["nonfinite_model_calls"]:
         parts.append(f"guard: {guard['nonfinite_model_calls']} non-finite model calls, {guard['reruns']} re-run "

@@ -6,19 +6,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..attention import AUTO, names
+from ..attention import AUTO, AUTO_TUNED, names
 from ..attention.status import machine_status
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
 from .report import last_reports
+from .tuning import tuning_status
 
 
 def selectable() -> list[str]:
     """What the Attention Backend node's combo offers: always the full list."""
-    return [AUTO] + names()
+    return [AUTO, AUTO_TUNED] + names()
 
 
 def status() -> dict:
-    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks()}
+    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks(),
+            "tuning": tuning_status()}
 
 
 def register(server: Any) -> None:

@@ -7,6 +7,7 @@ import time
 from typing import Callable, Optional
 
 from ..attention import Dispatcher
+from ..attention.tuning import Tuner
 
 
 class PatchState:
@@ -24,6 +25,7 @@ class PatchState:
         self.strict = strict
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
+        self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
         self.last_report: Optional[dict] = None
         self.begin_run()
@@ -39,6 +41,8 @@ class PatchState:
         """Zero the counters and flags at the start of a sampler run (plans stay cached)."""
         for _, dispatcher in self.dispatchers():
             dispatcher.reset_counters()
+        if self.tuner is not None:
+            self.tuner.begin_run()
         self.started_at = time.time()
         # Set once per model call by the step-window and guard hooks, read per attention call.
         self.step_exact = False

@@ -130,3 +130,26 @@ def test_auto_serves_every_shape_and_never_drops_a_mask():
     served = dispatcher.counters().served
     assert set(served) <= {b.name for b in registry.all_backends() if not b.quantized} | {
         b.name for b in registry.all_backends() if any(isinstance(c, Masks) for c in b.constraints)}
+
+
+def test_auto_tuned_chooses_inside_the_budget_and_reuses_it(tmp_path):
+    """On the GPU: every eligible kernel measured on real tensors, the choice within the
+    error budget against the fp32 reference, saved, and reused by a new tuner."""
+    from attention.tuning import DEFAULT_BUDGET, MEASURED, SAVED, Tuner
+    from attention.tuning_store import forget_loaded_stores
+
+    path = str(tmp_path / "tuning.json")
+    for shape in SHAPES[:3]:
+        q, k, v, args = _inputs(shape, True, seed=3)
+        dispatcher = Dispatcher("auto_tuned", tuner=Tuner(path))
+        out = dispatcher(q, k, v, shape.heads, **args)
+        decision = dispatcher.plans()[-1].tuning
+        assert decision is not None and decision.source == MEASURED, shape.key
+        assert decision.candidates[decision.backend]["verdict"] == "chosen"
+        assert _rel_l1(out.float(), _reference(q, k, v, shape)) <= DEFAULT_BUDGET.rel_l1, shape.key
+        assert torch.isfinite(out).all()
+    forget_loaded_stores()
+    again = Dispatcher("auto_tuned", tuner=Tuner(path))
+    q, k, v, args = _inputs(SHAPES[2], True, seed=3)
+    again(q, k, v, SHAPES[2].heads, **args)
+    assert again.plans()[-1].tuning.source == SAVED

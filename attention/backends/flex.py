@@ -3,7 +3,7 @@
 Measured slower than SDPA at every model shape on the H200 and recompiled per shape;
 past the recompile limit it falls back to an eager path that materialises the score
 matrix (851 GiB asked at Wan 720p). It is here so it can be measured and chosen by
-hand, never by `auto`.
+hand, never by `auto` or `auto_tuned`.
 """
 
 from __future__ import annotations
@@ -40,5 +40,8 @@ BACKENDS = (
         ),
         load=_load,
         probe=lambda kernel: cuda_reasons(),
+        # A compile per new shape (seconds) and, past the recompile limit, an eager path
+        # that materialises the score matrix: no place inside a sampler run's tuning.
+        tunable=False,
     ),
 )

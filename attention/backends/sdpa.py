@@ -147,5 +147,7 @@ BACKENDS = (
         layouts=(BHND,),
         constraints=(_ANY_MASK, KeyHeads(gqa=True)),
         load=_forced("MATH"),
+        # The score matrix of a video call is tens of GiB: never measured by auto_tuned.
+        tunable=False,
     ),
 )

@@ -37,7 +37,8 @@ def main(quick: bool = False, shapes: Optional[list[str]] = None, backends: Opti
         log.info("no GPU: shapes shrunk %dx in sequence length", CPU_SHRINK)
     if quick:
         reps, budget_s = min(reps, 10), min(budget_s, 2.0)
-    rows = run(selected, device, dtype, backends=backends, reps=reps, budget_s=budget_s)
+    tuning_file = os.path.join(out_dir, "tuning.json") if out_dir else None
+    rows = run(selected, device, dtype, backends=backends, reps=reps, budget_s=budget_s, tuning_file=tuning_file)
     print(markdown(rows))  # noqa: T201  (command-line output)
     if out_dir:
         title = f"Attention kernels vs SDPA default — {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}"

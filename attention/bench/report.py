@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..shapes import MODEL_SHAPES
-from .runner import AUTO_ROW, Row, auto_verdicts
+from .runner import AUTO_ROW, AUTO_ROWS, Row, auto_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,12 @@ def markdown(rows: list[Row]) -> str:
                 parts.append("failed")
             else:
                 text = f"{r.speedup:.2f}" if r.speedup else f"{r.ms:.3f} ms"
-                if backend == AUTO_ROW and r.chose:
+                if backend in AUTO_ROWS and r.chose:
                     text += f" ({r.chose})"
                 parts.append(text)
         lines.append("| " + " | ".join(parts) + " |")
-    verdicts = auto_verdicts(rows)
-    if verdicts:
-        lines += ["", "| shape | auto chose | vs fastest | vs fastest exact | vs SDPA |", "|---|---|---|---|---|"]
-        for shape, v in verdicts.items():
-            exact = f"{v['auto_vs_fastest_exact']:.3f} ({v['fastest_exact']})" if v["fastest_exact"] else "–"
-            lines.append(f"| {_label(shape)} | {v['auto_chose']} | {v['auto_vs_fastest']:.3f} ({v['fastest']}) | "
-                         f"{exact} | {v['auto_vs_sdpa']:.3f} |")
-    errors = [r for r in rows if r.error and r.backend != AUTO_ROW]
+    lines += _verdict_lines(auto_verdicts(rows))
+    errors = [r for r in rows if r.error and r.backend not in AUTO_ROWS]
     if errors:
         lines += ["", "| shape | backend | rel. L1 | cosine | max abs | non-finite | extra MiB | TFLOP/s |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -85,6 +79,29 @@ def markdown(rows: list[Row]) -> str:
             lines.append(f"| {_label(r.shape)} | {r.backend} | {r.error['rel_l1']:.4f} | {r.error['cosine']:.6f} | "
                          f"{r.error['max_abs']:.3g} | {r.error['nonfinite']} | {extra} | {r.tflops:.3g} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: Optional[float], backend: Optional[str]) -> str:
+    return f"{value:.3f} ({backend})" if value is not None and backend else "–"
+
+
+def _verdict_lines(verdicts: dict) -> list[str]:
+    """auto and auto_tuned per shape: choice, ratios to the fastest rows, tuning cost."""
+    if not verdicts:
+        return []
+    lines = ["", "| shape | row | chose | vs fastest | vs fastest exact | vs fastest eligible | vs SDPA | "
+                 "tuning ms (cold) | error in budget |", "|---|---|---|---|---|---|---|---|---|"]
+    for shape, v in verdicts.items():
+        for row_name in AUTO_ROWS:
+            a = v.get(row_name)
+            if a is None:
+                continue
+            tuning = f"{a['tuning_ms']:.0f}" if a["tuning_ms"] is not None else "–"
+            lines.append(f"| {_label(shape)} | {row_name} | {a['chose']} | {_ratio(a['vs_fastest'], v['fastest'])} | "
+                         f"{_ratio(a['vs_fastest_exact'], v['fastest_exact'])} | "
+                         f"{_ratio(a['vs_fastest_eligible'], v['fastest_eligible'])} | {a['vs_sdpa']:.3f} | "
+                         f"{tuning} | {'yes' if a['error_within_budget'] else 'NO'} |")
+    return lines
 
 
 def chart(rows: list[Row], path: str, title: str) -> bool:
@@ -104,7 +121,7 @@ def chart(rows: list[Row], path: str, title: str) -> bool:
     for i, backend in enumerate(backends):
         values = [next((r.speedup or 0 for r in rows if r.shape == s and r.backend == backend), 0) for s in shapes]
         ax.bar([x + i * width for x in range(len(shapes))], values, width, label=backend,
-               edgecolor="black" if backend == AUTO_ROW else None, linewidth=1.2)
+               edgecolor="black" if backend in AUTO_ROWS else None, linewidth=1.2)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(shapes))])
     ax.set_xticklabels([_label(s) for s in shapes], rotation=25, ha="right", fontsize=8)

@@ -1,8 +1,10 @@
 """The kernel benchmark: every backend and `auto` on model-shaped calls.
 
 Per shape and backend: median time, TFLOP/s, speed relative to SDPA default, extra
-device memory beyond the output, error against an fp32 reference, and — for `auto` —
-what it chose and how it compares with the fastest exact and fastest overall backend.
+device memory beyond the output, error against an fp32 reference, and — for `auto`
+and `auto_tuned` — what they chose and how that compares with the fastest exact,
+the fastest eligible and the fastest overall backend. `auto_tuned` is measured cold
+(its tuning time on the shape is recorded) and then timed warm like every row.
 Times are taken on the dispatched call (what a ComfyUI model pays, minus ComfyUI's own
 wrapper) and on the bare kernel with pre-made views, so dispatch overhead is visible.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
+import tempfile
 from typing import Iterable, Optional
 
 import torch
@@ -21,12 +25,15 @@ from ..call import FLAT
 from ..dispatch import Dispatcher
 from ..errors import NoBackendError
 from ..shapes import ModelShape
+from ..tuning import DEFAULT_BUDGET, Tuner
 from .inputs import as_bhnd, make_qkv, reference
 from ..measure import errors, interleaved_median_ms
 
 log = logging.getLogger(__name__)
 
 AUTO_ROW = "auto"
+TUNED_ROW = registry.AUTO_TUNED
+AUTO_ROWS = (AUTO_ROW, TUNED_ROW)
 BASELINE = "sdpa"
 REFERENCE_ROWS = 2048
 
@@ -43,8 +50,9 @@ class Row:
     speedup: Optional[float] = None  # SDPA default time / this time
     extra_mib: Optional[float] = None
     error: Optional[dict] = None
-    chose: Optional[str] = None  # for the auto row
+    chose: Optional[str] = None  # for the auto rows
     exact: Optional[bool] = None
+    tuning_ms: Optional[float] = None  # auto_tuned: what measuring this shape cost, cold
 
 
 def _progress(items: list, label: str):
@@ -77,7 +85,7 @@ def _extra_mib(fn, device: torch.device, out_bytes: int) -> Optional[float]:
 
 
 def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, dtype: torch.dtype,
-                reps: int, budget_s: float) -> list[Row]:
+                reps: int, budget_s: float, tuner: Optional[Tuner] = None) -> list[Row]:
     """Check, warm up and measure every backend on one shape, then time them all
     together in interleaved rounds."""
     q, k, v = make_qkv(shape, device, dtype)
@@ -86,12 +94,13 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
     rows: list[Row] = []
     timed: dict[str, tuple] = {}
     for name in names:
-        dispatcher = Dispatcher(name, strict=name != AUTO_ROW)
-        row = Row(shape.key, name, "ok", exact=None if name == AUTO_ROW else registry.get(name).exact)
+        dispatcher = Dispatcher(name, strict=name not in AUTO_ROWS, tuner=tuner if name == TUNED_ROW else None)
+        row = Row(shape.key, name, "ok", exact=None if name in AUTO_ROWS else registry.get(name).exact)
         try:
-            out = dispatcher(q, k, v, shape.heads, **args)  # plans, compiles, warms up
+            out = dispatcher(q, k, v, shape.heads, **args)  # plans (auto_tuned: measures), compiles, warms up
             plan = dispatcher.plans()[-1]
-            row.chose = plan.name if name == AUTO_ROW else None
+            row.chose = plan.name if name in AUTO_ROWS else None
+            row.tuning_ms = plan.tuning.tuning_ms if plan.tuning is not None else None
             row.error = errors(as_bhnd(out, shape)[:, :, :REFERENCE_ROWS], ref)
             out_bytes = out.numel() * out.element_size()
             del out
@@ -121,38 +130,57 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
     return rows
 
 
+def _eligible(row: Row) -> bool:
+    """What auto_tuned may choose: a tunable backend whose error is inside the default budget."""
+    return (registry.get(row.backend).tunable and row.error is not None
+            and DEFAULT_BUDGET.problem(row.error) is None)
+
+
 def auto_verdicts(rows: list[Row]) -> dict:
-    """Per shape: auto's choice and its time against the fastest exact and overall backend."""
+    """Per shape: what auto and auto_tuned chose, and their time against the fastest
+    exact, fastest eligible (for auto_tuned) and fastest overall backend."""
     verdicts = {}
     for shape in sorted({r.shape for r in rows}):
-        timed = [r for r in rows if r.shape == shape and r.ms and r.backend != AUTO_ROW]
-        auto = next((r for r in rows if r.shape == shape and r.backend == AUTO_ROW and r.ms), None)
-        if not timed or auto is None:
+        timed = [r for r in rows if r.shape == shape and r.ms and r.backend not in AUTO_ROWS]
+        if not timed:
             continue
         fastest = min(timed, key=lambda r: r.ms)
         exact = [r for r in timed if r.exact]
         fastest_exact = min(exact, key=lambda r: r.ms) if exact else None
-        verdicts[shape] = {
-            "auto_chose": auto.chose,
-            "auto_ms": auto.ms,
-            "fastest": fastest.backend,
-            "auto_vs_fastest": fastest.ms / auto.ms,
-            "fastest_exact": fastest_exact.backend if fastest_exact else None,
-            "auto_vs_fastest_exact": fastest_exact.ms / auto.ms if fastest_exact else None,
-            "auto_vs_sdpa": auto.speedup,
-        }
+        eligible = [r for r in timed if _eligible(r)]
+        fastest_eligible = min(eligible, key=lambda r: r.ms) if eligible else None
+        verdict = {"fastest": fastest.backend,
+                   "fastest_exact": fastest_exact.backend if fastest_exact else None,
+                   "fastest_eligible": fastest_eligible.backend if fastest_eligible else None}
+        for row_name in AUTO_ROWS:
+            auto = next((r for r in rows if r.shape == shape and r.backend == row_name and r.ms), None)
+            if auto is None:
+                continue
+            verdict[row_name] = {
+                "chose": auto.chose, "ms": auto.ms, "vs_fastest": fastest.ms / auto.ms,
+                "vs_fastest_exact": fastest_exact.ms / auto.ms if fastest_exact else None,
+                "vs_fastest_eligible": fastest_eligible.ms / auto.ms if fastest_eligible else None,
+                "vs_sdpa": auto.speedup, "tuning_ms": auto.tuning_ms,
+                "error_within_budget": auto.error is not None and DEFAULT_BUDGET.problem(auto.error) is None}
+        verdicts[shape] = verdict
     return verdicts
 
 
 def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
-        backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 10.0) -> list[Row]:
-    """Benchmark `backends` (default: every backend available here) and auto on `shapes`."""
+        backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 10.0,
+        tuning_file: Optional[str] = None) -> list[Row]:
+    """Benchmark `backends` (default: every backend available here), auto and auto_tuned
+    on `shapes`. auto_tuned measures every shape afresh and saves to `tuning_file`
+    (default: a temporary file), which then holds the tuned table with its evidence."""
     if backends is None:
         backends = [b.name for b, a in registry.availability_table() if a.available]
-    names = [BASELINE] + [b for b in backends if b != BASELINE] + [AUTO_ROW]
+    names = [BASELINE] + [b for b in backends if b != BASELINE] + list(AUTO_ROWS)
+    if tuning_file is None:
+        tuning_file = os.path.join(tempfile.mkdtemp(prefix="attention-bench-"), "tuning.json")
+    tuner = Tuner(tuning_file, retune=True)
     rows: list[Row] = []
     for shape in _progress(shapes, "attention bench"):
-        rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s))
+        rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

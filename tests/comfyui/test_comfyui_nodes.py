@@ -18,7 +18,7 @@ def test_both_nodes_are_registered_with_the_full_backend_list(pack):
     advanced, advanced_name = _node("AttentionBackendAdvanced")
     assert (basic_name, advanced_name) == ("Attention Backend", "Attention Backend (Advanced)")
     inputs = _inputs(basic)
-    assert inputs["backend"].options == ["auto"] + pack.attention.names()
+    assert inputs["backend"].options == ["auto", "auto_tuned"] + pack.attention.names()
     assert inputs["on_unsupported"].options == ["fall back", "stop"]
     for node_class in (basic, advanced):
         schema = node_class.GET_SCHEMA()

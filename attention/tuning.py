@@ -1,0 +1,325 @@
+"""`auto_tuned`: measure the eligible kernels on this machine, keep the fastest accurate one.
+
+Static `auto` rules (priority.py) were measured on one GPU. The tuner decides on the
+user's own: the first time a call signature appears, it runs every eligible backend
+on the real tensors, compares each output with an exact backend's output for the same
+call, times the ones inside the error budget in interleaved rounds (measure.py), and
+keeps the fastest. Decisions are saved per machine fingerprint (tuning_store.py), so
+a later run reuses them without timing anything.
+
+Bounded: a signature gets at most `Limits.signature_s` of tuning and a sampler run at
+most `Limits.run_s`; signatures met after the run's budget is spent use the static
+`auto` order for that run and are tuned in a later one.
+
+Error budgets (relative L1 and cosine similarity against the exact reference):
+- default: rel. L1 <= 0.02 and cosine >= 0.9995. On the H200 the quantized kernels
+  measured 0.003-0.018 on image and video shapes and 0.026 on SDXL's 77-key
+  cross-attention with FP8 P·V (benchmarks/results/h200/kernels.md), which this
+  budget refuses.
+- calls that ask for precision (`attn_precision=float32` or
+  `low_precision_attention=False`): rel. L1 <= 0.005 and cosine >= 0.99995. Quantized
+  kernels are already ineligible for them; the budget also catches an exact kernel
+  that is wrong on a shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import registry
+from .call import FLAT, CallSignature
+from .measure import errors, interleaved_median_ms
+from .tuning_store import TuningStore, default_path, store_for
+
+log = logging.getLogger(__name__)
+
+ENV_SIGNATURE_S = "ATTENTION_BACKENDS_TUNE_SIGNATURE_S"
+ENV_RUN_S = "ATTENTION_BACKENDS_TUNE_RUN_S"
+# Query rows compared against the reference: enough to see a kernel's error, few
+# enough that comparing costs little next to timing.
+COMPARED_ROWS = 4096
+# Reference preference: PyTorch's own choice first (ComfyUI's default).
+_REFERENCES = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+
+MEASURED = "measured"
+SAVED = "saved"
+
+# (q, k, v, mask, scale) as the dispatcher received them.
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]]
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorBudget:
+    rel_l1: float
+    min_cosine: float
+
+    def problem(self, error: dict) -> Optional[str]:
+        """Why a measured error is over budget, or None."""
+        if error.get("nonfinite"):
+            return f"{error['nonfinite']} non-finite values"
+        if error["rel_l1"] > self.rel_l1:
+            return f"over the error budget: rel. L1 {error['rel_l1']:.4f} > {self.rel_l1}"
+        if error["cosine"] < self.min_cosine:
+            return f"over the error budget: cosine {error['cosine']:.6f} < {self.min_cosine}"
+        return None
+
+    def to_json(self) -> dict:
+        return {"rel_l1": self.rel_l1, "min_cosine": self.min_cosine}
+
+
+DEFAULT_BUDGET = ErrorBudget(rel_l1=0.02, min_cosine=0.9995)
+PRECISE_BUDGET = ErrorBudget(rel_l1=0.005, min_cosine=0.99995)
+
+
+def budget_for(call: CallSignature) -> ErrorBudget:
+    asks_precision = call.attn_precision == torch.float32 or not call.low_precision_ok
+    return PRECISE_BUDGET if asks_precision else DEFAULT_BUDGET
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        log.warning("attention backends: %s=%r is not a number of seconds; using %s", name, os.environ[name],
+                    default)
+        return default
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How much tuning may cost: per signature, per sampler run, timed rounds."""
+
+    signature_s: float = 6.0
+    run_s: float = 40.0
+    reps: int = 7
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(signature_s=_env_seconds(ENV_SIGNATURE_S, cls.signature_s),
+                   run_s=_env_seconds(ENV_RUN_S, cls.run_s))
+
+
+def signature_key(call: CallSignature) -> str:
+    """A stable text key for a call signature (the device is the store's fingerprint)."""
+    dtype = str(call.dtype).replace("torch.", "")
+    precision = "-" if call.attn_precision is None else str(call.attn_precision).replace("torch.", "")
+    mask = call.mask_kind + ("" if call.mask_shape is None else ":" + "x".join(map(str, call.mask_shape)))
+    return "|".join((
+        dtype, f"B{call.batch}", f"H{call.heads_q}", f"Hkv{call.heads_kv}", f"Nq{call.seq_q}", f"Nk{call.seq_k}",
+        f"D{call.head_dim}", f"Dv{call.head_dim_v}", f"mask={mask}", f"in={call.layout_in}",
+        f"out={call.layout_out}", f"prec={precision}", f"lowp={int(call.low_precision_ok)}",
+        f"scale={int(call.custom_scale)}"))
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One candidate on one call: its median time and error, or why it has none."""
+
+    ms: Optional[float] = None
+    error: Optional[dict] = None
+    failure: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Decision:
+    """What the tuner chose for a signature, and the measurements that decided it."""
+
+    key: str
+    backend: str
+    source: str  # MEASURED this run or SAVED by an earlier one
+    reference: str
+    tuning_ms: float
+    budget: dict
+    candidates: dict[str, dict]
+    complete: bool = True  # every eligible candidate was measured
+    tuned_at: str = ""
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "reference": self.reference, "tuning_ms": self.tuning_ms,
+                "budget": self.budget, "candidates": self.candidates, "tuned_at": self.tuned_at}
+
+    @classmethod
+    def from_saved(cls, key: str, saved: dict) -> "Decision":
+        return cls(key=key, backend=saved["backend"], source=SAVED, reference=saved["reference"],
+                   tuning_ms=saved.get("tuning_ms") or 0.0, budget=saved.get("budget") or {},
+                   candidates=saved["candidates"], tuned_at=saved.get("tuned_at", ""))
+
+
+def decide(measured: dict[str, Measurement], budget: ErrorBudget) -> tuple[Optional[str], dict[str, dict]]:
+    """The fastest candidate whose error is inside `budget`, and a verdict for each.
+
+    Pure: the CPU tests drive it with made-up times and errors.
+    """
+    fit: dict[str, float] = {}
+    verdicts: dict[str, str] = {}
+    for name, m in measured.items():
+        if m.failure is not None:
+            verdicts[name] = m.failure
+            continue
+        problem = budget.problem(m.error) if m.error is not None else "no error measured"
+        if problem is not None:
+            verdicts[name] = problem
+        elif m.ms is None:
+            verdicts[name] = "not timed"
+        else:
+            fit[name] = m.ms
+    chosen = min(fit, key=fit.get) if fit else None
+    for name, ms in fit.items():
+        verdicts[name] = "chosen" if name == chosen else f"slower: {ms / fit[chosen]:.3f}x the chosen time"
+    table = {}
+    for name, m in measured.items():
+        error = m.error or {}
+        table[name] = {"ms": _finite(m.ms), "rel_l1": _finite(error.get("rel_l1")),
+                       "cosine": _finite(error.get("cosine")), "max_abs": _finite(error.get("max_abs")),
+                       "nonfinite": error.get("nonfinite"), "verdict": verdicts[name]}
+    return chosen, table
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """JSON (and the saved file's checks) hold finite numbers: a NaN error is kept as null,
+    its verdict already says why."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def _rows(out: torch.Tensor, layout: str) -> torch.Tensor:
+    """The first COMPARED_ROWS query rows of an output in the call's output form."""
+    return out[:, :COMPARED_ROWS] if layout == FLAT else out[:, :, :COMPARED_ROWS]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run], reference: str,
+                      limits: Limits, seconds_left: float,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, Measurement]:
+    """Run each candidate once (compiles, checks its error against `reference`), then
+    time the accurate ones in interleaved rounds, inside `seconds_left`."""
+    q, k, v, mask, scale = tensors
+    deadline = clock() + seconds_left
+    device = q.device
+    expected = _rows(runs[reference](q, k, v, mask, scale), call.layout_out)
+    budget = budget_for(call)
+    results: dict[str, Measurement] = {}
+    for name, run in runs.items():
+        if clock() > deadline:
+            results[name] = Measurement(failure="not measured: the signature's tuning time was spent")
+            continue
+        try:
+            out = run(q, k, v, mask, scale)
+        except Exception as error:  # a kernel that breaks on this call is a verdict, not a crash
+            results[name] = Measurement(failure="raised " + _first_line(error))
+            continue
+        error = errors(_rows(out, call.layout_out), expected)
+        error["nonfinite"] = int((~torch.isfinite(out)).sum().item())
+        results[name] = Measurement(error=error)
+        del out
+    accurate = {name: functools.partial(runs[name], q, k, v, mask, scale)
+                for name, m in results.items() if m.error is not None and budget.problem(m.error) is None}
+    if accurate:
+        medians = interleaved_median_ms(accurate, device, warmup=1, reps=limits.reps, min_reps=3,
+                                        budget_s=max(0.0, deadline - clock()))
+        for name, ms in medians.items():
+            results[name].ms = ms
+    return results
+
+
+Measure = Callable[[CallSignature, Tensors, dict[str, Run], str, Limits, float], dict[str, Measurement]]
+
+
+class Tuner:
+    """Chooses a backend per call signature by measuring, and remembers the choice.
+
+    One per node (or per Dispatcher outside ComfyUI); the store behind it is shared
+    per file and machine. `retune=True` measures every signature again in this run
+    and replaces what was saved.
+    """
+
+    def __init__(self, path: Optional[str] = None, *, limits: Optional[Limits] = None, retune: bool = False,
+                 measure: Measure = measure_on_device, clock: Callable[[], float] = time.perf_counter,
+                 store: Optional[Callable[[torch.device], TuningStore]] = None) -> None:
+        self.path = path or default_path()
+        self.limits = limits or Limits.from_env()
+        self.retune = retune
+        self._measure = measure
+        self._clock = clock
+        self._store_for = store or functools.partial(store_for, self.path)
+        self._retuned: set[str] = set()
+        self.begin_run()
+
+    def begin_run(self) -> None:
+        """Reset the per-run budget and the run's record of decisions."""
+        self.run_spent_s = 0.0
+        self.decisions: list[Decision] = []
+        self.over_budget: list[str] = []  # signatures left to static auto this run
+
+    def store(self, device: torch.device) -> TuningStore:
+        return self._store_for(device)
+
+    def summary(self) -> dict[str, Any]:
+        """This run's tuning, for the run report."""
+        return {
+            "file": self.path,
+            "tuning_s": round(self.run_spent_s, 3),
+            "run_budget_s": self.limits.run_s,
+            "signature_budget_s": self.limits.signature_s,
+            "measured": sum(d.source == MEASURED for d in self.decisions),
+            "reused": sum(d.source == SAVED for d in self.decisions),
+            "left_to_auto": list(self.over_budget),
+            "decisions": [{"signature": d.key, **d.to_json(), "source": d.source, "complete": d.complete}
+                          for d in self.decisions],
+        }
+
+    def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run]) -> Optional[Decision]:
+        """The decision for `call` among `runs` (eligible backends, prepared), or None
+        when it cannot be made now (no exact reference, or the run's budget is spent)."""
+        key = signature_key(call)
+        store = self.store(tensors[0].device)
+        saved = store.get(key)
+        if saved is not None and saved["backend"] in runs and not (self.retune and key not in self._retuned):
+            decision = Decision.from_saved(key, saved)
+            self.decisions.append(decision)
+            return decision
+        reference = next((name for name in _REFERENCES if name in runs), None)
+        if reference is None:
+            reference = next((name for name in runs if registry.get(name).exact), None)
+        if reference is None:
+            return None
+        left = min(self.limits.signature_s, self.limits.run_s - self.run_spent_s)
+        if left <= 0:
+            self.over_budget.append(key)
+            return None
+        ordered = {reference: runs[reference], **{n: r for n, r in runs.items() if n != reference}}
+        started = self._clock()
+        measured = self._measure(call, tensors, ordered, reference, self.limits, left)
+        spent = self._clock() - started
+        self.run_spent_s += spent
+        budget = budget_for(call)
+        chosen, table = decide(measured, budget)
+        if chosen is None:
+            log.warning("attention backends: no backend passed tuning on %s (%s); using the static order",
+                        call.describe(), "; ".join(f"{n}: {row['verdict']}" for n, row in table.items()))
+            return None
+        complete = all(m.failure is None or not m.failure.startswith("not measured") for m in measured.values())
+        decision = Decision(key=key, backend=chosen, source=MEASURED, reference=reference,
+                            tuning_ms=round(spent * 1e3, 3), budget=budget.to_json(), candidates=table,
+                            complete=complete,
+                            tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        self.decisions.append(decision)
+        self._retuned.add(key)
+        if complete:
+            store.put(key, decision.to_json())
+        log.info("attention backends: tuned %s -> %s in %.0f ms%s", call.describe(), chosen, spent * 1e3,
+                 "" if complete else " (partial: raise " + ENV_SIGNATURE_S + " to measure every candidate)")
+        return decision

@@ -1,0 +1,46 @@
+"""`auto_tuned` inside ComfyUI: where decisions are saved, the node's tuning choice, and
+what the status route shows of them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..attention import AUTO_TUNED
+from ..attention.tuning import Tuner
+from ..attention.tuning_store import store_for
+
+REUSE = "reuse saved"
+RETUNE = "re-tune"
+TUNING_MODES = (REUSE, RETUNE)
+
+
+def tuning_file() -> str:
+    """ComfyUI's user directory holds the decisions (next to settings and workflows),
+    so they survive updates of the pack and follow --user-directory."""
+    import folder_paths
+    return os.path.join(folder_paths.get_user_directory(), "attention_backends", "tuning.json")
+
+
+def make_tuner(priority: list[str], mode: str) -> Tuner | None:
+    """A tuner for a node whose priority names auto_tuned; None otherwise."""
+    if mode not in TUNING_MODES:
+        raise ValueError(f"tuning must be one of {TUNING_MODES}, not {mode!r}")
+    if AUTO_TUNED not in priority:
+        return None
+    return Tuner(tuning_file(), retune=mode == RETUNE)
+
+
+def tuning_status() -> dict[str, Any]:
+    """The saved decisions for each visible GPU, with the measurements behind them."""
+    path = tuning_file()
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            store = store_for(path, torch.device("cuda", index))
+            devices.append({"index": index, "fingerprint": store.machine, "ignored_file_problem": store.problem,
+                            "decisions": [{"signature": key, **decision}
+                                          for key, decision in sorted(store.decisions().items())]})
+    return {"file": path, "exists": os.path.exists(path), "devices": devices}

@@ -1,0 +1,78 @@
+"""`auto_tuned` through the node on real ComfyUI models sampled on the CPU: measured in
+the first run, saved in ComfyUI's user directory, reused by a later node, re-tuned on
+request, and shown in the run report and the status route."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def user_directory(tmp_path, monkeypatch):
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    yield tmp_path
+    # Stores are cached per file and machine for the process; each test has its own file.
+    import sys
+    for module in list(sys.modules.values()):
+        forget = getattr(module, "forget_loaded_stores", None)
+        if forget is not None and getattr(module, "__name__", "").endswith("attention.tuning_store"):
+            forget()
+
+
+def test_first_run_measures_later_node_reuses(pack, tiny, flux, patch, user_directory):
+    plain = tiny.sample(flux)
+    patched, state = patch(flux, ["auto_tuned", "auto"])
+    out = tiny.sample(patched)
+    report = state.last_report
+    tuning = report["tuning"]
+    assert tuning["measured"] >= 1 and tuning["reused"] == 0 and tuning["left_to_auto"] == []
+    assert tuning["file"] == str(user_directory / "attention_backends" / "tuning.json")
+    for decision in tuning["decisions"]:
+        chosen = decision["candidates"][decision["backend"]]
+        assert chosen["verdict"] == "chosen" and chosen["rel_l1"] <= decision["budget"]["rel_l1"]
+        assert "sdpa_math" not in decision["candidates"] and "flex" not in decision["candidates"]
+    assert all(plan["tuned"] == "measured" for plan in report["plans"])
+    assert sum(report["served"].values()) == report["total_calls"] > 0
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)
+    saved = json.loads((user_directory / "attention_backends" / "tuning.json").read_text())
+    assert len(saved["machines"][0]["decisions"]) == tuning["measured"]
+
+    # A second node (a new workflow) on the same machine measures nothing.
+    again, again_state = patch(flux, "auto_tuned")
+    tiny.sample(again)
+    reused = again_state.last_report["tuning"]
+    assert reused["measured"] == 0 and reused["reused"] == tuning["measured"] and reused["tuning_s"] == 0
+    assert "auto_tuned: 0 signatures measured" in pack.nodes.report.summary(again_state.last_report)
+
+
+def test_retune_measures_again_once_per_run(pack, tiny, flux, patch, user_directory):
+    first, first_state = patch(flux, "auto_tuned")
+    tiny.sample(first)
+    retuned, state = patch(flux, "auto_tuned", tuning="re-tune")
+    tiny.sample(retuned)
+    assert state.last_report["tuning"]["measured"] == first_state.last_report["tuning"]["measured"]
+    tiny.sample(retuned)  # the plans hold the new decisions: nothing measured twice
+    assert state.last_report["tuning"]["measured"] == 0
+
+
+def test_status_shows_the_saved_decisions(pack, tiny, flux, patch, user_directory):
+    patched, _ = patch(flux, "auto_tuned")
+    tiny.sample(patched)
+    status = pack.nodes.routes.status()
+    assert "auto_tuned" in status["nodes"]["selectable"]
+    assert status["tuning"]["file"].startswith(str(user_directory))
+    assert status["tuning"]["exists"]
+
+
+def test_nodes_offer_auto_tuned_and_the_tuning_choice(pack):
+    import nodes
+    for name in ("AttentionBackend", "AttentionBackendAdvanced"):
+        inputs = {i.id: i for i in nodes.NODE_CLASS_MAPPINGS[name].define_schema().inputs}
+        # optional: prompts saved before the input existed still validate
+        assert inputs["tuning"].options == ["reuse saved", "re-tune"] and inputs["tuning"].optional
+    basic = {i.id: i for i in nodes.NODE_CLASS_MAPPINGS["AttentionBackend"].define_schema().inputs}
+    assert "auto_tuned" in basic["backend"].options

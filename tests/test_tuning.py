@@ -1,0 +1,325 @@
+"""`auto_tuned` on the CPU: the decision with controlled times and errors, the budgets,
+the saved file (keying, reuse, damaged and foreign files), and the dispatcher measuring
+real CPU kernels."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import pytest
+import torch
+
+from attention import Dispatcher, registry
+from attention.call import FLAT, CallSignature
+from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
+                              budget_for, decide, measure_on_device, signature_key)
+from attention.tuning_store import FORMAT, VERSION, forget_loaded_stores, parse, store_for, InvalidTuningFile
+
+CALL = CallSignature(device_type="cpu", compute_capability=None, dtype=torch.float32, batch=2, heads_q=4,
+                     heads_kv=4, seq_q=64, seq_k=64, head_dim=16, head_dim_v=16)
+MACHINE_A = {"gpu": "GPU A", "capability": "9.0", "driver": "1", "torch": "2", "cuda": "13.0", "cudnn": "9",
+             "packages": {}}
+MACHINE_B = dict(MACHINE_A, gpu="GPU B")
+
+
+def good(rel_l1: float = 0.001, cosine: float = 0.999999) -> dict:
+    return {"rel_l1": rel_l1, "cosine": cosine, "max_abs": 0.01, "nonfinite": 0}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stores():
+    forget_loaded_stores()
+    yield
+    forget_loaded_stores()
+
+
+# --- the decision ----------------------------------------------------------------------
+
+def test_decide_takes_the_fastest_inside_the_budget():
+    measured = {"sdpa": Measurement(ms=1.0, error=good(0.0)), "flash4": Measurement(ms=0.8, error=good()),
+                "sage": Measurement(ms=0.5, error=good(rel_l1=0.05))}
+    chosen, table = decide(measured, DEFAULT_BUDGET)
+    assert chosen == "flash4"
+    assert table["flash4"]["verdict"] == "chosen"
+    assert table["sdpa"]["verdict"].startswith("slower: 1.250x")
+    assert "rel. L1 0.0500 > 0.02" in table["sage"]["verdict"]
+
+
+def test_decide_refuses_nonfinite_low_cosine_and_failures():
+    measured = {"sdpa": Measurement(ms=2.0, error=good(0.0)),
+                "sage": Measurement(ms=0.1, error=dict(good(), nonfinite=3)),
+                "kitchen_int8": Measurement(ms=0.2, error=good(cosine=0.99)),
+                "flash4": Measurement(failure="raised RuntimeError: no kernel")}
+    chosen, table = decide(measured, DEFAULT_BUDGET)
+    assert chosen == "sdpa"
+    assert table["sage"]["verdict"] == "3 non-finite values"
+    assert "cosine 0.990000 < 0.9995" in table["kitchen_int8"]["verdict"]
+    assert table["flash4"]["verdict"] == "raised RuntimeError: no kernel"
+    assert table["flash4"]["ms"] is None
+
+
+def test_decide_with_nothing_accurate_chooses_nothing():
+    chosen, table = decide({"sage": Measurement(ms=0.1, error=good(rel_l1=0.5))}, DEFAULT_BUDGET)
+    assert chosen is None and "over the error budget" in table["sage"]["verdict"]
+
+
+def test_precision_requests_get_the_strict_budget():
+    import dataclasses
+    assert budget_for(CALL) is DEFAULT_BUDGET
+    assert budget_for(dataclasses.replace(CALL, attn_precision=torch.float32)) is PRECISE_BUDGET
+    assert budget_for(dataclasses.replace(CALL, low_precision_ok=False)) is PRECISE_BUDGET
+    # an error a quantized kernel may have on a default call is refused on a precise one
+    assert DEFAULT_BUDGET.problem(good(rel_l1=0.01)) is None
+    assert PRECISE_BUDGET.problem(good(rel_l1=0.01)) is not None
+
+
+def test_signature_keys_differ_in_everything_that_matters():
+    import dataclasses
+    variants = [CALL, dataclasses.replace(CALL, seq_k=77), dataclasses.replace(CALL, dtype=torch.bfloat16),
+                dataclasses.replace(CALL, mask_kind="bool", mask_shape=(64, 64)),
+                dataclasses.replace(CALL, layout_in=FLAT, layout_out="B,H,N,D"),
+                dataclasses.replace(CALL, low_precision_ok=False), dataclasses.replace(CALL, heads_kv=2),
+                dataclasses.replace(CALL, custom_scale=True)]
+    keys = {signature_key(c) for c in variants}
+    assert len(keys) == len(variants)
+    assert signature_key(CALL) == signature_key(dataclasses.replace(CALL))
+
+
+# --- the tuner with controlled measurements -------------------------------------------
+
+class FakeMeasure:
+    """Stands in for the GPU: returns fixed measurements and advances a fake clock."""
+
+    def __init__(self, results: dict[str, Measurement], seconds: float = 0.5) -> None:
+        self.results = results
+        self.seconds = seconds
+        self.now = 0.0
+        self.calls = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+        self.calls += 1
+        self.now += min(self.seconds, seconds_left)
+        return {name: Measurement(self.results[name].ms, self.results[name].error, self.results[name].failure)
+                for name in runs}
+
+
+def tensors():
+    q = torch.randn(2, 4, 64, 16)
+    return (q, q, q, None, None)
+
+
+RUNS = {"sdpa": lambda *a: None, "flash4": lambda *a: None, "sage": lambda *a: None}
+RESULTS = {"sdpa": Measurement(ms=1.0, error=good(0.0)), "flash4": Measurement(ms=0.7, error=good()),
+           "sage": Measurement(ms=0.4, error=good(rel_l1=0.03))}
+
+
+def tuner(path, fake, machine=MACHINE_A, **kwargs) -> Tuner:
+    return Tuner(str(path), measure=fake, clock=fake.clock, limits=kwargs.pop("limits", Limits()),
+                 store=lambda device: store_for(str(path), device, machine=lambda d: machine), **kwargs)
+
+
+def test_first_run_measures_and_saves_later_runs_reuse(tmp_path):
+    path = tmp_path / "tuning.json"
+    fake = FakeMeasure(RESULTS)
+    first = tuner(path, fake).choose(CALL, tensors(), RUNS)
+    assert (first.backend, first.source, fake.calls) == ("flash4", MEASURED, 1)
+    assert first.candidates["sage"]["verdict"].startswith("over the error budget")
+    saved = json.loads(path.read_text())
+    assert saved["format"] == FORMAT and saved["machines"][0]["fingerprint"] == MACHINE_A
+    assert saved["machines"][0]["decisions"][signature_key(CALL)]["backend"] == "flash4"
+
+    forget_loaded_stores()  # as a new ComfyUI process would
+    again = tuner(path, fake)
+    reused = again.choose(CALL, tensors(), RUNS)
+    assert (reused.backend, reused.source, fake.calls) == ("flash4", SAVED, 1)
+    summary = again.summary()
+    assert summary["reused"] == 1 and summary["measured"] == 0 and summary["tuning_s"] == 0
+
+
+def test_retune_measures_each_signature_once_more(tmp_path):
+    path = tmp_path / "tuning.json"
+    fake = FakeMeasure(RESULTS)
+    tuner(path, fake).choose(CALL, tensors(), RUNS)
+    fake.results = dict(RESULTS, sdpa=Measurement(ms=0.5, error=good(0.0)))  # e.g. a new cuDNN
+    retuner = tuner(path, fake, retune=True)
+    assert retuner.choose(CALL, tensors(), RUNS).backend == "sdpa"
+    assert retuner.choose(CALL, tensors(), RUNS).source == SAVED  # once per signature, not per call
+    assert fake.calls == 2
+
+
+def test_a_saved_choice_that_cannot_run_now_is_measured_again(tmp_path):
+    path = tmp_path / "tuning.json"
+    fake = FakeMeasure(RESULTS)
+    tuner(path, fake).choose(CALL, tensors(), RUNS)
+    without_flash4 = {"sdpa": RUNS["sdpa"], "sage": RUNS["sage"]}
+    assert tuner(path, fake).choose(CALL, tensors(), without_flash4).backend == "sdpa"
+    assert fake.calls == 2
+
+
+def test_other_machines_decisions_are_kept_but_not_used(tmp_path):
+    path = tmp_path / "tuning.json"
+    fake = FakeMeasure(RESULTS)
+    tuner(path, fake, machine=MACHINE_A).choose(CALL, tensors(), RUNS)
+    fake.results = dict(RESULTS, sdpa=Measurement(ms=0.1, error=good(0.0)))
+    on_b = tuner(path, fake, machine=MACHINE_B).choose(CALL, tensors(), RUNS)
+    assert (on_b.backend, on_b.source, fake.calls) == ("sdpa", MEASURED, 2)
+    machines = json.loads(path.read_text())["machines"]
+    assert sorted(m["fingerprint"]["gpu"] for m in machines) == ["GPU A", "GPU B"]
+
+
+def test_run_budget_leaves_later_signatures_to_static_auto(tmp_path):
+    import dataclasses
+    fake = FakeMeasure(RESULTS, seconds=3.0)
+    t = tuner(tmp_path / "t.json", fake, limits=Limits(signature_s=3.0, run_s=5.0))
+    calls = [dataclasses.replace(CALL, seq_q=n, seq_k=n) for n in (64, 128, 256)]
+    decisions = [t.choose(c, tensors(), RUNS) for c in calls]
+    assert [d is not None for d in decisions] == [True, True, False]
+    assert t.run_spent_s == pytest.approx(5.0)  # the second got only what was left
+    assert t.summary()["left_to_auto"] == [signature_key(calls[2])]
+    t.begin_run()
+    assert t.choose(calls[2], tensors(), RUNS) is not None
+
+
+def test_partial_measurements_are_used_but_not_saved(tmp_path):
+    path = tmp_path / "t.json"
+    results = dict(RESULTS, sage=Measurement(failure="not measured: the signature's tuning time was spent"))
+    decision = tuner(path, FakeMeasure(results)).choose(CALL, tensors(), RUNS)
+    assert decision.backend == "flash4" and not decision.complete
+    assert not path.exists()
+
+
+def test_no_exact_reference_means_no_tuning(tmp_path):
+    fake = FakeMeasure(RESULTS)
+    assert tuner(tmp_path / "t.json", fake).choose(CALL, tensors(), {"sage": RUNS["sage"]}) is None
+    assert fake.calls == 0
+
+
+# --- damaged and foreign files --------------------------------------------------------
+
+def valid_file(decision: dict | None = None) -> dict:
+    decision = decision or {"backend": "flash4", "reference": "sdpa", "tuning_ms": 12.0, "budget": {},
+                            "candidates": {"sdpa": {"ms": 1.0, "rel_l1": 0.0, "cosine": 1.0, "max_abs": 0.0,
+                                                    "nonfinite": 0, "verdict": "slower"}}}
+    return {"format": FORMAT, "version": VERSION,
+            "machines": [{"fingerprint": MACHINE_A, "decisions": {signature_key(CALL): decision}}]}
+
+
+DAMAGED = {
+    "not json": "{\"format\": ",
+    "a list": "[]",
+    "foreign format": json.dumps(dict(valid_file(), format="someone-else/cache")),
+    "newer version": json.dumps(dict(valid_file(), version=VERSION + 1)),
+    "unknown backend": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
+                                                  backend="__import__('os').system('x')"))),
+    "NaN time": json.dumps(valid_file()).replace("12.0", "NaN"),
+    "string time": json.dumps(valid_file()).replace("12.0", "\"12\""),
+    "bad key": json.dumps(valid_file()).replace(signature_key(CALL), "../../etc"),
+    "fingerprint not object": json.dumps(dict(valid_file(), machines=[{"fingerprint": 3, "decisions": {}}])),
+}
+
+
+def test_a_valid_file_parses():
+    assert parse(json.dumps(valid_file()))[0]["fingerprint"] == MACHINE_A
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_or_foreign_files_are_ignored_with_a_warning(tmp_path, caplog, case):
+    path = tmp_path / "tuning.json"
+    path.write_text(DAMAGED[case])
+    with pytest.raises(InvalidTuningFile):
+        parse(DAMAGED[case])
+    fake = FakeMeasure(RESULTS)
+    with caplog.at_level(logging.WARNING):
+        decision = tuner(path, fake).choose(CALL, tensors(), RUNS)
+    assert "ignoring tuning file" in caplog.text
+    assert decision.source == MEASURED and fake.calls == 1  # nothing in it was trusted
+    assert (tmp_path / "tuning.json.ignored").read_text() == DAMAGED[case]  # kept for the user to inspect
+    assert parse(path.read_text())[0]["fingerprint"] == MACHINE_A
+
+
+# --- real kernels on the CPU ----------------------------------------------------------
+
+def sdpa_run(q, k, v, mask, scale):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def test_measure_on_device_times_real_calls_and_checks_errors():
+    q, k, v = (torch.randn(1, 4, 256, 32) for _ in range(3))
+
+    def slow(q, k, v, mask, scale):  # exact, but 3 ms slower
+        time.sleep(0.003)
+        return sdpa_run(q, k, v, mask, scale)
+
+    def noisy(q, k, v, mask, scale):  # fastest, but 10% off
+        out = sdpa_run(q, k, v, mask, scale)
+        return out + 0.1 * out.abs().mean() * torch.randn_like(out)
+
+    def broken(q, k, v, mask, scale):
+        raise RuntimeError("no kernel image for this GPU")
+
+    runs = {"sdpa": lambda q, k, v, m, s: (time.sleep(0.001), sdpa_run(q, k, v, m, s))[1],
+            "sdpa_efficient": slow, "kitchen_int8": noisy, "flash4": broken}
+    call = CallSignature(device_type="cpu", compute_capability=None, dtype=torch.float32, batch=1, heads_q=4,
+                         heads_kv=4, seq_q=256, seq_k=256, head_dim=32, head_dim_v=32, layout_in="B,H,N,D",
+                         layout_out="B,H,N,D")
+    measured = measure_on_device(call, (q, k, v, None, None), runs, "sdpa", Limits(reps=5), 10.0)
+    assert measured["sdpa"].error["rel_l1"] == 0.0
+    assert measured["kitchen_int8"].error["rel_l1"] > 0.05 and measured["kitchen_int8"].ms is None
+    assert measured["flash4"].failure.startswith("raised RuntimeError: no kernel image")
+    assert measured["sdpa_efficient"].ms > measured["sdpa"].ms + 1.0
+    chosen, _ = decide(measured, budget_for(call))
+    assert chosen == "sdpa"
+
+
+def test_dispatcher_auto_tuned_measures_once_then_serves_from_the_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTENTION_BACKENDS_TUNING_FILE", str(tmp_path / "tuning.json"))
+    q, k, v = (torch.randn(2, 64, 4 * 16) for _ in range(3))
+    dispatcher = Dispatcher("auto_tuned")
+    out = dispatcher(q, k, v, 4)
+    expected = Dispatcher("sdpa")(q, k, v, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    plan = dispatcher.plans()[0]
+    assert plan.tuning is not None and plan.tuning.source == MEASURED
+    assert plan.name in ("sdpa", "sdpa_flash")  # the CPU's tunable backends
+    assert set(plan.tuning.candidates) == {"sdpa", "sdpa_flash"}  # sdpa_math is not tunable
+    for _ in range(3):
+        dispatcher(q, k, v, 4)
+    assert plan.calls == 4 and len(dispatcher.tuner.decisions) == 1
+    saved = json.loads((tmp_path / "tuning.json").read_text())
+    assert saved["machines"][0]["fingerprint"]["gpu"] == "cpu"
+
+
+def test_auto_tuned_never_sends_a_mask_to_a_maskless_backend(tmp_path):
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    mask = torch.rand(1, 1, 32, 32) > 0.3
+    seen = {}
+
+    def spy(call, tensors, runs, reference, limits, seconds_left):
+        seen.update(runs)
+        return {name: Measurement(ms=1.0, error=good(0.0)) for name in runs}
+
+    dispatcher = Dispatcher("auto_tuned", tuner=Tuner(str(tmp_path / "t.json"), measure=spy))
+    dispatcher(q, k, v, 2, mask, skip_reshape=True, skip_output_reshape=True)
+    assert seen and all(registry.get(name).call_reasons(dispatcher.plans()[0].signature) == [] for name in seen)
+    assert not any(registry.get(name).quantized for name in seen)
+
+
+def test_synthetic_plans_answer_with_the_static_order():
+    plan = Dispatcher("auto_tuned", tuner=Tuner("/nonexistent/never-written.json")).plan_for(CALL)
+    assert plan.name == "sdpa" and plan.tuning is None
+
+
+def test_non_finite_measurements_are_saved_as_null(tmp_path):
+    nan_error = {"rel_l1": math.nan, "cosine": math.nan, "max_abs": math.inf, "nonfinite": 4096}
+    fake = FakeMeasure(dict(RESULTS, sage=Measurement(ms=math.inf, error=nan_error)))
+    decision = tuner(tmp_path / "t.json", fake).choose(CALL, tensors(), RUNS)
+    assert decision.backend == "flash4"
+    saved = parse((tmp_path / "t.json").read_text())[0]["decisions"][signature_key(CALL)]
+    assert saved["candidates"]["sage"] == {"ms": None, "rel_l1": None, "cosine": None, "max_abs": None,
+                                           "nonfinite": 4096, "verdict": "4096 non-finite values"}
