@@ -19,6 +19,10 @@ FIXED = "fixed"
 SHUFFLED = "shuffled"
 
 
+# How long one measurement of a function lasts when its calls per measurement are
+# sized automatically (interleaved_median_ms).
+MEASUREMENT_MS = 10.0
+
 # How long the GPU is kept busy per call timed when `prefill` is on: longer than any
 # kernel's host-side launch path (FlashAttention-4's CuTe DSL call takes ~90 µs).
 _PREFILL_PER_CALL_MS = 0.2
@@ -43,11 +47,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, inner: int = 1, pref
     between two CUDA events on a GPU, wall time on a CPU.
 
     prefill: keep the GPU busy (a sleep kernel) while the host enqueues the timed calls,
-    so the events time the kernels alone. Without it, the host's launch path for the
-    first call lands inside the interval: a 90 µs launch path on a 450 µs kernel timed
-    two calls at a time reads 10% slow. Model code hides launch paths behind the other
-    layers' kernels, so the kernel table times with prefill; the overhead benchmark
-    times without, because the launch path is what it measures.
+    so the events time the GPU work alone and no host launch path. Without it, the
+    first call's launch path lands inside the interval (a 90 µs path on a 450 µs kernel
+    timed two calls at a time reads 10% slow), and when the host path is longer than
+    the kernel, every call's does. The benchmark times without prefill and with enough
+    calls per measurement to amortise the first (see interleaved_median_ms);
+    benchmarks/timing_bias.py shows both.
     """
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,7 +79,7 @@ def _synchronize(device: torch.device) -> None:
 
 def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                           reps: int = 20, budget_s: float = 10.0, inner: int | None = None,
-                          order: str = SHUFFLED, seed: int = 0, prefill: bool = True,
+                          order: str = SHUFFLED, seed: int = 0, prefill: bool = False,
                           min_reps: int = 5) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds.
 
@@ -83,28 +88,29 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
     is shuffled (seeded) so that whatever one kernel leaves behind (L2 contents, clocks)
     falls on a different neighbour each round. On the H200 a fixed order proved as
     neutral as a shuffled one for identical calls (benchmarks/results/h200/
-    timing_bias.json): the shuffle is a guard, not a correction. What did bias the
-    table was the host's launch path inside the timed interval (see `time_ms`).
+    timing_bias.json): the shuffle is a guard, not a correction.
 
-    inner: calls per measurement. None sizes it so that one measurement lasts about a
-    millisecond: a lone call of a 30 µs kernel would mostly measure the launch path.
-    prefill: see `time_ms`.
+    inner: calls per measurement. None sizes it per function so that one measurement
+    lasts about MEASUREMENT_MS: the time per call is then the steady-state cost of a
+    stream of calls, the larger of the GPU's time and the host's launch path, which is
+    what a model pays. (A kernel with a 90 µs host path and 40 µs of GPU work costs a
+    model 90 µs per call; the H200 end-to-end runs showed exactly that for
+    FlashAttention-4 on SDXL.) With one or two calls per measurement the first call's
+    launch path would land inside the interval and bias short kernels arbitrarily.
+    prefill: see `time_ms` (GPU time alone; for diagnostics).
     min_reps: rounds run even when `budget_s` allows fewer.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _synchronize(device)
+    per_call = {name: time_ms(fn, device) for name, fn in fns.items()}
     if inner is None:
-        probe_start = time.perf_counter()
-        for fn in fns.values():
-            fn()
-        _synchronize(device)
-        one_round = time.perf_counter() - probe_start
-        inner = max(1, int(1e-3 * len(fns) / max(one_round, 1e-9)))
+        inners = {name: max(1, round(MEASUREMENT_MS / max(ms, 1e-6))) for name, ms in per_call.items()}
     else:
-        one_round = sum(time_ms(fn, device) for fn in fns.values()) * 1e-3
-    reps = max(min_reps, min(reps, int(budget_s / max(one_round * inner, 1e-6))))
+        inners = dict.fromkeys(fns, inner)
+    one_round_s = sum(per_call[name] * inners[name] for name in fns) * 1e-3
+    reps = max(min_reps, min(reps, int(budget_s / max(one_round_s, 1e-6))))
     names = list(fns)
     shuffle = random.Random(seed).shuffle if order == SHUFFLED else None
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -112,7 +118,7 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
         if shuffle is not None:
             shuffle(names)
         for name in names:
-            times[name].append(time_ms(fns[name], device, inner, prefill))
+            times[name].append(time_ms(fns[name], device, inners[name], prefill))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

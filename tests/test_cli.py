@@ -45,14 +45,17 @@ def test_bench_quick_prints_a_table(hyphenated_checkout, tmp_path):
     result = run_module(hyphenated_checkout, "bench", "--quick", "--shapes", "sdxl_cross,flux_1024",
                         "--reps", "3", "--backends", "sdpa,sdpa_math,flash4", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "| shape | SDPA ms |" in result.stdout and "auto chose" in result.stdout
+    assert "| shape | SDPA ms |" in result.stdout and "| shape | row | chose |" in result.stdout
     data = json.loads((tmp_path / "kernels.json").read_text())
     rows = {(r["shape"], r["backend"]): r for r in data["rows"]}
     assert rows[("flux_1024", "sdpa")]["status"] == "ok"
     assert rows[("flux_1024", "sdpa")]["error"]["rel_l1"] < 1e-5
     assert rows[("flux_1024", "flash4")]["status"] == "unsupported"
     assert any("flash-attn-4" in r or "cuda" in r for r in rows[("flux_1024", "flash4")]["reasons"])
-    assert data["auto"]["flux_1024"]["auto_chose"] == "sdpa"
+    assert data["auto"]["flux_1024"]["auto"]["chose"] == "sdpa"
+    tuned = data["auto"]["flux_1024"]["auto_tuned"]
+    assert tuned["chose"] in ("sdpa", "sdpa_flash") and tuned["tuning_ms"] > 0 and tuned["error_within_budget"]
+    assert (tmp_path / "tuning.json").exists()  # the tuned table with its evidence
 
 
 def test_library_loads_under_a_hyphenated_package_name(hyphenated_checkout):
