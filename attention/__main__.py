@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--shapes", help="comma-separated shape keys (see attention/shapes.py)")
     bench.add_argument("--backends", help="comma-separated backend names (default: all available)")
     bench.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    bench.add_argument("--reps", type=int, default=20)
+    bench.add_argument("--reps", type=int, default=20, help="interleaved rounds per shape (at most)")
+    bench.add_argument("--budget", type=float, default=10.0,
+                       help="seconds of timing per shape; fewer rounds run on shapes that need more")
     bench.add_argument("--out", help="directory for kernels.json, kernels.md and chart.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bench import main as bench_main
     split = lambda text: [p.strip() for p in text.split(",") if p.strip()] if text else None  # noqa: E731
     return bench_main(quick=args.quick, shapes=split(args.shapes), backends=split(args.backends),
-                      out_dir=args.out, dtype_name=args.dtype, reps=args.reps)
+                      out_dir=args.out, dtype_name=args.dtype, reps=args.reps, budget_s=args.budget)
 
 
 if __name__ == "__main__":

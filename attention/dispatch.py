@@ -245,7 +245,9 @@ class Dispatcher:
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
         runs = self.eligible(call, tensors)
-        decision = self.tuner.choose(call, tensors, runs) if runs else None
+        static = [e.backend for e in auto_entries(call.device_type, call.compute_capability, self._auto_table)
+                  if e.rule.reason(call) is None]
+        decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None
         return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision)

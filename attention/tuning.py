@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -297,9 +297,15 @@ class Tuner:
                           for d in self.decisions],
         }
 
-    def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run]) -> Optional[Decision]:
+    def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run],
+               prefer: Sequence[str] = ()) -> Optional[Decision]:
         """The decision for `call` among `runs` (eligible backends, prepared), or None
-        when it cannot be made now (no exact reference, or the run's budget is spent)."""
+        when it cannot be made now (no exact reference, or the run's budget is spent).
+
+        prefer: backends to measure first, after the reference (the static auto choice):
+        when the signature's time runs out before every candidate is measured (video
+        shapes take ~0.3 s a call), the likely winner has been.
+        """
         key = signature_key(call)
         store = self.store(tensors[0].device)
         saved = store.get(key)
@@ -316,7 +322,8 @@ class Tuner:
         if left <= 0:
             self.over_budget.append(key)
             return None
-        ordered = {reference: runs[reference], **{n: r for n, r in runs.items() if n != reference}}
+        order = [reference] + [n for n in prefer if n in runs] + list(runs)
+        ordered = {name: runs[name] for name in dict.fromkeys(order)}
         started = self._clock()
         measured = self._measure(call, tensors, ordered, reference, self.limits, left)
         spent = self._clock() - started
