@@ -6,12 +6,15 @@ first entry whose rule matches *and* whose backend can serve it; every list ends
 a rule never sends a call to a kernel that the evidence shows slower than SDPA there.
 
 Evidence:
-- sm90 rows follow measurements: SageAttention 2 / FA3 / FA4 figures from the team's
-  reference table (shared/reference/h200-kernels-2026-11.md); SDPA, sage 1.0.6 and
-  comfy-kitchen re-measured by us (benchmarks/results/h200/).
-  Quantized kernels lose to SDPA (cuDNN) below ~8k tokens (0.10-0.81x) and win at
-  video lengths (1.36-1.43x at 32k-76k); FA4/FA3 win 1.04-1.22x at head dim 128 from
-  ~4.6k tokens; SD1.5 head dims and 77-key cross-attention stay on SDPA.
+- sm90 rows follow our H200 kernel table (benchmarks/results/h200/kernels.md: SDPA
+  sub-backends, FA4 4.0.0b36, SageAttention 2.2.0 built on the device, sage 1.0.6,
+  comfy-kitchen), timed as steady-state cost per call with the host path included,
+  and the team's reference table for FA3 (shared/reference/h200-kernels-2026-11.md).
+  Quantized kernels lose to SDPA (cuDNN) below ~8k tokens (0.13-0.86x) and win at
+  video lengths (1.26-1.45x at 32k-119k); FA4 wins 1.04-1.25x at head dim 128 from
+  4.6k tokens and 1.10x at SD1.5's head dim 40 with 4096 tokens, but loses at head
+  dim 64 (0.94x at SDXL's 4096 tokens) and on every short call, where its ~90 µs host
+  path outlasts the kernel; 77-key cross-attention stays on SDPA.
 - Other classes are *not measured here*: they follow the kernels' own published
   guidance (SageAttention's per-architecture choice; no Triton Sage on sm80/86, where
   it has produced black images) and use the same conservative length thresholds. The
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 VIDEO_TOKENS = 16384
 # From here FA4/FA3 at head dim 128 beat cuDNN SDPA on the H200 (Flux 1024² has 4608).
 LONG_TOKENS = 4096
+# FA4 beats SDPA at these head dims from LONG_TOKENS (40: SD1.5's first level).
+_FA4_DIMS = frozenset({40, 128})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +81,10 @@ _ALWAYS = Rule()
 AUTO_TABLE: dict[str, tuple[AutoEntry, ...]] = {
     # Hopper (H100/H200), measured.
     "sm90": (
-        AutoEntry("sage_qk_int8_pv_fp8_cuda_sm90", Rule(VIDEO_TOKENS, _D128), "measured: 1.36-1.43x at Wan 480p/720p"),
-        AutoEntry("flash4", Rule(LONG_TOKENS, _D128), "measured: 1.07-1.22x from Flux 1024² up"),
+        AutoEntry("sage_qk_int8_pv_fp8_cuda_sm90", Rule(VIDEO_TOKENS, _D128),
+                  "measured: 1.26-1.45x at Wan 480p/720p and HunyuanVideo 720p"),
+        AutoEntry("flash4", Rule(LONG_TOKENS, _FA4_DIMS),
+                  "measured: 1.04-1.25x at head dim 128 from Flux 1024² up; 1.10x at SD1.5 level 1 (D=40)"),
         AutoEntry("flash3", Rule(LONG_TOKENS, _D128), "measured: 1.04-1.20x from Flux 1024² up"),
         AutoEntry("sdpa", _ALWAYS, "measured: fastest below 4k tokens and at head dims other than 128"),
     ),

@@ -89,16 +89,18 @@ def _verdict_lines(verdicts: dict) -> list[str]:
     """auto and auto_tuned per shape: choice, ratios to the fastest rows, tuning cost."""
     if not verdicts:
         return []
-    lines = ["", "| shape | row | chose | vs fastest | vs fastest exact | vs fastest eligible | vs SDPA | "
-                 "tuning ms (cold) | error in budget |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "| shape | row | chose | vs fastest | its choice's row vs fastest | vs fastest exact | "
+                 "vs fastest eligible | vs SDPA | tuning ms (cold) | error in budget |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for shape, v in verdicts.items():
         for row_name in AUTO_ROWS:
             a = v.get(row_name)
             if a is None:
                 continue
             tuning = f"{a['tuning_ms']:.0f}" if a["tuning_ms"] is not None else "–"
+            choice = f"{a['choice_vs_fastest']:.3f}" if a.get("choice_vs_fastest") is not None else "–"
             lines.append(f"| {_label(shape)} | {row_name} | {a['chose']} | {_ratio(a['vs_fastest'], v['fastest'])} | "
-                         f"{_ratio(a['vs_fastest_exact'], v['fastest_exact'])} | "
+                         f"{choice} | {_ratio(a['vs_fastest_exact'], v['fastest_exact'])} | "
                          f"{_ratio(a['vs_fastest_eligible'], v['fastest_eligible'])} | {a['vs_sdpa']:.3f} | "
                          f"{tuning} | {'yes' if a['error_within_budget'] else 'NO'} |")
     return lines

@@ -156,8 +156,12 @@ def auto_verdicts(rows: list[Row]) -> dict:
             auto = next((r for r in rows if r.shape == shape and r.backend == row_name and r.ms), None)
             if auto is None:
                 continue
+            # The chosen backend's own row, timed in the same rounds: whether the choice
+            # was right, apart from the noise between two timings of one kernel.
+            chosen_row = next((r for r in timed if r.backend == auto.chose), None)
             verdict[row_name] = {
                 "chose": auto.chose, "ms": auto.ms, "vs_fastest": fastest.ms / auto.ms,
+                "choice_vs_fastest": fastest.ms / chosen_row.ms if chosen_row else None,
                 "vs_fastest_exact": fastest_exact.ms / auto.ms if fastest_exact else None,
                 "vs_fastest_eligible": fastest_eligible.ms / auto.ms if fastest_eligible else None,
                 "vs_sdpa": auto.speedup, "tuning_ms": auto.tuning_ms,
