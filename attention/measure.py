@@ -88,7 +88,7 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
     is shuffled (seeded) so that whatever one kernel leaves behind (L2 contents, clocks)
     falls on a different neighbour each round. On the H200 a fixed order proved as
     neutral as a shuffled one for identical calls (benchmarks/results/h200/
-    timing_bias.json): the shuffle is a guard, not a correction.
+    diagnostics/timing_bias.json): the shuffle is a guard, not a correction.
 
     inner: calls per measurement. None sizes it per function so that one measurement
     lasts about MEASUREMENT_MS: the time per call is then the steady-state cost of a
