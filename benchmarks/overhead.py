@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
@@ -44,6 +43,7 @@ def main() -> int:
     load_pack()
     from attention_backends_pack.attention import Dispatcher
     from attention_backends_pack.attention.bench.inputs import make_qkv
+    from attention_backends_pack.attention.bench.report import write_result
     from attention_backends_pack.attention.measure import interleaved_median_ms
     from attention_backends_pack.attention.shapes import by_key
     from attention_backends_pack.nodes.override import build_override
@@ -90,9 +90,7 @@ def main() -> int:
         rows.append(row)
         print(f"{key:12s} {chosen.name:10s} per-call {row['ratio']:.3f}  back-to-back {row['ratio_loop']:.3f}  "
               f"({row['direct_ms']*1e3:.1f} us direct)")  # noqa: T201
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "overhead.json"), "w", encoding="utf-8") as handle:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}, handle, indent=1)
+    write_result(args.out, "overhead.json", rows)
     return 0
 
 

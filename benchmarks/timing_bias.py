@@ -13,7 +13,6 @@ Usage (GPU): python benchmarks/timing_bias.py --out DIR
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attention import Dispatcher, registry  # noqa: E402
 from attention.bench.inputs import make_qkv  # noqa: E402
+from attention.bench.report import write_result  # noqa: E402
 from attention.measure import FIXED, SHUFFLED, interleaved_median_ms  # noqa: E402
 from attention.shapes import by_key  # noqa: E402
 
@@ -66,9 +66,7 @@ def main() -> int:
                              "flash4_speedup": medians["sdpa"] / medians["flash4"]})
                 print(f"{key:12s} flash4 vs sdpa prefill={prefill!s:5s} "  # noqa: T201
                       f"{medians['sdpa'] / medians['flash4']:.3f}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "timing_bias.json"), "w", encoding="utf-8") as handle:
-        json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}, handle, indent=1)
+    write_result(args.out, "timing_bias.json", rows)
     return 0
 
 

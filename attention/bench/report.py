@@ -36,6 +36,15 @@ def environment() -> dict:
     return env
 
 
+def write_result(out_dir: str, filename: str, rows: list[dict]) -> str:
+    """A benchmark script's rows as JSON under `out_dir`, with the environment that made them."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, filename)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"environment": environment(), "rows": rows}, handle, indent=1)
+    return path
+
+
 def to_json(rows: list[Row], extra: Optional[dict] = None) -> dict:
     return {"environment": environment(), "rows": [dataclasses.asdict(r) for r in rows],
             "auto": auto_verdicts(rows), **(extra or {})}

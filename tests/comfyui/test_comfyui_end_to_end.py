@@ -1,0 +1,26 @@
+"""benchmarks/end_to_end.py on the CPU with tiny configurations: the same code path as the
+H200 run (ComfyUI's model classes, the node's patch, the instrumented attention time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_end_to_end_benchmark_runs_tiny(comfyui_path, pack_root, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(pack_root / "benchmarks" / "end_to_end.py"), "--tiny", "--models", "flux,sdxl",
+         "--backends", "sdpa,auto_tuned", "--repeats", "2", "--steps", "2", "--out", str(tmp_path)],
+        env={**os.environ, "COMFYUI_PATH": str(comfyui_path)}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "end_to_end.json").read_text())
+    for model in ("flux", "sdxl"):
+        variants = {v["name"]: v for v in data["models"][model]["variants"]}
+        assert {"default", "sdpa", "auto", "auto_tuned"} <= set(variants), variants.keys()
+        assert variants["default"]["speedup"] == 1.0
+        for variant in variants.values():
+            assert variant["finite"] and variant["step_ms"] > 0
+            assert 0 < variant["attention_share"] < 1 and variant["predicted_speedup"] > 0
+    assert (tmp_path / "end_to_end.md").read_text().startswith("# End-to-end")
