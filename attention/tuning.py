@@ -258,8 +258,8 @@ class Tuner:
     """Chooses a backend per call signature by measuring, and remembers the choice.
 
     One per node (or per Dispatcher outside ComfyUI); the store behind it is shared
-    per file and machine. `retune=True` measures every signature again in this run
-    and replaces what was saved.
+    per file and machine. `retune=True` forgets what this machine has saved (once, at
+    the first decision) and measures every signature of the run again.
     """
 
     def __init__(self, path: Optional[str] = None, *, limits: Optional[Limits] = None, retune: bool = False,
@@ -271,7 +271,7 @@ class Tuner:
         self._measure = measure
         self._clock = clock
         self._store_for = store or functools.partial(store_for, self.path)
-        self._retuned: set[str] = set()
+        self._cleared = not retune
         self.begin_run()
 
     def begin_run(self) -> None:
@@ -308,8 +308,13 @@ class Tuner:
         """
         key = signature_key(call)
         store = self.store(tensors[0].device)
+        if not self._cleared:
+            forgotten = store.clear()
+            self._cleared = True
+            log.info("attention backends: re-tuning: forgot %d saved decisions for this machine in %s",
+                     forgotten, store.path)
         saved = store.get(key)
-        if saved is not None and saved["backend"] in runs and not (self.retune and key not in self._retuned):
+        if saved is not None and saved["backend"] in runs:
             decision = Decision.from_saved(key, saved)
             self.decisions.append(decision)
             return decision
@@ -340,9 +345,12 @@ class Tuner:
                             complete=complete,
                             tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         self.decisions.append(decision)
-        self._retuned.add(key)
         if complete:
-            store.put(key, decision.to_json())
+            try:
+                store.put(key, decision.to_json())
+            except OSError as error:  # a read-only user directory must not end the run
+                log.warning("attention backends: cannot save tuning decisions to %s (%s); they serve this run only",
+                            store.path, error)
         log.info("attention backends: tuned %s -> %s in %.0f ms%s", call.describe(), chosen, spent * 1e3,
                  "" if complete else " (partial: raise " + ENV_SIGNATURE_S + " to measure every candidate)")
         return decision

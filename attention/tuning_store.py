@@ -151,16 +151,15 @@ class TuningStore:
     """The decisions of one file for one machine fingerprint, loaded once, saved on change.
 
     Decisions of other fingerprints in the file (another GPU, an older torch) are kept
-    untouched when saving, so machines sharing a user directory do not erase each other.
+    untouched when saving: the file is read again just before each write, so machines
+    sharing a user directory, and the GPUs of one machine, do not erase each other.
     """
 
     def __init__(self, path: str, machine: dict[str, Any]) -> None:
         self.path = path
         self.machine = machine
         self._lock = threading.Lock()
-        self._others: list[dict[str, Any]] = []
         self._decisions: dict[str, dict[str, Any]] = {}
-        self._damaged = False
         self.problem: Optional[str] = None  # why the file on disk was ignored, for the status route
         self._load()
 
@@ -177,7 +176,6 @@ class TuningStore:
         try:
             machines = parse(text)
         except InvalidTuningFile as error:
-            self._damaged = True
             self.problem = str(error)
             log.warning("attention backends: ignoring tuning file %s: %s. Nothing in it is used; it will be "
                         "moved to %s.ignored when new decisions are saved", self.path, error, self.path)
@@ -185,8 +183,6 @@ class TuningStore:
         for machine in machines:
             if machine["fingerprint"] == self.machine:
                 self._decisions = dict(machine["decisions"])
-            else:
-                self._others.append(machine)
 
     def get(self, key: str) -> Optional[dict[str, Any]]:
         return self._decisions.get(key)
@@ -209,14 +205,24 @@ class TuningStore:
             self._save()
         return count
 
+    def _other_machines(self) -> list[dict[str, Any]]:
+        """The other fingerprints' entries as the file holds them now; a file that fails
+        the checks is moved aside (kept for the user to inspect), never merged."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                machines = parse(handle.read())
+        except FileNotFoundError:
+            return []
+        except InvalidTuningFile:
+            os.replace(self.path, self.path + ".ignored")
+            return []
+        return [machine for machine in machines if machine["fingerprint"] != self.machine]
+
     def _save(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        if self._damaged and os.path.exists(self.path):
-            os.replace(self.path, self.path + ".ignored")
-            self._damaged = False
-        machines = self._others + ([{"fingerprint": self.machine, "decisions": self._decisions}]
-                                   if self._decisions else [])
+        machines = self._other_machines() + ([{"fingerprint": self.machine, "decisions": self._decisions}]
+                                             if self._decisions else [])
         payload = {"format": FORMAT, "version": VERSION, "machines": machines}
         handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tuning-",
                                              suffix=".json", delete=False)

@@ -32,9 +32,9 @@ def _tuning_input() -> io.Combo.Input:
     return io.Combo.Input("tuning", options=list(TUNING_MODES), default=REUSE, optional=True,
                           tooltip=("For 'auto_tuned' only. 'reuse saved': call shapes measured before on this GPU "
                                    "(same driver, torch and kernel versions) use the saved choice; new shapes are "
-                                   "measured once (a few seconds at most each). 're-tune': measure every shape of "
-                                   "this run again and replace the saved choices. Saved in ComfyUI's user "
-                                   "directory, attention_backends/tuning.json."))
+                                   "measured once (a few seconds at most each). 're-tune': forget the choices saved "
+                                   "for this GPU and measure every shape of this run again. Saved in ComfyUI's "
+                                   "user directory, attention_backends/tuning.json."))
 
 
 def _model_output() -> io.Model.Output:

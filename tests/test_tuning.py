@@ -142,15 +142,23 @@ def test_first_run_measures_and_saves_later_runs_reuse(tmp_path):
     assert summary["reused"] == 1 and summary["measured"] == 0 and summary["tuning_s"] == 0
 
 
-def test_retune_measures_each_signature_once_more(tmp_path):
+def test_retune_forgets_this_machines_decisions_and_measures_once_more(tmp_path):
+    import dataclasses
     path = tmp_path / "tuning.json"
     fake = FakeMeasure(RESULTS)
-    tuner(path, fake).choose(CALL, tensors(), RUNS)
+    other_shape = dataclasses.replace(CALL, seq_q=128, seq_k=128)
+    first = tuner(path, fake)
+    first.choose(CALL, tensors(), RUNS)
+    first.choose(other_shape, tensors(), RUNS)
+    tuner(path, fake, machine=MACHINE_B).choose(CALL, tensors(), RUNS)
     fake.results = dict(RESULTS, sdpa=Measurement(ms=0.5, error=good(0.0)))  # e.g. a new cuDNN
     retuner = tuner(path, fake, retune=True)
     assert retuner.choose(CALL, tensors(), RUNS).backend == "sdpa"
     assert retuner.choose(CALL, tensors(), RUNS).source == SAVED  # once per signature, not per call
-    assert fake.calls == 2
+    assert fake.calls == 4
+    machines = {m["fingerprint"]["gpu"]: m["decisions"] for m in json.loads(path.read_text())["machines"]}
+    assert list(machines["GPU A"]) == [signature_key(CALL)]  # the other shape was forgotten
+    assert list(machines["GPU B"]) == [signature_key(CALL)]  # another machine's decisions stay
 
 
 def test_a_saved_choice_that_cannot_run_now_is_measured_again(tmp_path):
@@ -192,6 +200,14 @@ def test_partial_measurements_are_used_but_not_saved(tmp_path):
     decision = tuner(path, FakeMeasure(results)).choose(CALL, tensors(), RUNS)
     assert decision.backend == "flash4" and not decision.complete
     assert not path.exists()
+
+
+def test_an_unwritable_file_does_not_end_the_run(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with caplog.at_level(logging.WARNING):
+        decision = tuner(blocked / "tuning.json", FakeMeasure(RESULTS)).choose(CALL, tensors(), RUNS)
+    assert decision.backend == "flash4" and "cannot save tuning decisions" in caplog.text
 
 
 def test_no_exact_reference_means_no_tuning(tmp_path):
