@@ -3,7 +3,8 @@
 // - On every Attention Backend node: what the selected backend will do on this machine
 //   (GET /attention_backends/status) and, after a run, the run report (websocket event
 //   "attention_backends.report", also GET /attention_backends/report).
-// - An "Attention" sidebar tab with the backend table, auto's choices and the benchmark chart.
+// - An "Attention" sidebar tab with the backend table, auto's choices, what auto_tuned has
+//   saved for this GPU, the last runs (with their tuning decisions) and the benchmark chart.
 //
 // Extension APIs used (present in comfyui-frontend-package 1.27 … 1.42):
 //   app.registerExtension({setup, nodeCreated, loadedGraphNode}), node.addDOMWidget,
@@ -15,9 +16,10 @@ import { api } from "../../scripts/api.js";
 import { describePriority, describeSelection } from "./lib/status.js";
 import { REPORT_EVENT, oneLine, planLines, reportsFromResponse, summariseReport } from "./lib/report.js";
 import {
-  PANEL_WIDGET, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, nodeType,
+  PANEL_WIDGET, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, nodeTuning, nodeType,
   reportMatchesNode, resolveReportNode,
 } from "./lib/nodes.js";
+import { summariseTuning, tuningTooltipLines } from "./lib/tuning.js";
 import { estimateHeight, nodePanel, sidebarContent } from "./lib/dom.js";
 
 const EXTENSION = "AttentionBackends.Frontend";
@@ -31,6 +33,7 @@ const state = {
   reports: new Map(), // node id path ("12", "5:12") → latest report
   panels: new Set(), // live panel controllers
   sidebarEls: new Set(),
+  expanded: new Set(), // open decision tables in the sidebar, kept across re-renders
 };
 
 // ---------------------------------------------------------------- server data
@@ -93,7 +96,7 @@ function reportFor(node) {
 
 function statusViewFor(node) {
   const kind = nodeKind(nodeType(node));
-  const options = { error: state.statusError, onUnsupported: nodePolicy(node) };
+  const options = { error: state.statusError, onUnsupported: nodePolicy(node), tuning: nodeTuning(node) };
   if (kind && kind.kind === "advanced" && findWidget(node, kind.selectionWidget)) {
     return describePriority(state.status, nodeSelection(node), options);
   }
@@ -109,6 +112,11 @@ function chainCallback(widget, after) {
     return result;
   };
   widget.__attentionChained = true;
+}
+
+/** The widget values the panel depends on; a change re-renders it. */
+function widgetsKey(node) {
+  return `${nodeSelection(node)}|${nodePolicy(node)}|${nodeTuning(node)}`;
 }
 
 function attachPanel(node) {
@@ -129,8 +137,9 @@ function attachPanel(node) {
       element.dataset.selection = selection == null ? "" : String(selection);
       element.dataset.kind = view.kind;
       element.dataset.report = summary ? summary.level : "none";
-      element.title = report ? [oneLine(report), ...planLines(report)].join("\n") : "";
-      this.lastKey = `${selection}|${nodePolicy(node)}`;
+      element.title = report
+        ? [oneLine(report), ...planLines(report), ...tuningTooltipLines(summary.tuning)].join("\n") : "";
+      this.lastKey = widgetsKey(node);
       this.resize(estimateHeight(view, summary, node.size ? node.size[0] : 300) + 20);
       this.scheduleMeasure();
     },
@@ -173,12 +182,13 @@ function attachPanel(node) {
   if (kind) {
     chainCallback(findWidget(node, kind.selectionWidget), () => panel.render());
     chainCallback(findWidget(node, kind.policyWidget), () => panel.render());
+    chainCallback(findWidget(node, kind.tuningWidget), () => panel.render());
   }
   // Values set without a callback (workflow load, undo, links) are caught on the next draw.
   const onDrawForeground = node.onDrawForeground;
   node.onDrawForeground = function (...args) {
     const result = onDrawForeground ? onDrawForeground.apply(this, args) : undefined;
-    if (panel.lastKey !== `${nodeSelection(node)}|${nodePolicy(node)}`) panel.render();
+    if (panel.lastKey !== widgetsKey(node)) panel.render();
     return result;
   };
   const onResize = node.onResize;
@@ -214,7 +224,10 @@ function sidebarReports() {
     const fallbacks = (report.fallbacks || []).reduce((n, f) => n + (Number(f.calls) || 0), 0);
     if (fallbacks) parts.push(`${fallbacks} fell back`);
     if ((report.warnings || []).length) parts.push(`⚠ ${report.warnings.length}`);
-    out.push({ nodeId, selection: report.selection ?? "?", text: parts.join(" · ") });
+    out.push({
+      nodeId, selection: report.selection ?? "?", text: parts.join(" · "),
+      tuning: summariseTuning(report.tuning, { plans: report.plans }),
+    });
   }
   return out;
 }
@@ -226,6 +239,7 @@ function renderSidebar(el) {
     reports: sidebarReports(),
     onRefresh: () => { loadStatus(true); loadReports(); },
     chartSrc: (url) => api.apiURL(url), // under /api, and the frontend's API base
+    expanded: state.expanded,
   }));
 }
 

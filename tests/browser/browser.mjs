@@ -37,7 +37,7 @@ export async function launchBrowser({ width = 1400, height = 900 } = {}) {
 
 /** Problems that come from this pack's code (its files in a stack, or its names in a message). */
 export function ourProblems(problems) {
-  return problems.filter((p) => /attention_backends\.js|\/lib\/(status|report|nodes|dom)\.js|AttentionBackends|attention_backends/i.test(p));
+  return problems.filter((p) => /attention_backends\.js|\/lib\/(status|report|nodes|dom|tuning)\.js|AttentionBackends|attention_backends/i.test(p));
 }
 
 /** Open ComfyUI and wait until the app, its graph and this extension's status are ready. */

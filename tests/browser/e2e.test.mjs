@@ -5,6 +5,10 @@
 // Versions: AB_COMFY_VERSIONS (default "0.19.3 0.3.64"), one server at a time.
 // Screenshots go to AB_SCREENSHOT_DIR (default tests/browser/screenshots/, git-ignored);
 // AB_SCREENSHOT_DIR=../../docs/screenshots refreshes the ones the docs use.
+//
+// The server runs on the CPU, where the status route lists no GPU for auto_tuned; the
+// "Tuned on this GPU" section is also checked with the committed H200 decisions
+// (tests/js/fixtures/status_tuning_h200.json) put into the page's status.
 
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
@@ -18,6 +22,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const VERSIONS = (process.env.AB_COMFY_VERSIONS || "0.19.3 0.3.64").split(/[\s,]+/).filter(Boolean);
 const SHOTS = path.resolve(here, process.env.AB_SCREENSHOT_DIR || "screenshots");
 const RUN_TIMEOUT = 180_000;
+const H200_TUNING = JSON.parse(fs.readFileSync(path.join(here, "..", "js", "fixtures", "status_tuning_h200.json"), "utf8"));
 
 function skipReason(version) {
   if (!chromiumAvailable()) return "no Chromium at /usr/bin/chromium (apt-get install chromium, or set CHROMIUM_PATH)";
@@ -143,6 +148,20 @@ async function shotNodes(page, ids, file) {
   await page.screenshot({ path: path.join(SHOTS, file), clip });
 }
 
+/** Screenshot of one element, scrolled to its top, with a margin (cut at the window's bottom). */
+async function shotElement(page, selector, file) {
+  await page.evaluate((selector) => document.querySelector(selector).scrollIntoView({ block: "start" }), selector);
+  await page.waitForTimeout(300);
+  const clip = await page.evaluate((selector) => {
+    const r = document.querySelector(selector).getBoundingClientRect();
+    const m = 8;
+    const top = Math.max(0, r.top - m);
+    return { x: Math.max(0, r.left - m), y: top, width: r.width + 2 * m, height: Math.min(window.innerHeight, r.bottom + m) - top };
+  }, selector);
+  fs.mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: path.join(SHOTS, file), clip });
+}
+
 /** Screenshot of the sidebar scrolled to its end (last runs, benchmark). */
 async function shotSidebarBottom(page, file) {
   await page.evaluate(() => document.querySelector(".ab-side .ab-charts").scrollIntoView({ block: "end" }));
@@ -154,6 +173,40 @@ async function shotSidebarBottom(page, file) {
   });
   fs.mkdirSync(SHOTS, { recursive: true });
   if (clip.width > 0 && clip.height > 0) await page.screenshot({ path: path.join(SHOTS, file), clip });
+}
+
+/** The Attention sidebar as the page shows it (opened first when closed). */
+async function openSidebar(page) {
+  if (!(await page.isVisible(".ab-side"))) await page.click(".attention-backends-tab-button", { timeout: 15_000 });
+  await page.waitForSelector(".ab-side .ab-list .ab-item", { timeout: 15_000 });
+}
+
+async function closeSidebar(page) {
+  if (await page.isVisible(".ab-side")) await page.click(".attention-backends-tab-button");
+}
+
+/** The "Tuned on this GPU" section: its text and each decision (open or folded, table rows). */
+async function tunedSection(page) {
+  return page.evaluate(() => {
+    const el = document.querySelector(".ab-side .ab-tuned");
+    if (!el) return null;
+    return {
+      text: el.innerText,
+      decisions: [...el.querySelectorAll("details.ab-decision")].map((d) => ({
+        open: d.open, summary: d.querySelector("summary").innerText,
+        rows: [...d.querySelectorAll("tbody tr")].map((tr) => [...tr.cells].map((td) => td.textContent)),
+      })),
+    };
+  });
+}
+
+/** Replace the page's status (what GET /attention_backends/status said) and re-render. */
+async function injectStatus(page, patch) {
+  await page.evaluate((patch) => {
+    const ab = window.__attentionBackends;
+    ab.state.status = { ...ab.state.status, ...patch };
+    ab.refreshEverything();
+  }, patch);
 }
 
 async function fetchJson(url) {
@@ -223,6 +276,19 @@ for (const version of VERSIONS) {
       assert.match(sage.text, /sageattention is not installed/);
       assert.equal(sage.hint, "pip install sageattention");
 
+      // Both nodes carry the `tuning` choice (for auto_tuned) next to the panel, which is never serialised.
+      const widgets = await page.evaluate((ids) => Object.fromEntries([ids.auto, ids.adv].map((id) => {
+        const node = window.app.graph.getNodeById(id);
+        return [id, node.widgets.map((w) => ({ name: w.name, value: w.value, values: w.options?.values ?? null,
+                                               serialize: w.serialize !== false }))];
+      })), ids);
+      for (const id of [ids.auto, ids.adv]) {
+        const tuning = widgets[id].find((w) => w.name === "tuning");
+        assert.deepEqual(tuning && [tuning.value, tuning.values], ["reuse saved", ["reuse saved", "re-tune"]], JSON.stringify(widgets[id]));
+        assert.equal(widgets[id].find((w) => w.name === "attention_status").serialize, false);
+      }
+      assert.ok(widgets[ids.auto].find((w) => w.name === "backend").values.includes("auto_tuned"));
+
       const adv = await waitPanel(page, ids.adv, (p) => p.kind === "ok", "advanced priority");
       assert.match(adv.text, /calls go to sdpa first/);
       assert.match(adv.text, /flash4 ✗/);
@@ -239,8 +305,18 @@ for (const version of VERSIONS) {
       assert.match(p.text, /no CUDA GPU/);
       await setWidget(page, ids.sage, "on_unsupported", "stop");
       p = await waitPanel(page, ids.sage, (x) => /the run will stop/.test(x.text), "stop policy");
+      await setWidget(page, ids.sage, "backend", "auto_tuned");
+      p = await waitPanel(page, ids.sage, (x) => x.kind === "auto_tuned", "auto_tuned");
+      assert.match(p.text, /measured once/);
+      await setWidget(page, ids.sage, "tuning", "re-tune");
+      await waitPanel(page, ids.sage, (x) => /re-tune: every call shape/.test(x.text), "re-tune");
+      await setWidget(page, ids.sage, "tuning", "reuse saved");
       await setWidget(page, ids.sage, "backend", "auto");
       await waitPanel(page, ids.sage, (x) => x.kind === "auto", "back to auto");
+      await setWidget(page, ids.adv, "priority", "auto_tuned > sdpa");
+      p = await waitPanel(page, ids.adv, (x) => /calls go to auto_tuned first/.test(x.text), "auto_tuned in a priority list");
+      assert.match(p.text, /auto_tuned — the backend measured fastest on this GPU/);
+      await setWidget(page, ids.adv, "priority", "flash4 > sage > sdpa");
     });
 
     it("a run with the tiny Flux model puts the report on the node", { timeout: RUN_TIMEOUT * 2 }, async () => {
@@ -263,6 +339,10 @@ for (const version of VERSIONS) {
       ]);
       ids.run = n.ab;
       ids.runGraph = n;
+      // The prompt carries the node's inputs, the new `tuning` among them, and not the panel.
+      const inputs = await page.evaluate(async (id) => (await window.app.graphToPrompt()).output[id].inputs, n.ab);
+      assert.deepEqual(Object.keys(inputs).sort(), ["backend", "model", "on_unsupported", "tuning"]);
+      assert.equal(inputs.tuning, "reuse saved");
       await page.evaluate(() => window.app.queuePrompt(0, 1));
       const p = await waitPanel(page, n.ab, (x) => x.report && x.report !== "none", "a run report", RUN_TIMEOUT);
       assert.equal(p.report, "ok", p.text);
@@ -341,6 +421,105 @@ for (const version of VERSIONS) {
         JSON.stringify(figure.links));
       assert.ok(figure.links.some((a) => /full size/i.test(a.text)), JSON.stringify(figure.links));
       await shotSidebarBottom(page, `sidebar-chart-${version}.png`);
+    });
+
+    it("a run with auto_tuned shows its tuning on the node and its decisions in the sidebar", { timeout: RUN_TIMEOUT * 3 }, async () => {
+      await closeSidebar(page);
+      await setWidget(page, ids.run, "backend", "auto_tuned");
+      await setWidget(page, ids.run, "on_unsupported", "fall back");
+      await waitPanel(page, ids.run, (x) => x.kind === "auto_tuned", "auto_tuned status");
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      let p = await waitPanel(page, ids.run, (x) => /auto_tuned: /.test(x.text) && !/ran with/.test(x.text),
+        "a report with the tuning line", RUN_TIMEOUT);
+      assert.equal(p.report, "ok", p.text);
+      const first = await fetchJson(`${server.url}/attention_backends/report?node=${ids.run}`);
+      const tuning = first.tuning;
+      assert.ok(tuning && tuning.measured >= 1 && tuning.reused === 0, JSON.stringify(tuning));
+      assert.ok(first.plans.every((plan) => plan.tuned === "measured"), JSON.stringify(first.plans));
+      const shapes = `${tuning.measured} ${tuning.measured === 1 ? "shape" : "shapes"}`;
+      assert.match(p.text, new RegExp(`auto_tuned: ${shapes} measured in \\d+\\.\\d+ s`));
+      for (const d of tuning.decisions.slice(0, 3)) {
+        assert.ok(p.text.includes(`${d.backend} ← B=`), `no line for ${d.signature} in ${p.text}`);
+      }
+      assert.match(p.text, /· measured/);
+      assert.ok(p.overflow <= 2, `panel content is cut off by ${p.overflow}px`);
+      await shotNodes(page, [ids.run], `node-auto-tuned-${version}.png`);
+
+      // The node runs again with other inputs: a new tuner, which reuses the saved decisions.
+      await setWidget(page, ids.run, "on_unsupported", "stop");
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      p = await waitPanel(page, ids.run, (x) => new RegExp(`auto_tuned: ${shapes} reused`).test(x.text),
+        "a report reusing the decisions", RUN_TIMEOUT);
+      const second = await fetchJson(`${server.url}/attention_backends/report?node=${ids.run}`);
+      assert.equal(second.tuning.measured, 0);
+      assert.equal(second.tuning.reused, tuning.measured);
+      assert.ok(second.plans.every((plan) => plan.tuned === "saved"), JSON.stringify(second.plans));
+      assert.match(p.text, /· saved/);
+
+      // The sidebar: the run's decisions, each opening to its candidates table (which stays
+      // open when the panel re-renders), and the status route's tuning.
+      await openSidebar(page);
+      const runRow = `.ab-side .ab-run[data-node="${ids.run}"]`;
+      const run = await page.evaluate((sel) => {
+        const el = document.querySelector(sel);
+        return el && { text: el.innerText, decisions: el.querySelectorAll("details.ab-decision").length };
+      }, runRow);
+      assert.ok(run, "no sidebar row for the run");
+      assert.match(run.text, new RegExp(`auto_tuned: ${shapes} reused`));
+      assert.equal(run.decisions, second.tuning.decisions.length);
+      await page.click(`${runRow} details.ab-decision summary`);
+      // The panel notes an open table on the details' toggle event, which comes after the click.
+      await page.waitForFunction(() => window.__attentionBackends.state.expanded.size === 1, null, { timeout: 5_000 });
+      await page.evaluate(() => window.__attentionBackends.refreshEverything());
+      const table = await page.evaluate((sel) => {
+        const d = document.querySelector(`${sel} details.ab-decision`);
+        return { open: d.open, rows: [...d.querySelectorAll("tbody tr")].map((tr) => [...tr.cells].map((td) => td.textContent)) };
+      }, runRow);
+      const decision = second.tuning.decisions[0];
+      assert.equal(table.open, true);
+      assert.equal(table.rows.length, Object.keys(decision.candidates).length);
+      assert.deepEqual([table.rows[0][0], table.rows[0].at(-1)], [decision.backend, "chosen"]);
+
+      const status = await fetchJson(`${server.url}/attention_backends/status`);
+      assert.deepEqual(status.nodes.selectable.slice(0, 2), ["auto", "auto_tuned"]);
+      assert.equal(status.tuning.exists, true);
+      assert.ok(status.tuning.file.startsWith(server.work), status.tuning.file); // the server's user directory
+      assert.deepEqual(status.tuning.devices, []); // --cpu: no GPU to list
+      await page.evaluate(() => window.__attentionBackends.loadStatus(true)); // the file exists now
+      await page.waitForFunction(() => !/not written yet/.test(document.querySelector(".ab-side .ab-tuned").innerText),
+        null, { timeout: 15_000 });
+      const section = await tunedSection(page);
+      assert.match(section.text, /Tuned on this GPU/);
+      assert.ok(section.text.includes(status.tuning.file), `${section.text} does not name ${status.tuning.file}`);
+      assert.match(section.text, /No CUDA GPU is visible/);
+
+      // With a GPU's saved decisions (the committed H200 file as the status route sends it).
+      await injectStatus(page, { tuning: H200_TUNING });
+      let tuned = await tunedSection(page);
+      assert.match(tuned.text, /NVIDIA H200 · driver 580\.159\.04 · torch 2\.11\.0\+cu130/);
+      assert.match(tuned.text, /9 saved decisions/);
+      assert.equal(tuned.decisions.length, 9);
+      assert.match(tuned.decisions[0].summary, /^flash4 ← B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16 · runner-up sdpa 1\.06×$/);
+      await page.click(".ab-side .ab-tuned details.ab-decision summary");
+      tuned = await tunedSection(page);
+      assert.equal(tuned.decisions[0].open, true);
+      assert.equal(tuned.decisions[0].rows.length, 11);
+      assert.deepEqual(tuned.decisions[0].rows[0], ["flash4", "0.421", "", "6.2e-4", ">0.999999", "chosen"]);
+      assert.deepEqual(tuned.decisions[0].rows[1], ["sdpa", "0.447", "1.06×", "0", "1", "slower"]);
+      await shotElement(page, ".ab-side .ab-tuned", `sidebar-tuned-h200-${version}.png`);
+
+      // A damaged file is a warning, in the sidebar and on the node's auto_tuned status.
+      const problem = "not JSON (Expecting value: line 1 column 1 (char 0))";
+      await injectStatus(page, { tuning: { ...H200_TUNING,
+        devices: [{ ...H200_TUNING.devices[0], decisions: [], ignored_file_problem: problem }] } });
+      tuned = await tunedSection(page);
+      assert.ok(tuned.text.includes(`⚠ The tuning file was ignored: ${problem}`), tuned.text);
+      assert.match(tuned.text, /No decisions saved for this GPU yet/);
+      p = await waitPanel(page, ids.run, (x) => x.text.includes(problem), "the damaged-file warning on the node");
+      assert.match(p.text, /On NVIDIA H200: nothing saved yet/);
+      await page.evaluate(() => window.__attentionBackends.loadStatus(true));
+      await waitPanel(page, ids.run, (x) => !x.text.includes(problem), "the server's status back");
+      await closeSidebar(page);
     });
 
     it("in the Nodes 2.0 (Vue) node design the panel renders inside the node", async (t) => {

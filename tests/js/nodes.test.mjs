@@ -1,8 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  NODE_KINDS, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, reportMatchesNode,
-  resolveReportNode,
+  NODE_KINDS, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, nodeTuning,
+  reportMatchesNode, resolveReportNode,
 } from "../../web/lib/nodes.js";
 
 // Minimal stand-ins for LiteGraph graphs and nodes.
@@ -15,8 +15,9 @@ const combo = (name, value, values) => ({ name, value, options: { values } });
 
 const inner = node(3, "AttentionBackend", [combo("backend", "sage", ["auto", "sage"]), combo("on_unsupported", "stop", ["fall back", "stop"])]);
 const subgraphNode = node(5, "some-subgraph-uuid", [], { subgraph: new Graph([node(1, "KSampler"), inner]) });
-const top = node(12, "AttentionBackend", [combo("backend", "auto", ["auto", "sdpa"]), combo("on_unsupported", "fall back", ["fall back", "stop"])]);
-const adv = node(7, "AttentionBackendAdvanced", [{ name: "priority", value: "flash4 > sdpa" }]);
+const top = node(12, "AttentionBackend", [combo("backend", "auto", ["auto", "sdpa"]), combo("on_unsupported", "fall back", ["fall back", "stop"]),
+  combo("tuning", "reuse saved", ["reuse saved", "re-tune"])]);
+const adv = node(7, "AttentionBackendAdvanced", [{ name: "priority", value: "flash4 > sdpa" }, combo("tuning", "re-tune", ["reuse saved", "re-tune"])]);
 const root = new Graph([node(1, "CheckpointLoaderSimple"), top, adv, subgraphNode]);
 
 test("node kinds", () => {
@@ -39,6 +40,10 @@ test("selection and policy come from the widgets", () => {
   assert.equal(nodeSelection(adv), "flash4 > sdpa");
   assert.equal(nodePolicy(adv), null);
   assert.equal(findWidget(top, "nope"), null);
+  assert.equal(nodeTuning(top), "reuse saved");
+  assert.equal(nodeTuning(adv), "re-tune");
+  assert.equal(nodeTuning(inner), null); // a workflow saved before the input existed
+  assert.equal(nodeTuning(node(1, "KSampler")), null);
   // A renamed combo is still found by its values.
   assert.equal(nodeSelection(node(9, "AttentionBackend", [combo("kernel", "sdpa", ["auto", "sdpa"])])), "sdpa");
 });

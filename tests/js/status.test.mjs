@@ -17,6 +17,7 @@ test("findBackend and selectableNames", () => {
   assert.equal(names[0], "auto");
   assert.ok(names.includes("sage") && names.includes("flash4"));
   assert.deepEqual(selectableNames(gpu), gpu.nodes.selectable);
+  assert.deepEqual(selectableNames(gpu).slice(0, 2), ["auto", "auto_tuned"]);
 });
 
 test("an available backend says it runs here, with its version", () => {

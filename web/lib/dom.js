@@ -3,6 +3,10 @@
 
 import { backendTable, benchmarkRuns, describeAuto, machineSummary } from "./status.js";
 import { formatCount } from "./report.js";
+import { tunedOnThisMachine } from "./tuning.js";
+
+// auto_tuned decisions listed on a node; the rest (and every table) is in the sidebar.
+const NODE_DECISIONS = 3;
 
 export function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -48,6 +52,18 @@ export function statusSection(view) {
     view.hint ? h("div", { class: "ab-hint" }, h("code", {}, view.hint), copyButton(view.hint)) : null);
 }
 
+/** The node's compact view of a run's tuning: the summary line and the first decisions. */
+function nodeTuning(tuning) {
+  const more = tuning.decisions.length - NODE_DECISIONS;
+  return h("div", { class: "ab-tuning" },
+    h("div", { class: `ab-line ab-${tuning.cls} ab-tuning-line`, title: tuning.file ? `saved in ${tuning.file}` : null },
+      tuning.text),
+    tuning.decisions.slice(0, NODE_DECISIONS).map((d) => h("div", {
+      class: "ab-line ab-muted ab-indent ab-tuning-decision", title: `${d.signature}\n${d.runnerUpText}`,
+    }, d.line)),
+    more > 0 ? h("div", { class: "ab-line ab-muted ab-indent" }, `+${more} more in the Attention panel`) : null);
+}
+
 /** The node's "after a run" block (summary from summariseReport), or a placeholder. */
 export function reportSection(summary) {
   if (!summary) {
@@ -65,6 +81,7 @@ export function reportSection(summary) {
     summary.stale ? h("div", { class: "ab-line ab-muted" }, summary.staleText) : null,
     summary.rows.length ? bars : null,
     summary.fallbacks.map((f) => h("div", { class: "ab-line ab-warn ab-fallback" }, `↪ ${f.text}`)),
+    summary.tuning ? nodeTuning(summary.tuning) : null,
     summary.notes.map((n) => h("div", { class: "ab-line ab-muted" }, n)),
     summary.warnings.map((w) => h("div", { class: "ab-line ab-bad ab-warning" }, `⚠ ${w}`)));
 }
@@ -83,6 +100,11 @@ export function estimateHeight(statusView, reportSummary, width = 300) {
     n += lines(reportSummary.headline) + reportSummary.rows.length * 1.1 + (reportSummary.stale ? 1 : 0);
     n += reportSummary.fallbacks.reduce((a, f) => a + lines(f.text), 0);
     n += reportSummary.warnings.reduce((a, w) => a + lines(w), 0) + reportSummary.notes.length;
+    const tuning = reportSummary.tuning;
+    if (tuning) {
+      n += lines(tuning.text) + tuning.decisions.slice(0, NODE_DECISIONS).reduce((a, d) => a + lines(d.line), 0);
+      if (tuning.decisions.length > NODE_DECISIONS) n += 1;
+    }
   } else {
     n += 2;
   }
@@ -105,8 +127,62 @@ function benchmarkFigure(run, chartSrc) {
     h("a", { ...link, class: "ab-chart-open" }, "Open full size ↗"));
 }
 
+/** A backend name that may wrap after its underscores in a narrow column (sage_qk_int8_pv_ / fp8_cuda). */
+function breakable(name) {
+  return name.split(/(?<=_)/).flatMap((part, i) => (i ? [h("wbr"), part] : [part]));
+}
+
+/** A decision's candidates: time, time against the chosen one, error against the reference, verdict. */
+function candidatesTable(decision) {
+  const head = ["backend", "ms", "× chosen", "rel. L1", "cosine", "verdict"];
+  // In a narrow sidebar the table scrolls sideways rather than squeezing the numbers.
+  return h("div", { class: "ab-candidates-scroll" }, h("table", { class: "ab-table ab-candidates" },
+    h("thead", {}, h("tr", {}, head.map((label) => h("th", {}, label)))),
+    h("tbody", {}, decision.rows.map((row) => h("tr", { class: row.chosen ? "ab-chosen" : null, dataset: { backend: row.backend } },
+      h("td", { class: "ab-name" }, breakable(row.backend)),
+      h("td", { class: "ab-num" }, row.msText),
+      h("td", { class: "ab-num" }, row.chosen ? "" : row.ratioText),
+      h("td", { class: "ab-num" }, row.relL1Text),
+      h("td", { class: "ab-num" }, row.cosineText),
+      h("td", { class: `ab-${row.verdict.cls}`, title: row.verdict.title || null }, row.verdict.label))))));
+}
+
+/**
+ * One decision, folded: the line (and runner-up) as its summary, the candidates table
+ * inside. `expanded` holds the keys of the open ones; the glue keeps it across re-renders
+ * so an open table stays open when a report or the status arrives.
+ */
+function decisionDetails(decision, key, expanded) {
+  const details = h("details", { class: "ab-decision", open: expanded.has(key), dataset: { signature: decision.signature } },
+    h("summary", { title: decision.signature },
+      h("span", { class: "ab-decision-line" }, decision.line),
+      h("span", { class: "ab-muted" }, ` · ${decision.runnerUpText}`)),
+    candidatesTable(decision),
+    decision.facts ? h("div", { class: "ab-muted ab-small" }, decision.facts) : null);
+  details.addEventListener("toggle", () => {
+    if (details.open) expanded.add(key);
+    else expanded.delete(key);
+  });
+  return details;
+}
+
+/** "Tuned on this GPU": what auto_tuned has saved for each visible GPU (status.tuning). */
+function tunedBlock(tuned, expanded) {
+  return h("div", { class: "ab-tuned" },
+    h("div", { class: "ab-title" }, "Tuned on this GPU"),
+    h("div", { class: "ab-muted ab-small ab-tuned-file" },
+      `File: ${tuned.file || "?"}${tuned.exists ? "" : " (not written yet)"}`),
+    tuned.note ? h("div", { class: "ab-line ab-muted" }, tuned.note) : null,
+    tuned.devices.map((device) => h("div", { class: "ab-tuned-device", dataset: { device: String(device.index) } },
+      h("div", { class: "ab-line ab-head ab-fingerprint", title: device.details || null }, `${device.label}${device.summary}`),
+      device.details ? h("div", { class: "ab-muted ab-small" }, device.details) : null,
+      device.problem ? h("div", { class: "ab-line ab-bad ab-tuned-problem" }, `⚠ ${device.problem}`) : null,
+      h("div", { class: `ab-line ${device.count ? "ab-good" : "ab-muted"} ab-tuned-count` }, device.countText),
+      device.decisions.map((d) => decisionDetails(d, `gpu${device.index}|${d.signature}`, expanded)))));
+}
+
 /** The sidebar / floating panel content. */
-export function sidebarContent({ status, error, reports = [], onRefresh, chartSrc = (u) => u }) {
+export function sidebarContent({ status, error, reports = [], onRefresh, chartSrc = (u) => u, expanded = new Set() }) {
   const header = h("div", { class: "ab-side-head" },
     h("h3", {}, "Attention backends"),
     onRefresh ? h("button", { class: "ab-refresh", type: "button", onclick: onRefresh, title: "Reload from the server" }, "Refresh") : null);
@@ -147,13 +223,18 @@ export function sidebarContent({ status, error, reports = [], onRefresh, chartSr
   const reportBlock = h("div", { class: "ab-reports" },
     h("div", { class: "ab-title" }, "Last runs"),
     reports.length
-      ? reports.map((r) => h("div", { class: "ab-line", dataset: { node: r.nodeId } },
-          h("span", { class: "ab-name" }, `#${r.nodeId} ${r.selection}`), ` — ${r.text}`))
+      ? reports.map((r) => h("div", { class: "ab-run", dataset: { node: r.nodeId } },
+          h("div", { class: "ab-line" }, h("span", { class: "ab-name" }, `#${r.nodeId} ${r.selection}`), ` — ${r.text}`),
+          r.tuning ? h("div", { class: "ab-run-tuning" },
+            h("div", { class: `ab-line ab-${r.tuning.cls} ab-tuning-line` }, r.tuning.text),
+            r.tuning.decisions.map((d) => decisionDetails(d, `run${r.nodeId}|${d.signature}`, expanded))) : null))
       : h("div", { class: "ab-line ab-muted" }, "No run reports yet."));
 
+  const tuned = tunedOnThisMachine(status);
   return h("div", { class: "ab-side" }, header,
     h("div", { class: "ab-muted ab-summary" }, machineSummary(status)),
     autoBlock,
+    tuned ? tunedBlock(tuned, expanded) : null,
     reportBlock,
     h("div", { class: "ab-title" }, "Backends"), list,
     chartBlock);

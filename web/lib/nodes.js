@@ -4,8 +4,10 @@
 
 /** Node type (ComfyUI class name) → what the extension reads from it. */
 export const NODE_KINDS = {
-  AttentionBackend: { kind: "simple", selectionWidget: "backend", policyWidget: "on_unsupported" },
-  AttentionBackendAdvanced: { kind: "advanced", selectionWidget: "priority", policyWidget: "on_unsupported" },
+  AttentionBackend: { kind: "simple", selectionWidget: "backend", policyWidget: "on_unsupported", tuningWidget: "tuning" },
+  AttentionBackendAdvanced: {
+    kind: "advanced", selectionWidget: "priority", policyWidget: "on_unsupported", tuningWidget: "tuning",
+  },
 };
 
 /** Name of the extension's own (display-only, never serialised) widget. */
@@ -44,6 +46,13 @@ export function nodeSelection(node) {
 export function nodePolicy(node) {
   const kind = nodeKind(nodeType(node));
   const w = kind ? findWidget(node, kind.policyWidget) : null;
+  return w ? w.value : null;
+}
+
+/** The node's `tuning` choice ("reuse saved" | "re-tune"), or null (a workflow from before it existed). */
+export function nodeTuning(node) {
+  const kind = nodeKind(nodeType(node));
+  const w = kind ? findWidget(node, kind.tuningWidget) : null;
   return w ? w.value : null;
 }
 

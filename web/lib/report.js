@@ -2,6 +2,8 @@
 // "attention_backends.report" and the values of GET /attention_backends/report; docs/api.md).
 // No DOM, no ComfyUI imports.
 
+import { summariseTuning } from "./tuning.js";
+
 export const REPORT_EVENT = "attention_backends.report";
 
 /** 0.947 → "94.7%", 1 → "100%", 0.0004 → "<0.1%". */
@@ -79,7 +81,8 @@ export function noteLines(report) {
 
 /**
  * The "after a run" panel of a node.
- * Returns {level: "ok"|"warn"|"error", headline, rows, fallbacks, warnings, notes, stale}
+ * Returns {level: "ok"|"warn"|"error", headline, rows, fallbacks, warnings, notes, stale, tuning}
+ *   tuning: summariseTuning of the report's tuning and plans, null unless the run used auto_tuned
  *   currentSelection: the node's combo value now; a report from another selection is marked stale.
  */
 export function summariseReport(report, { currentSelection = null } = {}) {
@@ -116,6 +119,7 @@ export function summariseReport(report, { currentSelection = null } = {}) {
     notes,
     stale,
     staleText: stale ? `ran with "${selection}"; the node now says "${currentSelection}"` : "",
+    tuning: summariseTuning(report.tuning, { plans: report.plans }),
   };
 }
 
@@ -124,10 +128,11 @@ export function oneLine(report) {
   return shareRows(report).map((r) => `${r.backend} ${r.label}`).join(" · ");
 }
 
-/** Per-signature plans for a tooltip: "B=1 H=24 Nq=4608 … → flash4 ×1,440". */
+/** Per-signature plans for a tooltip: "B=1 H=24 Nq=4608 … → flash4 ×1,440" (+ " · tuned, saved"). */
 export function planLines(report, limit = 8) {
   const plans = ((report && report.plans) || []).slice(0, limit);
-  return plans.map((p) => `${p.signature || "?"} → ${p.backend || "?"} ×${formatCount(p.calls)}`);
+  return plans.map((p) => `${p.signature || "?"} → ${p.backend || "?"} ×${formatCount(p.calls)}` +
+    (p.tuned ? ` · tuned, ${p.tuned}` : ""));
 }
 
 /** Normalise GET /attention_backends/report into {nodeId: report}. */

@@ -4,6 +4,13 @@
 // Every function returns plain "view models" ({kind, title, lines, ...}); the glue in
 // ../attention_backends.js turns them into DOM.
 
+import { tunedOnThisMachine } from "./tuning.js";
+
+/** The choice that measures the backends on this GPU (nodes' combo and priority lists). */
+const AUTO_TUNED = "auto_tuned";
+/** The node's `tuning` choice that measures every call shape again. */
+const RETUNE = "re-tune";
+
 /** The backend row of `name`, or null. */
 export function findBackend(status, name) {
   const rows = (status && Array.isArray(status.backends)) ? status.backends : [];
@@ -97,16 +104,18 @@ export function presentHint(hint, reasons = []) {
 /**
  * The "before a run" panel of an Attention Backend node.
  *   status: the status JSON (or null while loading), error: a fetch error message
- *   selection: the combo value, onUnsupported: "fall back" | "stop" (optional)
+ *   selection: the combo value, onUnsupported: "fall back" | "stop" (optional),
+ *   tuning: the node's tuning choice ("reuse saved" | "re-tune"; only auto_tuned reads it)
  * Returns {kind, title, lines: [{text, cls?, title?}], hint}
- *   kind: "loading" | "error" | "ok" | "unavailable" | "unknown" | "auto"
+ *   kind: "loading" | "error" | "ok" | "unavailable" | "unknown" | "auto" | "auto_tuned"
  */
-export function describeSelection(status, selection, { error = null, onUnsupported = null } = {}) {
+export function describeSelection(status, selection, { error = null, onUnsupported = null, tuning = null } = {}) {
   if (error) {
     return { kind: "error", title: "Backend status unavailable", lines: [{ text: String(error), cls: "muted" }], hint: "" };
   }
   if (!status) return { kind: "loading", title: "Checking backends…", lines: [], hint: "" };
   if (!selection || selection === "auto") return describeAuto(status);
+  if (selection === AUTO_TUNED) return describeAutoTuned(status, { tuning });
 
   const row = findBackend(status, selection);
   if (!row) {
@@ -174,6 +183,29 @@ export function describeAuto(status) {
   return { kind: "auto", title: "auto → best available per call", lines, hint };
 }
 
+/**
+ * `auto_tuned`: what is saved for each GPU (status.tuning), and what the next run will
+ * measure. Not a backend row: the tuner picks among the available backends per call shape.
+ */
+export function describeAutoTuned(status, { tuning = null } = {}) {
+  const tuned = tunedOnThisMachine(status);
+  const lines = [];
+  for (const device of (tuned && tuned.devices) || []) {
+    const where = `On ${device.label}${device.gpu}`;
+    lines.push(device.count
+      ? { text: `${where}: ${plural(device.count, "call shape", "call shapes")} tuned and saved`, cls: "good",
+          title: device.decisions.map((d) => d.line).join("\n") }
+      : { text: `${where}: nothing saved yet`, cls: "muted" });
+    if (device.problem) lines.push({ text: device.problem, cls: "bad" });
+  }
+  lines.push(tuning === RETUNE
+    ? { text: "tuning = re-tune: every call shape of the next run is measured again and replaces what was saved.",
+        cls: "warn" }
+    : { text: "A call shape met for the first time is measured once (a few seconds at most) and the fastest " +
+        "backend inside the error budget is saved.", cls: "muted" });
+  return { kind: "auto_tuned", title: "auto_tuned → fastest accurate backend, measured here", lines, hint: "" };
+}
+
 /** "flash4 > sage, sdpa" → ["flash4", "sage", "sdpa"] (separators: > , ; | whitespace). */
 export function parsePriority(text) {
   if (Array.isArray(text)) return text.map(String).map((s) => s.trim()).filter(Boolean);
@@ -184,11 +216,12 @@ export function parsePriority(text) {
  * The "before a run" panel of the Advanced node: each name of its priority list with
  * availability, and which one a call is most likely to reach first.
  */
-export function describePriority(status, priorityText, { error = null, onUnsupported = null } = {}) {
+export function describePriority(status, priorityText, { error = null, onUnsupported = null, tuning = null } = {}) {
   if (error) return describeSelection(null, null, { error });
   if (!status) return describeSelection(null, null);
   const names = parsePriority(priorityText);
   if (names.length === 0 || (names.length === 1 && names[0] === "auto")) return describeAuto(status);
+  if (names.length === 1 && names[0] === AUTO_TUNED) return describeAutoTuned(status, { tuning });
   const lines = [];
   let first = null;
   let hint = "";
@@ -197,6 +230,12 @@ export function describePriority(status, priorityText, { error = null, onUnsuppo
     if (name === "auto") {
       lines.push({ text: "auto — the rest of the auto order", cls: "good" });
       if (!first) first = "auto";
+      continue;
+    }
+    if (name === AUTO_TUNED) {
+      lines.push({ text: `auto_tuned — the backend measured fastest on this GPU${tuning === RETUNE ? " (re-tuned)" : ""}`,
+                   cls: "good" });
+      if (!first) first = AUTO_TUNED;
       continue;
     }
     const row = findBackend(status, name);
