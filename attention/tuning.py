@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -283,8 +283,15 @@ class Tuner:
     def store(self, device: torch.device) -> TuningStore:
         return self._store_for(device)
 
-    def summary(self) -> dict[str, Any]:
-        """This run's tuning, for the run report."""
+    def summary(self, in_use: Iterable[Decision] = ()) -> dict[str, Any]:
+        """This run's tuning, for the run report.
+
+        in_use: the decisions of the plans that served this run. A plan kept from an
+        earlier run of the same node (ComfyUI reused the node's output) carries a
+        decision this run neither measured nor loaded: it is listed too, as `kept`.
+        """
+        this_run = {d.key for d in self.decisions}
+        kept = list({d.key: d for d in in_use if d.key not in this_run}.values())
         return {
             "file": self.path,
             "tuning_s": round(self.run_spent_s, 3),
@@ -292,9 +299,10 @@ class Tuner:
             "signature_budget_s": self.limits.signature_s,
             "measured": sum(d.source == MEASURED for d in self.decisions),
             "reused": sum(d.source == SAVED for d in self.decisions),
+            "kept": len(kept),
             "left_to_auto": list(self.over_budget),
-            "decisions": [{"signature": d.key, **d.to_json(), "source": d.source, "complete": d.complete}
-                          for d in self.decisions],
+            "decisions": [{"signature": d.key, **d.to_json(), "source": d.source, "complete": d.complete,
+                           "this_run": d.key in this_run} for d in self.decisions + kept],
         }
 
     def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run],

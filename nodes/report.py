@@ -99,7 +99,8 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
                   "pinned_exact": state.pinned},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
-        "tuning": state.tuner.summary() if state.tuner is not None else None,
+        "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
+                                      if p.calls and p.tuning is not None) if state.tuner is not None else None,
         "warnings": _warnings(state, received, still_installed),
     }
 
@@ -161,6 +162,7 @@ def summary(report: dict) -> str:
     if tuning:
         parts.append(f"auto_tuned: {tuning['measured']} signatures measured in {tuning['tuning_s']:.2f}s, "
                      f"{tuning['reused']} reused from {tuning['file']}"
+                     + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
                      + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
                         if tuning["left_to_auto"] else ""))
     guard = report["guard"]

@@ -36,11 +36,15 @@ def make_tuner(priority: list[str], mode: str) -> Tuner | None:
 def tuning_status() -> dict[str, Any]:
     """The saved decisions for each visible GPU, with the measurements behind them."""
     path = tuning_file()
-    devices = []
     if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            store = store_for(path, torch.device("cuda", index))
-            devices.append({"index": index, "fingerprint": store.machine, "ignored_file_problem": store.problem,
-                            "decisions": [{"signature": key, **decision}
-                                          for key, decision in sorted(store.decisions().items())]})
+        targets = [(index, torch.device("cuda", index)) for index in range(torch.cuda.device_count())]
+    else:
+        targets = [(None, torch.device("cpu"))]  # auto_tuned tunes on the CPU too
+    devices = []
+    for index, device in targets:
+        store = store_for(path, device)
+        devices.append({"index": index, "type": device.type, "fingerprint": store.machine,
+                        "ignored_file_problem": store.problem,
+                        "decisions": [{"signature": key, **decision}
+                                      for key, decision in sorted(store.decisions().items())]})
     return {"file": path, "exists": os.path.exists(path), "devices": devices}

@@ -56,7 +56,11 @@ def test_retune_measures_again_once_per_run(pack, tiny, flux, patch, user_direct
     tiny.sample(retuned)
     assert state.last_report["tuning"]["measured"] == first_state.last_report["tuning"]["measured"]
     tiny.sample(retuned)  # the plans hold the new decisions: nothing measured twice
-    assert state.last_report["tuning"]["measured"] == 0
+    again = state.last_report["tuning"]
+    assert again["measured"] == 0 and again["reused"] == 0
+    # ...and the report still lists them, as kept from the node's earlier run
+    assert again["kept"] == len(again["decisions"]) > 0
+    assert not any(d["this_run"] for d in again["decisions"])
 
 
 def test_status_shows_the_saved_decisions(pack, tiny, flux, patch, user_directory):
@@ -66,6 +70,8 @@ def test_status_shows_the_saved_decisions(pack, tiny, flux, patch, user_director
     assert "auto_tuned" in status["nodes"]["selectable"]
     assert status["tuning"]["file"].startswith(str(user_directory))
     assert status["tuning"]["exists"]
+    saved = status["tuning"]["devices"][0]["decisions"]
+    assert saved and all(d["candidates"][d["backend"]]["verdict"] == "chosen" for d in saved)
 
 
 def test_nodes_offer_auto_tuned_and_the_tuning_choice(pack):

@@ -146,6 +146,10 @@ test("the run's tuning line", () => {
   assert.equal(summariseTuning({ ...sdxl.tuning, left_to_auto: [] }, { plans: [...sdxl.plans, { tuned: "saved" }] }).text,
     "auto_tuned: 2 shapes measured in 0.29 s, 1 reused, 1 kept from this node's earlier run");
   assert.equal(summariseTuning(sdxl.tuning, { plans: sdxl.plans }).kept, 0);
+  // The server's own count, with the kept decisions listed as from an earlier run.
+  const served = { ...again, kept: 1, decisions: [{ ...sdxl.tuning.decisions[0], this_run: false }] };
+  assert.equal(summariseTuning(served, { plans }).text, "auto_tuned: 1 shape kept from this node's earlier run");
+  assert.match(summariseTuning(served).decisions[0].line, / · earlier run$/);
   // Counts missing (an older report shape): counted from the decisions.
   assert.equal(summariseTuning({ decisions: sdxl.tuning.decisions }).text, "auto_tuned: 2 shapes measured, 1 reused");
   assert.equal(summariseTuning(null), null);

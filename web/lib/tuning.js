@@ -180,7 +180,8 @@ export function candidateRows(decision) {
 export function decisionView(decision) {
   const d = decision || {};
   const short = shortSignature(d.signature);
-  const source = d.source === "measured" || d.source === "saved" ? d.source : null;
+  const source = d.this_run === false ? "earlier run"
+    : d.source === "measured" || d.source === "saved" ? d.source : null;
   const facts = [];
   if (d.reference) facts.push(`reference ${d.reference}`);
   const budget = budgetText(d.budget);
@@ -216,10 +217,11 @@ export function summariseTuning(tuning, { plans = [] } = {}) {
   const left = Array.isArray(tuning.left_to_auto) ? tuning.left_to_auto.length : 0;
   const partial = decisions.filter((d) => !d.complete).length;
   // A node that samples again with unchanged inputs (ComfyUI reuses its output) keeps its
-  // plans, tuned ones included: the tuner is not asked again, and this run's counts and
-  // decisions leave those shapes out.
+  // plans, tuned ones included: the tuner is not asked again. The server counts those
+  // shapes as `kept` (and lists them with this_run: false); a report without the count
+  // is worked out from the plans.
   const tunedPlans = (Array.isArray(plans) ? plans : []).filter((p) => p && p.tuned).length;
-  const kept = Math.max(0, tunedPlans - decisions.length);
+  const kept = isNumber(tuning.kept) ? tuning.kept : Math.max(0, tunedPlans - decisions.length);
   const parts = [];
   if (measured) {
     const took = formatSeconds(tuning.tuning_s);
