@@ -484,14 +484,16 @@ for (const version of VERSIONS) {
       assert.deepEqual(status.nodes.selectable.slice(0, 2), ["auto", "auto_tuned"]);
       assert.equal(status.tuning.exists, true);
       assert.ok(status.tuning.file.startsWith(server.work), status.tuning.file); // the server's user directory
-      assert.deepEqual(status.tuning.devices, []); // --cpu: no GPU to list
+      // --cpu: one CPU row, holding the decisions this run saved
+      assert.deepEqual(status.tuning.devices.map((d) => [d.type, d.fingerprint.gpu]), [["cpu", "cpu"]]);
+      assert.ok(status.tuning.devices[0].decisions.length > 0);
       await page.evaluate(() => window.__attentionBackends.loadStatus(true)); // the file exists now
       await page.waitForFunction(() => !/not written yet/.test(document.querySelector(".ab-side .ab-tuned").innerText),
         null, { timeout: 15_000 });
       const section = await tunedSection(page);
       assert.match(section.text, /Tuned on this GPU/);
       assert.ok(section.text.includes(status.tuning.file), `${section.text} does not name ${status.tuning.file}`);
-      assert.match(section.text, /No CUDA GPU is visible/);
+      assert.match(section.text, /saved decision/);
 
       // With a GPU's saved decisions (the committed H200 file as the status route sends it).
       await injectStatus(page, { tuning: H200_TUNING });
