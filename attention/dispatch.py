@@ -30,7 +30,7 @@ from . import registry
 from .backend import Backend
 from .call import CallSignature, describe_call
 from .counters import UsageCounters, summarize
-from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection
+from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
 from .priority import AutoEntry, Rule, auto_entries, load_table
 from .tuning import Decision, Tensors, Tuner
@@ -289,7 +289,7 @@ class Dispatcher:
         return plan
 
     def _record_failure(self, key: tuple, plan: Plan, error: Exception) -> None:
-        reason = f"raised {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+        reason = "raised " + describe_exception(error)
         with _failures_lock:
             first_time = (plan.name, plan.signature) not in _failures
             _failures[(plan.name, plan.signature)] = reason

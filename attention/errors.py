@@ -6,6 +6,12 @@ import dataclasses
 
 from .call import CallSignature
 
+def describe_exception(error: BaseException) -> str:
+    """"RuntimeError: first line of the message": what a reason or a log line shows of an error."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 # How a candidate was passed over.
 RULE = "rule"                # auto's shape rule prefers another kernel here (not a fallback)
 UNAVAILABLE = "unavailable"  # cannot run on this machine at all

@@ -24,7 +24,8 @@ SHUFFLED = "shuffled"
 MEASUREMENT_MS = 10.0
 
 # How long the GPU is kept busy per call timed when `prefill` is on: longer than any
-# kernel's host-side launch path (FlashAttention-4's CuTe DSL call takes ~90 µs).
+# kernel's host-side launch path (FlashAttention-4's CuTe DSL call: 72-75 µs a call on
+# the H200's short calls, benchmarks/results/h200/kernels.json).
 _PREFILL_PER_CALL_MS = 0.2
 _PREFILL_MIN_MS = 1.0
 
@@ -48,9 +49,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, inner: int = 1, pref
 
     prefill: keep the GPU busy (a sleep kernel) while the host enqueues the timed calls,
     so the events time the GPU work alone and no host launch path. Without it, the
-    first call's launch path lands inside the interval (a 90 µs path on a 450 µs kernel
-    timed two calls at a time reads 10% slow), and when the host path is longer than
-    the kernel, every call's does. The benchmark times without prefill and with enough
+    first call's launch path lands inside the interval (by arithmetic, a 75 µs path on a
+    410 µs kernel timed two calls at a time adds 9%), and when the host path is longer
+    than the kernel, every call's does. The benchmark times without prefill and with enough
     calls per measurement to amortise the first (see interleaved_median_ms);
     benchmarks/timing_bias.py shows both.
     """
@@ -93,9 +94,9 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], device: torch.de
     inner: calls per measurement. None sizes it per function so that one measurement
     lasts about MEASUREMENT_MS: the time per call is then the steady-state cost of a
     stream of calls, the larger of the GPU's time and the host's launch path, which is
-    what a model pays. (A kernel with a 90 µs host path and 40 µs of GPU work costs a
-    model 90 µs per call; the H200 end-to-end runs showed exactly that for
-    FlashAttention-4 on SDXL.) With one or two calls per measurement the first call's
+    what a model pays. (FlashAttention-4 at SDXL's 1024-token self-attention: 30 µs of
+    GPU work, 75 µs per call in a stream, and the SDXL sampler step on it was 0.81-0.88x
+    of SDPA's in the H200 end-to-end runs.) With one or two calls per measurement the first call's
     launch path would land inside the interval and bias short kernels arbitrarily.
     prefill: see `time_ms` (GPU time alone; for diagnostics).
     min_reps: rounds run even when `budget_s` allows fewer.

@@ -11,10 +11,11 @@ Evidence:
   comfy-kitchen), timed as steady-state cost per call with the host path included,
   and the team's reference table for FA3 (shared/reference/h200-kernels-2026-11.md).
   Quantized kernels lose to SDPA (cuDNN) below ~8k tokens (0.13-0.86x) and win at
-  video lengths (1.26-1.45x at 32k-119k); FA4 wins 1.04-1.25x at head dim 128 from
+  video lengths (1.28-1.42x at 32k-119k); FA4 wins 1.04-1.25x at head dim 128 from
   4.6k tokens and 1.10x at SD1.5's head dim 40 with 4096 tokens, but loses at head
-  dim 64 (0.94x at SDXL's 4096 tokens) and on every short call, where its ~90 µs host
-  path outlasts the kernel; 77-key cross-attention stays on SDPA.
+  dim 64 (0.94x at SDXL's 4096 tokens) and on every short call, where its host path
+  (72-75 µs a call) costs more than SDPA's whole call; 77-key cross-attention stays
+  on SDPA.
 - Other classes are *not measured here*: they follow the kernels' own published
   guidance (SageAttention's per-architecture choice; no Triton Sage on sm80/86, where
   it has produced black images) and use the same conservative length thresholds. The
@@ -82,7 +83,7 @@ AUTO_TABLE: dict[str, tuple[AutoEntry, ...]] = {
     # Hopper (H100/H200), measured.
     "sm90": (
         AutoEntry("sage_qk_int8_pv_fp8_cuda_sm90", Rule(VIDEO_TOKENS, _D128),
-                  "measured: 1.26-1.45x at Wan 480p/720p and HunyuanVideo 720p"),
+                  "measured: 1.28-1.42x at Wan 480p/720p and HunyuanVideo 720p"),
         AutoEntry("flash4", Rule(LONG_TOKENS, _FA4_DIMS),
                   "measured: 1.04-1.25x at head dim 128 from Flux 1024² up; 1.10x at SD1.5 level 1 (D=40)"),
         AutoEntry("flash3", Rule(LONG_TOKENS, _D128), "measured: 1.04-1.20x from Flux 1024² up"),

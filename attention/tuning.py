@@ -37,6 +37,7 @@ import torch
 
 from . import registry
 from .call import FLAT, CallSignature
+from .errors import describe_exception
 from .measure import errors, interleaved_median_ms
 from .tuning_store import TuningStore, default_path, store_for
 
@@ -199,11 +200,6 @@ def _rows(out: torch.Tensor, layout: str) -> torch.Tensor:
     return out[:, :COMPARED_ROWS] if layout == FLAT else out[:, :, :COMPARED_ROWS]
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run], reference: str,
                       limits: Limits, seconds_left: float,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, Measurement]:
@@ -228,7 +224,7 @@ def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run
         try:
             out = run(q, k, v, mask, scale)
         except Exception as error:  # a kernel that breaks on this call is a verdict, not a crash
-            results[name] = Measurement(failure="raised " + _first_line(error))
+            results[name] = Measurement(failure="raised " + describe_exception(error))
             continue
         error = errors(_rows(out, call.layout_out), expected)
         error["nonfinite"] = int((~torch.isfinite(out)).sum().item())

@@ -115,6 +115,11 @@ def _check_decision(key: Any, value: Any) -> None:
     _check_number(value.get("tuning_ms"), f"tuning_ms of {key}")
     _check(isinstance(value.get("reference"), str) and value["reference"] in registry.names(),
            f"decision for {key} names no known reference backend")
+    budget = value.get("budget", {})
+    _check(isinstance(budget, dict), f"budget of {key} is not an object")
+    for field, number in budget.items():
+        _check_number(number, f"budget {field!r} of {key}")
+    _check(isinstance(value.get("tuned_at", ""), str), f"tuned_at of {key} is not a string")
     candidates = value.get("candidates")
     _check(isinstance(candidates, dict), f"candidates of {key} are not an object")
     for name, measured in candidates.items():

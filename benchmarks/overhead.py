@@ -42,7 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     load_pack()
     from attention_backends_pack.attention import Dispatcher
-    from attention_backends_pack.attention.bench.inputs import make_qkv
+    from attention_backends_pack.attention.bench.inputs import call_form, make_qkv
     from attention_backends_pack.attention.bench.report import write_result
     from attention_backends_pack.attention.measure import interleaved_median_ms
     from attention_backends_pack.attention.shapes import by_key
@@ -54,12 +54,10 @@ def main() -> int:
     for key in args.shapes.split(","):
         shape = by_key(key)
         q, k, v = make_qkv(shape, device, torch.bfloat16)
-        heads_first = shape.layout != "B,N,H*D"
         state = PatchState(node_id="bench", node_type="AttentionBackend", selection="auto", strict=False,
                            main=Dispatcher("auto"))
         override = build_override(state)
-        options = {"transformer_options": {"block_index": 0}, "skip_reshape": heads_first,
-                   "skip_output_reshape": heads_first, "_inside_attn_wrapper": True}
+        options = {"transformer_options": {"block_index": 0}, "_inside_attn_wrapper": True, **call_form(shape)}
 
         def comfy_func(*a, **kw):
             raise AssertionError("auto always serves these calls")

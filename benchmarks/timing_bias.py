@@ -4,8 +4,8 @@ Every name below runs the same kernel on the same tensors, so every ratio should
 1.00. Each shape is timed visiting the names in a fixed order each round (as the
 kernel table did until 2026-11-21) and in a seeded shuffled order, both without and
 with a prefilled GPU queue (`attention.measure.time_ms`). A second table times
-FlashAttention-4 (when installed) against SDPA without and with prefill: its ~90 µs
-host launch path is what the prefill keeps out of the interval.
+FlashAttention-4 (when installed) against SDPA without and with prefill: its host
+launch path (72-75 µs a call) is what the prefill keeps out of the interval.
 
 Usage (GPU): python benchmarks/timing_bias.py --out DIR
 """
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attention import Dispatcher, registry  # noqa: E402
-from attention.bench.inputs import make_qkv  # noqa: E402
+from attention.bench.inputs import call_form, make_qkv  # noqa: E402
 from attention.bench.report import write_result  # noqa: E402
 from attention.measure import FIXED, SHUFFLED, interleaved_median_ms  # noqa: E402
 from attention.shapes import by_key  # noqa: E402
@@ -40,13 +40,12 @@ def main() -> int:
     for key in args.shapes.split(","):
         shape = by_key(key)
         q, k, v = make_qkv(shape, device, torch.bfloat16)
-        heads_first = shape.layout != "B,N,H*D"
+        form = call_form(shape)
         # A dispatcher per name, as the kernel table has one per backend row.
         fns = {}
         for name in NAMES:
             dispatcher = Dispatcher("sdpa", strict=True)
-            fns[name] = (lambda d=dispatcher: d(q, k, v, shape.heads, skip_reshape=heads_first,
-                                                skip_output_reshape=heads_first))
+            fns[name] = (lambda d=dispatcher: d(q, k, v, shape.heads, **form))
         for order, prefill in ((FIXED, False), (SHUFFLED, False), (SHUFFLED, True)):
             medians = interleaved_median_ms(fns, device, reps=args.reps, budget_s=20.0, order=order,
                                             prefill=prefill)
@@ -58,8 +57,7 @@ def main() -> int:
         if registry.get("flash4").availability().available and shape.head_dim in (64, 128):
             pair = {"sdpa": fns[NAMES[0]]}
             flash4 = Dispatcher("flash4", strict=True)
-            pair["flash4"] = (lambda d=flash4: d(q, k, v, shape.heads, skip_reshape=heads_first,
-                                                 skip_output_reshape=heads_first))
+            pair["flash4"] = (lambda d=flash4: d(q, k, v, shape.heads, **form))
             for prefill in (False, True):
                 medians = interleaved_median_ms(pair, device, reps=args.reps, budget_s=20.0, prefill=prefill)
                 rows.append({"shape": key, "order": SHUFFLED, "prefill": prefill, "ms": medians,

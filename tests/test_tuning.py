@@ -237,6 +237,10 @@ DAMAGED = {
     "string time": json.dumps(valid_file()).replace("12.0", "\"12\""),
     "bad key": json.dumps(valid_file()).replace(signature_key(CALL), "../../etc"),
     "fingerprint not object": json.dumps(dict(valid_file(), machines=[{"fingerprint": 3, "decisions": {}}])),
+    "budget not numbers": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
+                                                     budget={"rel_l1": "<img src=x>"}))),
+    "tuned_at not text": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
+                                                    tuned_at=["x"]))),
 }
 
 

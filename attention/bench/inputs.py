@@ -27,6 +27,12 @@ def _token_major(shape: ModelShape, n: int, device: torch.device, dtype: torch.d
     return t.to(dtype)
 
 
+def call_form(shape: ModelShape) -> dict[str, bool]:
+    """The layout keywords ComfyUI passes with this model's call (output in the input's form)."""
+    heads_first = shape.layout != FLAT
+    return {"skip_reshape": heads_first, "skip_output_reshape": heads_first}
+
+
 def make_qkv(shape: ModelShape, device: torch.device, dtype: torch.dtype,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v in the model's ComfyUI call form (`shape.layout`), token-major memory."""

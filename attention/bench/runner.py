@@ -21,12 +21,11 @@ from typing import Iterable, Optional
 import torch
 
 from .. import registry
-from ..call import FLAT
 from ..dispatch import Dispatcher
-from ..errors import NoBackendError
+from ..errors import NoBackendError, describe_exception
 from ..shapes import ModelShape
 from ..tuning import DEFAULT_BUDGET, Tuner
-from .inputs import as_bhnd, make_qkv, reference
+from .inputs import as_bhnd, call_form, make_qkv, reference
 from ..measure import errors, interleaved_median_ms
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,6 @@ def _progress(items: list, label: str):
         return iterate()
 
 
-def _call_args(shape: ModelShape) -> dict:
-    heads_first = shape.layout != FLAT
-    return {"skip_reshape": heads_first, "skip_output_reshape": heads_first}
-
-
 def _extra_mib(fn, device: torch.device, out_bytes: int) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -90,7 +84,7 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
     together in interleaved rounds."""
     q, k, v = make_qkv(shape, device, dtype)
     ref = reference(q, k, v, shape, REFERENCE_ROWS)
-    args = _call_args(shape)
+    args = call_form(shape)
     rows: list[Row] = []
     timed: dict[str, tuple] = {}
     for name in names:
@@ -114,7 +108,7 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
             row.reasons = [reason for r in error.rejected for reason in r.reasons]
         except Exception as error:  # a kernel that breaks on a shape is a result, not a crash
             row.status = "failed"
-            row.reasons = [f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"]
+            row.reasons = [describe_exception(error)]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
