@@ -104,8 +104,11 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
                     "exact_by_cross_rule": state.count("routed_cross")},
         "guard": {"nonfinite_model_calls": state.count("nonfinite_model_calls"), "reruns": state.count("reruns"),
                   "pinned_exact": state.pinned},
+        # Under compile a call outside ComfyUI's form is traced into the graph as it is,
+        # uncounted: the report says so rather than give 0.
         "compiled": {"model_compiled": state.compiled, "calls_through_graph": state.count("compiled_calls"),
-                     "recompiled_stale_graphs": state.recompiled_stale},
+                     "recompiled_stale_graphs": state.recompiled_stale,
+                     "unknown_form_calls_counted": not state.compiled},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
                                       if p.calls and p.tuning is not None) if state.tuner is not None else None,
