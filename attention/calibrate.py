@@ -30,7 +30,7 @@ from .call import describe_call
 from .cost_fit import Sample, fit_model
 from .cost_model import CostModel, work_of
 from .errors import describe_exception
-from .measure import interleaved_median_ms
+from .measure import interleaved_median_ms, time_ms
 from .priority import device_class
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,12 @@ BASELINE = "sdpa"
 REPEAT = "sdpa (repeat)"
 MIN_REPS = 3
 WARMUP = 2
+# Long calls (the fastest single call at least this long) are screened: each row is timed
+# once, and rows slower than SCREEN_RATIO x the fastest keep that one timing (they cannot
+# win, and a round of a 200 ms call over a dozen kernels takes seconds). Kernels at these
+# lengths have no host-path effect on a single timing.
+LONG_CALL_MS = 20.0
+SCREEN_RATIO = 1.5
 
 
 @dataclasses.dataclass
@@ -50,6 +56,7 @@ class CallTiming:
     times_us: dict[str, float]
     chose: dict[str, str] = dataclasses.field(default_factory=dict)  # extra rows: the kernel their plan ran
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel: why not timed
+    single: list[str] = dataclasses.field(default_factory=list)  # rows screened out: one timing only
 
     @property
     def noise_floor(self) -> Optional[float]:
@@ -59,7 +66,7 @@ class CallTiming:
 
     def to_json(self) -> dict[str, Any]:
         return {"call": dataclasses.asdict(self.call), "times_us": self.times_us, "chose": self.chose,
-                "skipped": self.skipped, "noise_floor": self.noise_floor}
+                "skipped": self.skipped, "single": self.single, "noise_floor": self.noise_floor}
 
 
 def kernel_names(device: torch.device) -> list[str]:
@@ -102,10 +109,20 @@ def time_call(call: Call, device: torch.device, names: Sequence[str], *, reps: i
         fns[label] = fn
         if label in (extra or {}):
             timing.chose[label] = dispatcher.plans()[-1].name
+    warmup = WARMUP
+    if fns and device.type == "cuda":
+        once = {label: time_ms(fn, device) for label, fn in fns.items()}
+        best = min(once.values())
+        if best >= LONG_CALL_MS:
+            keep = {BASELINE, REPEAT, *(extra or {})}
+            timing.single = [label for label, ms in once.items() if ms > SCREEN_RATIO * best and label not in keep]
+            timing.times_us = {label: once[label] * 1e3 for label in timing.single}
+            fns = {label: fn for label, fn in fns.items() if label not in timing.single}
+            warmup = 0  # planned and timed once already
     if fns:
-        medians = interleaved_median_ms(fns, device, warmup=WARMUP, reps=max(reps, MIN_REPS), budget_s=budget_s,
+        medians = interleaved_median_ms(fns, device, warmup=warmup, reps=max(reps, MIN_REPS), budget_s=budget_s,
                                         min_reps=MIN_REPS)
-        timing.times_us = {label: ms * 1e3 for label, ms in medians.items()}
+        timing.times_us.update({label: ms * 1e3 for label, ms in medians.items()})
     del q, k, v, mask
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -170,7 +187,7 @@ def timing_from_json(row: Mapping[str, Any]) -> CallTiming:
     if call_data.get("mask_shape") is not None:
         call_data["mask_shape"] = tuple(call_data["mask_shape"])
     return CallTiming(Call(**call_data), dict(row["times_us"]), dict(row.get("chose", {})),
-                      dict(row.get("skipped", {})))
+                      dict(row.get("skipped", {})), list(row.get("single", [])))
 
 
 def device_facts(device: torch.device) -> tuple[str, str, int, Optional[tuple[int, int]]]:
