@@ -114,7 +114,7 @@ def grid(reduced: bool = False) -> list[Call]:
         Call("long_d128_n16384_b1h24", 1, 24, 16384, 16384, 128),
         Call("long_d64_n16384_b2h10", 2, 10, 16384, 16384, 64, layout=FLAT),
         Call("long_d96_n16384_b1h24", 1, 24, 16384, 16384, 96),
-        Call("long_d128_n32760_b2h12", 2, 12, 32760, 32760, 128),
+        Call("long_d128_n32760_b1h16", 1, 16, 32760, 32760, 128),
         Call("long_d128_n32760_b2h40", 2, 40, 32760, 32760, 128),
     ]
     if not reduced:
