@@ -207,3 +207,41 @@ def fit_timings(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, sms:
     kwargs = {} if steps is None else {"steps": steps}
     return fit_model(samples(timings, capability, device_type), gpu_class=gpu_class, gpu=gpu, sms=sms, source=source,
                      **kwargs)
+
+
+# `calibrate` stops starting calls after this long, leaving time for the fit in 5 minutes.
+CALIBRATE_BUDGET_S = 240.0
+
+
+def calibrate(device: torch.device, *, budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None,
+              time_one: TimeCall = time_call, clock: Callable[[], float] = time.perf_counter,
+              steps: Optional[int] = None) -> tuple[CostModel, str, list[str]]:
+    """Measure the reduced grid on `device`, fit this GPU's cost model and save it under
+    the machine's fingerprint; returns the model, the file and the calls left out."""
+    from . import cost_store
+    from .calibration_calls import grid
+
+    gpu_class, gpu, sms, capability = device_facts(device)
+    timings, left_out = measure_grid(grid(reduced=True), device, kernel_names(device), budget_s=budget_s,
+                                     time_one=time_one, clock=clock, label="calibrating")
+    model, fits = fit_timings(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
+                              device_type=device.type, source=cost_store.CALIBRATED, steps=steps)
+    for name, fit in fits.items():
+        s = fit.summary()
+        log.info("attention backends: %s fitted on %d calls, median error %.1f%%, worst %.1f%%", name, s["points"],
+                 100 * s["median_abs_error"], 100 * s["max_abs_error"])
+    saved = cost_store.save_calibration(model, device, path)
+    return model, saved, left_out
+
+
+def calibrate_main(budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None) -> int:
+    """`python -m attention calibrate`."""
+    if not torch.cuda.is_available():
+        log.error("attention backends: calibrate measures kernels on a CUDA GPU, and none is visible here; "
+                  "on the CPU auto always runs sdpa")
+        return 2
+    model, saved, left_out = calibrate(torch.device("cuda"), budget_s=budget_s, path=path)
+    log.info("attention backends: calibrated %s (%s): %d kernels; saved to %s%s. auto uses it from now on.",
+             model.gpu, model.gpu_class, len(model.kernels), saved,
+             f"; {len(left_out)} calls left out for time" if left_out else "")
+    return 0

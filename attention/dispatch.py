@@ -206,11 +206,14 @@ class Dispatcher:
         return result
 
     def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
-        """`auto`'s order for this call: by the cost model, or by the rule table."""
-        model = self._cost_model
-        if model is None and not self._table_decides:
-            model = cost_store.model_for(call.device_type, call.compute_capability)
-        return auto_entries_for(call, self._auto_table, model)
+        """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
+        model, or by the rule table (cost_store.py says which applies)."""
+        model, saved = self._cost_model, None
+        if not self._table_decides:
+            saved = cost_store.saved_choice(call)
+            if model is None:
+                model = cost_store.model_for(call.device_type, call.compute_capability)
+        return auto_entries_for(call, self._auto_table, model, saved)
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are

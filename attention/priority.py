@@ -186,9 +186,13 @@ def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...
                  for name in auto_order(predicted, model.margin))
 
 
-def auto_entries_for(call: CallSignature, table: dict[str, tuple[AutoEntry, ...]],
-                     model: Optional[CostModel]) -> tuple[AutoEntry, ...]:
-    """`auto`'s order for one call: from the cost model when there is one, else the table."""
-    if model is None:
-        return auto_entries(call.device_type, call.compute_capability, table)
-    return model_entries(call, model)
+def auto_entries_for(call: CallSignature, table: dict[str, tuple[AutoEntry, ...]], model: Optional[CostModel],
+                     saved: Optional[str] = None) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call: `auto_tuned`'s saved decision for it first (measured on
+    this machine), then the cost model's order when there is a model, else the table's."""
+    entries = auto_entries(call.device_type, call.compute_capability, table) if model is None else model_entries(
+        call, model)
+    if saved is None:
+        return entries
+    return (AutoEntry(saved, _ALWAYS, "auto_tuned's decision, measured on this machine"),) + tuple(
+        e for e in entries if e.backend != saved)

@@ -24,6 +24,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -132,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         names, reps, call_budget = [BASELINE], 3, 1.0
     elif device.type != "cuda":
         parser.error("no GPU here: run with --smoke for the CPU proof run")
+    # `auto` here is the rule table or the model alone: no auto_tuned decisions saved on
+    # this machine by earlier runs, no earlier calibration.
+    scratch = tempfile.mkdtemp(prefix="heldout-")
+    os.environ["ATTENTION_BACKENDS_TUNING_FILE"] = os.path.join(scratch, "tuning.json")
+    os.environ["ATTENTION_BACKENDS_CALIBRATION_FILE"] = os.path.join(scratch, "calibration.json")
     model = load(args.model, registry.names()) if args.model else None
     extra = {AUTO_RULES: lambda: Dispatcher(registry.AUTO, auto_table=load_table())}
     if model is not None:
