@@ -246,3 +246,17 @@ def test_held_out_inputs_and_masks_have_the_declared_shapes():
         else:
             assert mask.shape[-1] == small.seq_k and small.signature().mask_shape == tuple(mask.shape)
             assert (small.seq_q == small.seq_k) == (call.seq_q == call.seq_k)
+
+
+def test_status_and_doctor_show_the_source_and_predicted_times(monkeypatch):
+    from attention import doctor, status
+    monkeypatch.setattr(cost_store, "model_for", lambda device_type, capability: _model(sdpa=TRUTH))
+    monkeypatch.setattr(cost_store, "describe", lambda device_type, capability: {
+        "source": "default", "gpu": "NVIDIA H200", "kernels": ["sdpa"], "files": ["x"]})
+    row = status.device_rows()[0]
+    assert row["auto_source"]["source"] == "default"
+    flux = next(t for t in row["typical"] if t["key"] == "flux_1024")
+    assert list(flux["predicted_us"]) == ["sdpa"] and flux["predicted_us"]["sdpa"] > TRUTH.host_us
+    text = doctor.render(status.machine_status())
+    assert "cost model shipped for this GPU class (fitted on NVIDIA H200)" in text
+    assert "predicted µs: sdpa" in text
