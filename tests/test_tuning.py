@@ -239,6 +239,8 @@ DAMAGED = {
     "fingerprint not object": json.dumps(dict(valid_file(), machines=[{"fingerprint": 3, "decisions": {}}])),
     "budget not numbers": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                      budget={"rel_l1": "<img src=x>"}))),
+    "noise floor not a number": json.dumps(valid_file(dict(
+        valid_file()["machines"][0]["decisions"][signature_key(CALL)], noise_floor="1%"))),
     "tuned_at not text": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                     tuned_at=["x"]))),
 }
@@ -295,6 +297,30 @@ def test_measure_on_device_times_real_calls_and_checks_errors():
     assert measured["sdpa_efficient"].ms > measured["sdpa"].ms + 1.0
     chosen, _ = decide(measured, budget_for(call))
     assert chosen == "sdpa"
+    # One contender within CONTENDER_RATIO: no rounds were needed, so no noise floor either.
+    assert all(m.repeat_ms is None for m in measured.values())
+    # Two contenders: the reference is timed twice in the same rounds (the noise floor).
+    twin = {"sdpa": runs["sdpa"], "sdpa_cudnn": runs["sdpa"]}
+    measured = measure_on_device(call, (q, k, v, None, None), twin, "sdpa", Limits(reps=3), 10.0)
+    assert measured["sdpa"].repeat_ms is not None and measured["sdpa_cudnn"].repeat_ms is None
+
+
+def test_decisions_carry_the_noise_floor_into_the_file(tmp_path):
+    path = tmp_path / "tuning.json"
+    results = dict(RESULTS, sdpa=Measurement(ms=1.0, error=good(0.0), repeat_ms=1.02))
+
+    class WithRepeat(FakeMeasure):
+        def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+            out = super().__call__(call, tensors, runs, reference, limits, seconds_left)
+            out[reference].repeat_ms = self.results[reference].repeat_ms
+            return out
+
+    decision = tuner(path, WithRepeat(results)).choose(CALL, tensors(), RUNS)
+    assert decision.noise_floor == pytest.approx(0.02)
+    saved = json.loads(path.read_text())["machines"][0]["decisions"][signature_key(CALL)]
+    assert saved["noise_floor"] == pytest.approx(0.02)
+    forget_loaded_stores()
+    assert tuner(path, FakeMeasure(RESULTS)).choose(CALL, tensors(), RUNS).noise_floor == pytest.approx(0.02)
 
 
 def test_dispatcher_auto_tuned_measures_once_then_serves_from_the_plan(tmp_path, monkeypatch):
