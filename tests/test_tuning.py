@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from attention import tuning
+
 from attention import Dispatcher, registry
 from attention.call import FLAT, CallSignature
 from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
@@ -297,12 +299,28 @@ def test_measure_on_device_times_real_calls_and_checks_errors():
     assert measured["sdpa_efficient"].ms > measured["sdpa"].ms + 1.0
     chosen, _ = decide(measured, budget_for(call))
     assert chosen == "sdpa"
-    # One contender within CONTENDER_RATIO: no rounds were needed, so no noise floor either.
-    assert all(m.repeat_ms is None for m in measured.values())
-    # Two contenders: the reference is timed twice in the same rounds (the noise floor).
-    twin = {"sdpa": runs["sdpa"], "sdpa_cudnn": runs["sdpa"]}
-    measured = measure_on_device(call, (q, k, v, None, None), twin, "sdpa", Limits(reps=3), 10.0)
-    assert measured["sdpa"].repeat_ms is not None and measured["sdpa_cudnn"].repeat_ms is None
+
+
+def test_the_reference_is_timed_twice_with_the_contenders(monkeypatch):
+    """The noise floor: with a rival within CONTENDER_RATIO, the reference runs twice in the
+    same rounds; alone, no rounds and no floor. Timings are faked (no wall clock)."""
+    rounds = []
+
+    def fake_timing(fns, device, **kwargs):
+        rounds.append(sorted(fns))
+        return {name: {"sdpa": 1.0, "sdpa_cudnn": 1.1, "sdpa_efficient": 3.0}.get(name, 1.02) for name in fns}
+
+    monkeypatch.setattr(tuning, "interleaved_median_ms", fake_timing)
+    q = torch.randn(1, 2, 64, 16)
+    call = CallSignature("cpu", None, torch.float32, 1, 2, 2, 64, 64, 16, 16, layout_in="B,H,N,D", layout_out="B,H,N,D")
+    runs = {name: sdpa_run for name in ("sdpa", "sdpa_cudnn", "sdpa_efficient")}
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0)
+    assert rounds[-1] == ["reference (repeat)", "sdpa", "sdpa_cudnn"]
+    assert measured["sdpa"].repeat_ms == 1.02 and measured["sdpa_cudnn"].repeat_ms is None
+    rounds.clear()
+    alone = {"sdpa": sdpa_run, "sdpa_efficient": sdpa_run}
+    measured = measure_on_device(call, (q, q, q, None, None), alone, "sdpa", Limits(reps=3), 10.0)
+    assert measured["sdpa"].repeat_ms is None and all(len(r) == 1 for r in rounds)
 
 
 def test_decisions_carry_the_noise_floor_into_the_file(tmp_path):
