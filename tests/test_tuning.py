@@ -12,9 +12,7 @@ import time
 import pytest
 import torch
 
-from attention import tuning
-
-from attention import Dispatcher, registry
+from attention import Dispatcher, registry, tuning
 from attention.call import FLAT, CallSignature
 from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
                               budget_for, decide, measure_on_device, signature_key)
