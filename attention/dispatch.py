@@ -2,7 +2,9 @@
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
 plan up in a dict, bump an integer and run the plan's prepared function (views to the
-kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
+kernel's layout, the kernel, a view back). A masked call first looks up its mask's class
+(masks.py: read from the device once per tensor per model call), which is part of the
+key, so no-op and key-padding masks get plans that serve them without the mask. No logging, no device synchronisation, no
 copies that the kernel does not need. Everything else happens once per signature in
 `_plan`: describing the call, walking the priority list, collecting every reason,
 asking runtime checks, and preparing the views.
@@ -32,6 +34,8 @@ from .call import CallSignature, describe_call
 from .counters import UsageCounters, summarize
 from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
+from .mask_serving import KEPT, served_signature, served_tensors, serving_run
+from .masks import GENERAL, MaskCache, MaskClass
 from .priority import AutoEntry, Rule, auto_entries, load_table
 from .tuning import Decision, Tensors, Tuner
 
@@ -68,7 +72,8 @@ class Candidate:
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning", "mask_service",
+                 "masked_call")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
@@ -81,6 +86,10 @@ class Plan:
         self.calls = 0
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
+        # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
+        # made, when `signature` is the mask-less call the backend was chosen for.
+        self.mask_service: Optional[str] = None
+        self.masked_call: Optional[CallSignature] = None
 
     @property
     def is_fallback(self) -> bool:
@@ -132,17 +141,20 @@ class Dispatcher:
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
+    mask_cache: where mask classifications live for a model call (masks.py); the node
+        shares one between its dispatchers and clears it at every model call.
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None) -> None:
+                 tuner: Optional[Tuner] = None, mask_cache: Optional[MaskCache] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
+        self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
         self._retired: list[Plan] = []  # plans replaced after a failure, kept for the counters
 
@@ -156,11 +168,18 @@ class Dispatcher:
         `fallback` serves calls no candidate can (ComfyUI's own function, from the
         override); without one such a call raises NoBackendError.
         """
+        mask_class = None
+        if mask is not None:
+            if skip_reshape:
+                mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
-               None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
+               None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
+               scale is None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+            plan = self._plan(key, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
         plan.calls += 1
         if plan.run is None:
@@ -262,6 +281,7 @@ class Dispatcher:
 
     def reset_counters(self) -> None:
         self._retired.clear()
+        self.masks.classifications = 0
         for plan in self._plans.values():
             plan.calls = 0
 
@@ -270,12 +290,18 @@ class Dispatcher:
         self._plans.clear()
         self._retired.clear()
 
-    def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+    def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
         call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
                              skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                              low_precision_ok=low_precision, custom_scale=scale is not None)
-        plan = self.plan_for(call, (q, k, v, mask, scale))
+        plan = None
+        if mask_class is not None and mask_class.kind != GENERAL:
+            plan = self._plan_without_mask(call, mask_class, (q, k, v, mask, scale))
+        if plan is None:
+            plan = self.plan_for(call, (q, k, v, mask, scale))
+            if mask is not None:
+                plan.mask_service = KEPT
         if plan.is_fallback:
             causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
             if plan.run is not None:
@@ -286,6 +312,21 @@ class Dispatcher:
                 served = "passed on to the caller's attention"
             log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
         self._plans[key] = plan
+        return plan
+
+    def _plan_without_mask(self, call: CallSignature, mask_class: MaskClass, tensors: Tensors) -> Optional[Plan]:
+        """A plan serving a no-op or key-padding mask on the mask-less call it equals
+        (mask_serving.py); None where the mask had better stay."""
+        q, k, v, _, scale = tensors
+        served = served_signature(call, mask_class)
+        plan = self.plan_for(served, served_tensors(call, mask_class, q, k, v) + (None, scale))
+        if plan.run is None:
+            return None
+        chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
+        if chosen is None:
+            return None
+        plan.mask_service, plan.run = chosen
+        plan.masked_call = call
         return plan
 
     def _record_failure(self, key: tuple, plan: Plan, error: Exception) -> None:

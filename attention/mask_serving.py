@@ -29,7 +29,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .backend import BHND, BNHD, Kernel, Varlen
+from . import registry
+from .backend import BHND, BNHD, Backend, Kernel, Varlen
 from .call import FLAT, HEADS_FIRST, MASK_NONE, CallSignature
 from .layout import input_view, mask_adapter, output_view
 from .masks import NOOP, MaskClass, Runs
@@ -167,3 +168,37 @@ def with_dead_queries(mask_class: MaskClass, call: CallSignature, run: Run, exac
                 out[row:row + 1, start:stop] = rows_out.transpose(1, 2).reshape(1, stop - start, -1)
         return out
     return fixed
+
+
+def serving_run(mask_class: MaskClass, call: CallSignature, backend: Backend, inner: Run,
+                device: torch.device) -> Optional[tuple[str, Run]]:
+    """(how, run) for `backend`, chosen for `served_signature`, to serve the masked `call`;
+    None where the mask had better stay: rows that keep different keys on a kernel that
+    honours masks itself (one launch with the mask rather than one per row), or a row
+    the kernel cannot take on its own.
+
+    `inner` is the backend's mask-less run for calls shaped like the served signature
+    (it takes any batch and key count).
+    """
+    if mask_class.kind == NOOP:
+        service, run = DROPPED, dropped(inner)
+    elif mask_class.shared:
+        service, run = TRIMMED, trimmed(mask_class, call.layout_in, inner)
+    else:
+        entry = backend.varlen()
+        if entry is not None:
+            service, run = VARLEN, varlen(mask_class, call, entry, device)
+        elif not backend.call_reasons(call):
+            return None
+        elif any(backend.call_reasons(row) for row in row_signatures(call, mask_class)):
+            return None
+        else:
+            service, run = PER_ROW, per_row(mask_class, call.layout_in, call.batch, inner)
+    return service, with_dead_queries(mask_class, call, run, _sdpa_kernel())
+
+
+def _sdpa_kernel() -> Kernel:
+    """PyTorch's SDPA (available wherever torch is): what dead query rows are computed with."""
+    sdpa = registry.get("sdpa")
+    sdpa.availability()
+    return sdpa.kernel()
