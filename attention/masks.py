@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import threading
 from typing import Iterator, Optional
 
 import torch
+
+from .counters import count_value
 
 NOOP = "noop"
 KEY_PADDING = "key_padding"
@@ -203,7 +206,16 @@ class MaskCache:
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self.classifications = 0  # how many masks were read (tests, reports)
+        # Masks read from the device since the last reset (reports, tests); an
+        # itertools.count, exact when threads classify at once (dispatch.py).
+        self._reads = itertools.count()
+
+    @property
+    def classifications(self) -> int:
+        return count_value(self._reads)
+
+    def reset_count(self) -> None:
+        self._reads = itertools.count()
 
     def _entries(self) -> dict:
         entries = getattr(self._local, "entries", None)
@@ -220,7 +232,7 @@ class MaskCache:
         if entry is not None and entry[1] == version:
             return entry[2]
         result = classify(mask, batch, heads, seq_q, seq_k)
-        self.classifications += 1
+        next(self._reads)
         if len(entries) >= MAX_ENTRIES:
             entries.clear()
         entries[key] = (mask, version, result)

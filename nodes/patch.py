@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 from ..attention import AUTO, Dispatcher
 from ..attention.masks import MaskCache
 from .compat import OVERRIDE_KEY, require_override
+from .compiled import compile_watch_wrapper
 from .guard import guard_wrapper
 from .mask_boundary import mask_boundary_wrapper
 from .override import build_override
@@ -73,6 +74,9 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
     if guard:
         patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, guard_wrapper(state))
     patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, mask_boundary_wrapper(state))
+    # Innermost of ours (wrappers run in the order added): it may re-run a model call of a
+    # compiled model, and the hooks above must see that call once.
+    patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, compile_watch_wrapper(state))
     patched.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, key, run_wrapper(state))
 
     state.override = build_override(state, previous, route)

@@ -199,8 +199,8 @@ def test_a_varlen_entry_that_raises_falls_back_and_is_remembered(extra_backend):
         close(dispatcher(q, k, v, H, mask), q, k, v, mask)
     counters = dispatcher.counters()
     assert counters.served == {"sdpa": 2} and counters.masked == {"sdpa": {"kept": 2}}
-    assert any(name == "broken_varlen" and "varlen exploded" in why
-               for (name, _), why in dispatch.remembered_failures().items())
+    assert any(name == "broken_varlen" and "varlen exploded" in failure.reason
+               for (name, _), failure in dispatch.remembered_failures().items())
 
 
 def test_a_general_mask_is_classified_once_and_then_costs_a_lookup(monkeypatch):
@@ -215,3 +215,38 @@ def test_a_general_mask_is_classified_once_and_then_costs_a_lookup(monkeypatch):
         for _ in range(5):
             close(dispatcher(q, k, v, H, bias), q, k, v, bias)
     assert len(planned) == 1 and dispatcher.masks.classifications == 1
+
+
+def test_masked_calls_under_torch_compile_are_classified_when_the_graph_runs(maskless):
+    """The model builds its padding mask inside the compiled region (as HunyuanVideo does):
+    no graph break, the mask read once per model call at run time, served without it."""
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dispatcher = Dispatcher(["maskless", "sdpa"])
+
+    def model(q, k, v, keep):
+        mask = (keep - 1).to(q.dtype).view(1, 1, -1) * torch.finfo(q.dtype).max
+        out = q
+        for _block in range(3):
+            out = out + dispatcher(q, k, v, H, mask, skip_reshape=True, skip_output_reshape=True)
+        return out
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    q, k, v = make(1, H, 24, 24, D, True)
+    try:
+        for kept in (20, 9):
+            keep = keep_mask([kept], 24)
+            with dispatcher.masks.model_call():
+                out = compiled(q, k, v, keep)
+            mask = additive(keep).view(1, 1, -1)
+            expected = q.double() + 3 * reference(q, k, v, H, mask, skip_reshape=True, skip_output_reshape=True)
+            torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=1e-4)
+        assert not torch._dynamo.utils.counters["graph_break"]
+        assert dispatcher.masks.classifications == 2  # once per model call, not per block
+        assert dispatcher.counters().masked == {"maskless": {"keys_trimmed": 6}}
+        assert [shape[2] for shape in maskless] == [20] * 3 + [9] * 3
+    finally:
+        torch._dynamo.reset()

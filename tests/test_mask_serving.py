@@ -72,7 +72,7 @@ def check(out, q, k, v, mask, mask_class, skip_reshape, skip_output_reshape):
 
 
 def build(service, mask_class, call, backend, varlen=None):
-    inner = dispatch._prepare(backend, mask_serving.served_signature(call, mask_class))
+    inner = dispatch.Prepared(backend, mask_serving.served_signature(call, mask_class)).run
     if service == mask_serving.TRIMMED:
         run = mask_serving.trimmed(mask_class, call.layout_in, inner)
     elif service == mask_serving.PER_ROW:
@@ -107,8 +107,8 @@ def test_a_dropped_noop_mask_gives_the_masked_result():
     mask_class = classify(mask, 2, H, 10, 10)
     assert mask_class.kind == NOOP
     seen = []
-    run = mask_serving.dropped(dispatch._prepare(maskless_backend(BHND, seen), mask_serving.served_signature(
-        call, mask_class)))
+    run = mask_serving.dropped(dispatch.Prepared(maskless_backend(BHND, seen), mask_serving.served_signature(
+        call, mask_class)).run)
     check(run(q, k, v, mask, None), q, k, v, mask, mask_class, False, False)
 
 
