@@ -2,8 +2,11 @@
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
 plan up in a dict, count the call and run the plan's prepared function (views to the
-kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
-copies that the kernel does not need. Everything else happens once per signature in
+kernel's layout, the kernel, a view back). A masked call first looks up its mask's class
+(masks.py: read from the device once per tensor per model call), which is part of the
+key, so no-op and key-padding masks get plans that serve them without the mask
+(mask_serving.py). No logging, no device synchronisation, no copies that the kernel does
+not need. Everything else happens once per signature in
 `_plan`, under a lock: describing the call, walking the priority list, collecting every
 reason, asking runtime checks, and preparing the views (once per backend and signature:
 the same prepared object answers the runtime check and runs the call).
@@ -45,6 +48,8 @@ from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Reje
 from .layout import input_view, mask_adapter, native_layout, output_view
 from . import cost_store
 from .cost_model import CostModel
+from .mask_serving import KEPT, served_signature, served_tensors, serving_run
+from .masks import GENERAL, MaskCache, MaskClass
 from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .tuning import Decision, Tensors, Tuner
 
@@ -154,7 +159,7 @@ class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
     __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
-                 "retry")
+                 "retry", "mask_service", "masked_call")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
@@ -170,6 +175,10 @@ class Plan:
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
         # Made while a kernel's failure kept it off this signature: plan again next run.
         self.retry = any(r.kind == FAILED for r in rejected)
+        # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
+        # made, when `signature` is the mask-less call the backend was chosen for.
+        self.mask_service: Optional[str] = None
+        self.masked_call: Optional[CallSignature] = None
 
     @property
     def calls(self) -> int:
@@ -204,12 +213,14 @@ class Dispatcher:
     cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
         calibration or the model shipped for the GPU class (cost_store.py), unless an
         auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
+    mask_cache: where mask classifications live for a model call (masks.py); the node
+        shares one between its dispatchers and clears it at every model call.
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
                  tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
-                 passthrough: str = PASSTHROUGH) -> None:
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
         self.passthrough = passthrough
@@ -219,6 +230,7 @@ class Dispatcher:
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
+        self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
         self._prepared: dict[tuple[str, CallSignature], Prepared] = {}
         self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
@@ -243,11 +255,18 @@ class Dispatcher:
             return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
                                       skip_output_reshape=skip_output_reshape, scale=scale,
                                       attn_precision=attn_precision, low_precision=low_precision)
+        mask_class = None
+        if mask is not None:
+            if skip_reshape:
+                mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
-               None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
+               None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
+               scale is None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+            plan = self._plan(key, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
         next(plan.counter)
         if plan.run is None:
@@ -382,6 +401,7 @@ class Dispatcher:
         """Zero the counters for a new run; signatures that fell back because a kernel
         failed earlier are planned again (that kernel is retried)."""
         _new_generation()
+        self.masks.reset_count()
         with self._planning:
             self._retired.clear()
             for key in [key for key, plan in self._plans.items() if plan.retry]:
@@ -398,7 +418,7 @@ class Dispatcher:
             self._prepared.clear()
             self._retired.clear()
 
-    def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+    def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
         with self._planning:
             plan = self._plans.get(key)  # another thread may have planned it meanwhile
@@ -407,7 +427,13 @@ class Dispatcher:
             call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
                                  skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                                  low_precision_ok=low_precision, custom_scale=scale is not None)
-            plan = self.plan_for(call, (q, k, v, mask, scale))
+            plan = None
+            if mask_class is not None and mask_class.kind != GENERAL:
+                plan = self._plan_without_mask(call, mask_class, (q, k, v, mask, scale))
+            if plan is None:
+                plan = self.plan_for(call, (q, k, v, mask, scale))
+                if mask is not None:
+                    plan.mask_service = KEPT
             if plan.is_fallback:
                 causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
                 if plan.run is not None:
@@ -421,6 +447,21 @@ class Dispatcher:
                 self._evict()
             self._plans[key] = plan
             return plan
+
+    def _plan_without_mask(self, call: CallSignature, mask_class: MaskClass, tensors: Tensors) -> Optional[Plan]:
+        """A plan serving a no-op or key-padding mask on the mask-less call it equals
+        (mask_serving.py); None where the mask had better stay."""
+        q, k, v, _, scale = tensors
+        plan = self.plan_for(served_signature(call, mask_class), served_tensors(call, mask_class, q, k, v)
+                             + (None, scale))
+        if plan.run is None:
+            return None
+        chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
+        if chosen is None:
+            return None
+        plan.mask_service, plan.run = chosen
+        plan.masked_call = call
+        return plan
 
     def _evict(self) -> None:
         """Drop the oldest plan (dicts keep insertion order); a plan that served calls

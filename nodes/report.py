@@ -76,10 +76,13 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
     """The report of the run that just ended, from the dispatchers' counters and plans."""
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    masked: dict[str, Counter[str]] = {}
     plans = []
     for route, dispatcher in state.dispatchers():
         counters = dispatcher.counters()
         served.update(counters.served)
+        for backend, services in counters.masked.items():
+            masked.setdefault(backend, Counter()).update(services)
         for fallback in counters.fallbacks:
             fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
         plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls)
@@ -99,6 +102,8 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
         "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
                       for (wanted, served_by, reason), calls in fallbacks.most_common()],
+        "masked": {backend: dict(services.most_common()) for backend, services in masked.items()},
+        "masks_read": state.main.masks.classifications,
         "routing": {"exact_by_step_window": state.count("routed_step"),
                     "exact_by_block_filter": state.count("routed_block"),
                     "exact_by_cross_rule": state.count("routed_cross")},
@@ -120,7 +125,8 @@ def _plan_row(route: str, plan: Any) -> dict:
     return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
-            "tuned": None if plan.tuning is None else plan.tuning.source}
+            "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
+            "masked_call": None if plan.masked_call is None else plan.masked_call.describe()}
 
 
 def _warnings(state: PatchState, received: int, still_installed: bool) -> list[str]:
@@ -166,6 +172,11 @@ def summary(report: dict) -> str:
     for fallback in report["fallbacks"]:
         target = "ComfyUI's function" if fallback["served_by"] == PASSTHROUGH else fallback["served_by"]
         parts.append(f"{fallback['calls']} fell back from {fallback['wanted']} to {target}: {fallback['reason']}")
+    masked = report.get("masked") or {}
+    if masked:
+        parts.append("masked calls: " + ", ".join(
+            f"{backend} " + " + ".join(f"{calls} {service.replace('_', ' ')}" for service, calls in services.items())
+            for backend, services in masked.items()) + f" ({report['masks_read']} masks read)")
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
