@@ -13,7 +13,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import threading
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -90,6 +90,13 @@ class Backend:
         the record (e.g. sage 1.x subtracts the key mean out of place: one copy of k).
     tunable: whether `auto_tuned` may measure it; False for kernels whose first call on
         a new shape costs far more than tuning may spend (compiles, huge buffers).
+    sparse: approximates attention by skipping most key blocks (attention.sparsity).
+        Never in `auto`'s table nor measured by `auto_tuned`: it runs only where a user
+        names it, with the settings and quality checks of the Sparse node.
+    configure: for kernels that take per-node settings (sparse thresholds):
+        `configure(kernel, settings, call)` is the adapter for calls shaped like `call`
+        with `settings` bound, made once per call signature; `default_settings` serve
+        a dispatcher given none.
     """
 
     name: str
@@ -105,6 +112,9 @@ class Backend:
     contiguous: bool = False
     copies: str = ""
     tunable: bool = True
+    sparse: bool = False
+    configure: Optional[Callable[[Kernel, Any, CallSignature], Kernel]] = None
+    default_settings: Any = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)

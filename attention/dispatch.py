@@ -14,6 +14,11 @@ in strict mode the call raises instead, naming every candidate and why.
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
 carries the tuner's decision, and later calls cost what any plan costs.
+
+Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
+plan's function when it is made. A monitor (attention.quality) may watch the plans it
+cares about, and `demote` a signature whose error it finds over budget: the signature
+is planned again without that backend for as long as this dispatcher's plans last.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import dataclasses
 import itertools
 import logging
 import threading
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -30,7 +35,7 @@ from . import registry
 from .backend import Backend
 from .call import CallSignature, describe_call
 from .counters import UsageCounters, summarize
-from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
+from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
 from .priority import AutoEntry, Rule, auto_entries, load_table
 from .tuning import Decision, Tensors, Tuner
@@ -68,11 +73,11 @@ class Candidate:
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None) -> None:
+                 tuning: Optional[Decision] = None, settings: Any = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else PASSTHROUGH
         self.signature = signature
@@ -81,6 +86,7 @@ class Plan:
         self.calls = 0
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
+        self.settings = settings  # what a configurable (sparse) backend runs with
 
     @property
     def is_fallback(self) -> bool:
@@ -94,14 +100,23 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
-def _prepare(backend: Backend, call: CallSignature) -> Callable:
-    """The per-call function for `backend` on calls shaped like `call`."""
+class PlanMonitor(Protocol):
+    """Told of every plan a dispatcher makes with tensors (attention.quality.QualityMonitor)."""
+
+    def watch(self, dispatcher: "Dispatcher", plan: Plan, tensors: Tensors) -> None: ...
+
+
+def _prepare(backend: Backend, call: CallSignature, settings: Any = None) -> Callable:
+    """The per-call function for `backend` on calls shaped like `call` (with `settings`
+    bound, for backends that take them)."""
     layout = native_layout(call.layout_in, backend.layouts)
     view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
     view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
     view_out = output_view(layout, call.layout_out)
     adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
     kernel = backend.kernel()
+    if backend.configure is not None:
+        kernel = backend.configure(kernel, backend.default_settings if settings is None else settings, call)
 
     if adapt_mask is None:
         def run(q, k, v, mask, scale):
@@ -132,13 +147,21 @@ class Dispatcher:
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
+    settings: per backend name, the settings object of a backend that takes one (the
+        sparse backends); a backend named without settings runs with its defaults.
+    monitor: watches the plans as they are made (the sparse node's quality monitor).
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None) -> None:
+                 tuner: Optional[Tuner] = None, settings: Optional[Mapping[str, Any]] = None,
+                 monitor: Optional[PlanMonitor] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.settings = _checked_settings(settings or {})
+        self.monitor = monitor
+        # (backend name, signature) -> why the monitor took it off this signature.
+        self._demoted: dict[tuple[str, CallSignature], str] = {}
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
@@ -222,13 +245,18 @@ class Dispatcher:
             if failure is not None:
                 rejected.append(Rejection(candidate.name, tuple(reasons) + (failure,), FAILED, candidate.explicit))
                 continue
+            demoted = self._demoted.get((candidate.name, call))
+            if demoted is not None:
+                rejected.append(Rejection(candidate.name, (demoted,), QUALITY, candidate.explicit))
+                continue
             if not reasons and tensors is not None:
                 reasons = _runtime_reasons(backend, call, tensors)
             if reasons:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
-            run = _prepare(backend, call) if tensors is not None else None
-            return Plan(backend, call, tuple(rejected), run)
+            settings = self.settings.get(candidate.name, backend.default_settings)
+            run = _prepare(backend, call, settings) if tensors is not None else None
+            return Plan(backend, call, tuple(rejected), run, settings=settings)
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error)
 
@@ -266,9 +294,27 @@ class Dispatcher:
             plan.calls = 0
 
     def clear(self) -> None:
-        """Forget every decision (the next call of each signature plans again)."""
+        """Forget every decision (the next call of each signature plans again), and
+        every demotion."""
         self._plans.clear()
         self._retired.clear()
+        self._demoted.clear()
+
+    def demote(self, plan: Plan, reason: str, tensors: Tensors) -> Plan:
+        """Take `plan`'s backend off its signature (a monitor found its error over
+        budget): plan the signature again on `tensors` without it, and count the call in
+        flight, which the replacement now serves, for the replacement. The old plan is
+        kept for the counters of the calls it served."""
+        key = next((key for key, current in self._plans.items() if current is plan), None)
+        if key is None:
+            raise ValueError(f"{plan!r} is not a current plan of this dispatcher")
+        self._demoted[(plan.name, plan.signature)] = reason
+        replacement = self.plan_for(plan.signature, tensors)
+        plan.calls -= 1
+        replacement.calls += 1
+        self._retired.append(plan)
+        self._plans[key] = replacement
+        return replacement
 
     def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
@@ -276,6 +322,8 @@ class Dispatcher:
                              skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                              low_precision_ok=low_precision, custom_scale=scale is not None)
         plan = self.plan_for(call, (q, k, v, mask, scale))
+        if self.monitor is not None and plan.run is not None:
+            self.monitor.watch(self, plan, (q, k, v, mask, scale))
         if plan.is_fallback:
             causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
             if plan.run is not None:
@@ -302,5 +350,21 @@ class Dispatcher:
         self._retired.append(self._plans.pop(key))
 
 
-__all__ = ["Dispatcher", "Plan", "Candidate", "PASSTHROUGH", "forget_failures", "remembered_failures",
-           "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE", "FAILED"]
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by backend name, each for a backend that takes settings of its type,
+    each without problems (ValueError naming them otherwise)."""
+    for name, value in settings.items():
+        backend = registry.get(name)
+        if backend.configure is None:
+            raise ValueError(f"backend {name!r} takes no settings")
+        if not isinstance(value, type(backend.default_settings)):
+            raise ValueError(f"settings for {name!r} must be {type(backend.default_settings).__name__}, "
+                             f"not {type(value).__name__}")
+        problems = value.problems()
+        if problems:
+            raise ValueError(f"settings for {name!r}: " + "; ".join(problems))
+    return dict(settings)
+
+
+__all__ = ["Dispatcher", "Plan", "Candidate", "PlanMonitor", "PASSTHROUGH", "forget_failures", "remembered_failures",
+           "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE", "FAILED", "QUALITY"]
