@@ -365,3 +365,32 @@ def test_the_sol_adapter_calls_comfy_kitchen_as_its_docs_say_from_both_call_form
     dense = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     torch.testing.assert_close(everything(q.flatten(2), k.flatten(2), v.flatten(2), heads), dense.flatten(2),
                                rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the GPU benchmark's smoke mode
+
+
+def test_the_sparse_benchmark_smoke_run_writes_its_tables(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    from library_support import ROOT
+
+    spec = importlib.util.spec_from_file_location("sparse_benchmark", os.path.join(ROOT, "benchmarks", "sparse.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    # With comfy-kitchen installed, --smoke swaps its CPU reference in for `sol`: undone after.
+    monkeypatch.setitem(registry._BY_NAME, "sol", registry.get("sol"))
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--smoke", "--budget", "0.1", "--reps", "1",
+                        "--shapes", "hunyuan_smoke"]) == 0
+    data = json.loads((tmp_path / "sparse.json").read_text())
+    rows = {row["label"]: row for row in data["rows"]}
+    assert rows["sdpa"]["ms"] > 0 and rows["sdpa"]["error"]["rel_l1"] < 1e-5
+    assert rows["sdpa (timed again)"]["speedup"] > 0
+    assert rows["quality check (256 rows, one sync)"]["ms"] > 0
+    assert rows["sage2 fp8 sm90"]["status"] in ("unavailable", "unsupported")
+    assert data["shapes"][0]["tokens"] == 16 + 3 * 6 * 8 and data["input_model"]["noise"] == 0.5
+    assert "Noise floor: SDPA timed twice" in (tmp_path / "sparse.md").read_text()
