@@ -286,7 +286,8 @@ class QualityMonitor:
                 "over_budget": watch.served_instead is not None,
                 "served_instead": watch.served_instead, "reason": watch.reason, "unchecked": watch.unchecked})
         return {"budget_rel_l1": self.policy.budget_rel_l1, "rows": self.policy.rows,
-                "calls_per_check": self.policy.calls_per_check, "checkpoints": list(self._checkpoints),
+                "calls_per_check": self.policy.calls_per_check,
+                "checkpoints": [round(position, 6) for position in self._checkpoints],
                 "sampled_calls": sum(len(w.samples) for w in self._watches), "signatures": signatures}
 
     def warnings(self) -> list[str]:

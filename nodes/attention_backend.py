@@ -7,13 +7,13 @@ from typing import Optional
 from comfy_api.latest import ComfyExtension, io
 
 from ..attention import AUTO, UnknownBackendError, parse_priority, sparse_names
-from ..attention.quality import DEFAULT_BUDGET_REL_L1, QualityPolicy
+from ..attention.quality import DEFAULT_BUDGET_REL_L1
 from ..attention.sparsity import SOL_MAX_EXTRA_TOKENS, TEXT_FIRST, TEXT_POSITIONS, SolSettings, SpargeSettings
 from .patch import FALL_BACK, ON_UNSUPPORTED, patch_model, resolve_priority
 from .routes import selectable
 from .routing import RoutingRules
 from .sparse import NODE_TYPE as SPARSE_NODE_TYPE
-from .sparse import SOL, all_problems, input_problems, patch_sparse, settings_for
+from .sparse import DEFAULT_RULES, SOL, all_problems, input_problems, patch_sparse, policy_for, settings_for
 from .tuning import REUSE, TUNING_MODES
 
 CATEGORY = "model_patches/attention"
@@ -226,17 +226,17 @@ class AttentionBackendSparse(io.ComfyNode):
                                tooltip=("Where those tokens sit in the sequence: 'first' (Flux, Qwen-Image, SD3, "
                                         "HunyuanVideo on current ComfyUI) or 'last' (HunyuanVideo on older "
                                         "ComfyUI).")),
-                io.Float.Input("step_start", default=0.2, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("step_start", default=DEFAULT_RULES.step_start, min=0.0, max=1.0, step=0.01,
                                tooltip=("Steps before this fraction of the schedule run dense (auto): the first "
                                         "steps lay out the picture, where sparse errors cost most. 0.2 with 20 "
                                         "steps: the first 4. Lower is faster.")),
-                io.Float.Input("step_end", default=0.9, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("step_end", default=DEFAULT_RULES.step_end, min=0.0, max=1.0, step=0.01,
                                tooltip=("Steps from this fraction of the schedule on run dense (auto): the last "
                                         "steps settle fine detail. 0.9 with 20 steps: the last 2. 1.0 is faster.")),
-                io.Int.Input("exact_first_blocks", default=1, min=0, max=1000,
+                io.Int.Input("exact_first_blocks", default=DEFAULT_RULES.first_blocks, min=0, max=1000,
                              tooltip=("The first N attention blocks of the model, in execution order, run dense "
                                       "(auto). Lower is faster.")),
-                io.Int.Input("exact_last_blocks", default=1, min=0, max=1000,
+                io.Int.Input("exact_last_blocks", default=DEFAULT_RULES.last_blocks, min=0, max=1000,
                              tooltip="The last N attention blocks of the model run dense (auto). Lower is faster."),
                 io.Float.Input("error_budget", default=DEFAULT_BUDGET_REL_L1, min=0.001, max=10.0, step=0.005,
                                tooltip=("Relative L1 error, against exact attention, above which a call shape "
@@ -270,7 +270,7 @@ class AttentionBackendSparse(io.ComfyNode):
                                 text_tokens=text_tokens, text_position=text_position)
         rules = RoutingRules(step_start=step_start, step_end=step_end, first_blocks=exact_first_blocks,
                              last_blocks=exact_last_blocks)
-        policy = QualityPolicy(budget_rel_l1=error_budget, window=(step_start, step_end))
+        policy = policy_for(rules, error_budget)
         problems = all_problems(backend, settings, rules, policy, text_tokens, text_position)
         if problems:
             raise ValueError("Attention Backend (Sparse): " + "; ".join(problems))

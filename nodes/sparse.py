@@ -15,7 +15,7 @@ import math
 from typing import Any, Optional
 
 from ..attention import AUTO, Dispatcher, sparse_names
-from ..attention.quality import QualityMonitor, QualityPolicy
+from ..attention.quality import DEFAULT_BUDGET_REL_L1, QualityMonitor, QualityPolicy
 from ..attention.sparsity import TEXT_POSITIONS, SolSettings, SpargeSettings
 from .patch import patch_model
 from .routing import RoutingRules
@@ -28,6 +28,14 @@ DENSE_PRIORITY = (AUTO,)
 # The cross rule's key limit that sends every cross-attention call dense.
 ANY_KEYS = 1 << 62
 NODE_TYPE = "AttentionBackendSparse"
+# The node's defaults: dense for the first 20% and the last 10% of the schedule, and for
+# the first and the last attention block.
+DEFAULT_RULES = RoutingRules(step_start=0.2, step_end=0.9, first_blocks=1, last_blocks=1)
+
+
+def policy_for(rules: RoutingRules, budget_rel_l1: float = DEFAULT_BUDGET_REL_L1) -> QualityPolicy:
+    """The quality monitor's policy for a node whose step window is `rules`'."""
+    return QualityPolicy(budget_rel_l1=budget_rel_l1, window=(rules.step_start, rules.step_end))
 
 
 def settings_for(backend: str, *, sol_tau: float, sol_topk_ratio: float, sol_extra_tokens: int, sparge_topk: float,
