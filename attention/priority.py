@@ -139,7 +139,9 @@ def _entries_from_json(data: dict) -> dict[str, tuple[AutoEntry, ...]]:
     for device, rows in data.items():
         entries = []
         for row in rows:
-            get(row["backend"])  # unknown names fail loudly, with suggestions
+            if get(row["backend"]).sparse:  # unknown names fail loudly, with suggestions
+                raise ValueError(f"{row['backend']!r} is a sparse backend: auto never chooses one (name it on the "
+                                 f"Attention Backend (Sparse) node instead)")
             head_dims = row.get("head_dims")
             rule = Rule(int(row.get("min_tokens", 0)), frozenset(head_dims) if head_dims else None)
             entries.append(AutoEntry(row["backend"], rule, row.get("evidence", "user override")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..attention import AUTO, AUTO_TUNED, names
+from ..attention import AUTO, AUTO_TUNED, names, sparse_names
 from ..attention.status import machine_status
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
 from .report import last_reports
@@ -14,13 +14,15 @@ from .tuning import register_user_folder, tuning_status
 
 
 def selectable() -> list[str]:
-    """What the Attention Backend node's combo offers: always the full list."""
-    return [AUTO, AUTO_TUNED] + names()
+    """What the Attention Backend node's combo offers: always the full list of dense
+    backends (the sparse ones are the Sparse node's, with its quality checks)."""
+    sparse = set(sparse_names())
+    return [AUTO, AUTO_TUNED] + [name for name in names() if name not in sparse]
 
 
 def status() -> dict:
-    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks(),
-            "tuning": tuning_status()}
+    return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
+            "benchmarks": list_benchmarks(), "tuning": tuning_status()}
 
 
 def register(server: Any) -> None:
