@@ -181,12 +181,19 @@ def device_for(device_type: str, capability: Optional[tuple[int, int]]) -> Optio
 
 
 @functools.lru_cache(maxsize=None)
+def _machine(device: torch.device) -> dict[str, Any]:
+    """The device's fingerprint, once per process (it reads every kernel package's version;
+    `auto` asks for it at every new call signature)."""
+    return fingerprint(device)
+
+
+@functools.lru_cache(maxsize=None)
 def calibrated_model(device_type: str, capability: Optional[tuple[int, int]]) -> Optional[CostModel]:
     """This machine's calibration for the device, or None."""
     device = device_for(device_type, capability)
     if device is None:
         return None
-    machine = fingerprint(device)
+    machine = _machine(device)
     for path in _calibration_files():
         for entry in _read(path):
             if entry["fingerprint"] == machine:
@@ -209,7 +216,7 @@ def saved_choice(call: CallSignature) -> Optional[str]:
     key = signature_key(call)
     for path in _tuning_files():
         if os.path.exists(path):
-            decision = store_for(path, device).get(key)
+            decision = store_for(path, device, machine=_machine).get(key)
             if decision is not None:
                 return decision["backend"]
     return None
@@ -229,3 +236,4 @@ def forget() -> None:
     """Drop cached answers (after calibrating or editing a file; in tests)."""
     shipped_model.cache_clear()
     calibrated_model.cache_clear()
+    _machine.cache_clear()

@@ -10,7 +10,8 @@ Targets (issue 11): `auto` >= 0.97x the fastest kernel on every call and >= 0.99
 median; never below 0.98x SDPA.
 
 Usage:
-  python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]   (GPU, <= 180 s)
+  python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]
+                               [--calibration FILE]                                  (GPU, <= 180 s)
   python benchmarks/heldout.py --out DIR --smoke [--model FILE]                      (CPU, tiny, sdpa only)
 Writes DIR/heldout.json and DIR/heldout.md.
 """
@@ -38,11 +39,15 @@ from attention.bench.report import environment  # noqa: E402
 from attention.calibrate import BASELINE, REPEAT, CallTiming, kernel_names, measure_grid  # noqa: E402
 from attention.calibration_calls import HELD_OUT  # noqa: E402
 from attention.cost_model import load  # noqa: E402
+from attention.cost_store import parse_file  # noqa: E402
+from attention.tuning_store import fingerprint  # noqa: E402
 from attention.dispatch import Dispatcher  # noqa: E402
 from attention.priority import load_table  # noqa: E402
 
 AUTO_RULES = "auto (rules)"
 AUTO_MODEL = "auto (model)"
+AUTO_CALIBRATED = "auto (calibrated)"
+AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED)
 SMOKE_SHRINK = 32
 TARGET_WORST, TARGET_MEDIAN, TARGET_VS_SDPA = 0.97, 0.99, 0.98
 
@@ -55,7 +60,7 @@ def verdict(timing: CallTiming) -> dict:
     row = {"call": timing.call.key, "label": timing.call.label or timing.call.key, "sdpa_us": kernels.get(BASELINE),
            "fastest": fastest, "fastest_exact": min(exact, key=exact.get) if exact else None,
            "noise_floor": timing.noise_floor, "autos": {}}
-    for label in (AUTO_RULES, AUTO_MODEL):
+    for label in AUTOS:
         us = timing.times_us.get(label)
         if us is None:
             continue
@@ -66,7 +71,7 @@ def verdict(timing: CallTiming) -> dict:
 
 def summary(rows: list[dict]) -> dict:
     out = {}
-    for label in (AUTO_RULES, AUTO_MODEL):
+    for label in AUTOS:
         ratios = [r["autos"][label] for r in rows if label in r["autos"]]
         if not ratios:
             continue
@@ -116,10 +121,22 @@ def markdown(timings: list[CallTiming], rows: list[dict], totals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibrated_model(path: str, device: torch.device):
+    with open(path, encoding="utf-8") as handle:
+        machines = parse_file(handle.read())
+    machine = fingerprint(device)
+    for entry in machines:
+        if entry["fingerprint"] == machine:
+            return entry["model"]
+    raise SystemExit(f"{path} holds no calibration for this machine: run python -m attention calibrate --file {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", help="a fitted cost-model file: adds the `auto (model)` row")
+    parser.add_argument("--calibration", help="a file `python -m attention calibrate --file` wrote on this "
+                                              "machine: adds the `auto (calibrated)` row")
     parser.add_argument("--budget-s", type=float, default=170.0)
     parser.add_argument("--smoke", action="store_true", help="CPU proof run: tiny shapes, sdpa only")
     args = parser.parse_args(argv)
@@ -142,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = {AUTO_RULES: lambda: Dispatcher(registry.AUTO, auto_table=load_table())}
     if model is not None:
         extra[AUTO_MODEL] = lambda: Dispatcher(registry.AUTO, cost_model=model)
+    if args.calibration:
+        calibrated = _calibrated_model(args.calibration, device)
+        extra[AUTO_CALIBRATED] = lambda: Dispatcher(registry.AUTO, cost_model=calibrated)
 
     def time_one(call, device, names, **kwargs):
         from attention.calibrate import time_call
