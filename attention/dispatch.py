@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -45,9 +46,11 @@ from .compiled import compiled_attention, is_compiling, register_target
 from .counters import UsageCounters, count_value, summarize
 from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
+from . import cost_store
+from .cost_model import CostModel
 from .mask_serving import KEPT, served_signature, served_tensors, serving_run
 from .masks import GENERAL, MaskCache, MaskClass
-from .priority import AutoEntry, Rule, auto_entries, load_table
+from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
@@ -207,17 +210,22 @@ class Dispatcher:
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
     passthrough: the name calls served by the caller's fallback are reported under.
+    cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
+        calibration or the model shipped for the GPU class (cost_store.py), unless an
+        auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
     mask_cache: where mask classifications live for a model call (masks.py); the node
         shares one between its dispatchers and clears it at every model call.
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH,
-                 mask_cache: Optional[MaskCache] = None) -> None:
+                 tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
         self.passthrough = passthrough
+        self._cost_model = cost_model
+        self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
@@ -289,7 +297,7 @@ class Dispatcher:
         for name in self.priority:
             static_auto: Iterable[Candidate] = (
                 Candidate(e.backend, e.rule, False)
-                for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
+                for e in self.auto_entries(call))
             if name == registry.AUTO:
                 expanded: Iterable[Candidate] = static_auto
             elif name == registry.AUTO_TUNED:
@@ -311,6 +319,16 @@ class Dispatcher:
                 self._prepared.clear()
             ready = self._prepared[key] = Prepared(backend, call)
         return ready
+
+    def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
+        """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
+        model, or by the rule table (cost_store.py says which applies)."""
+        model, saved = self._cost_model, None
+        if not self._table_decides:
+            saved = cost_store.saved_choice(call)
+            if model is None:
+                model = cost_store.model_for(call.device_type, call.compute_capability)
+        return auto_entries_for(call, self._auto_table, model, saved)
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
@@ -364,8 +382,7 @@ class Dispatcher:
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
         runs = self.eligible(call, tensors)
-        static = [e.backend for e in auto_entries(call.device_type, call.compute_capability, self._auto_table)
-                  if e.rule.reason(call) is None]
+        static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None

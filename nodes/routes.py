@@ -10,7 +10,7 @@ from ..attention import AUTO, AUTO_TUNED, names
 from ..attention.status import machine_status
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
 from .report import last_reports
-from .tuning import tuning_status
+from .tuning import register_user_folder, tuning_status
 
 
 def selectable() -> list[str]:
@@ -26,6 +26,8 @@ def status() -> dict:
 def register(server: Any) -> None:
     """Add the routes to ComfyUI's route table (mirrored under /api by ComfyUI)."""
     from aiohttp import web
+
+    register_user_folder()
 
     @server.routes.get("/attention_backends/status")
     async def get_status(request: web.Request) -> web.Response:
