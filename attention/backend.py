@@ -13,7 +13,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import threading
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -108,6 +108,13 @@ class Backend:
         a new shape costs far more than tuning may spend (compiles, huge buffers).
     load_varlen: optional loader of the kernel's variable-length entry points, which
         serve key-padding masks whose rows differ (mask_serving.py) in one launch.
+    sparse: approximates attention by skipping most key blocks (attention.sparsity).
+        Never in `auto`'s table nor measured by `auto_tuned`: it runs only where a user
+        names it, with the settings and quality checks of the Sparse node.
+    configure: for kernels that take per-node settings (sparse thresholds):
+        `configure(kernel, settings, call)` is the adapter for calls shaped like `call`
+        with `settings` bound, made once per call signature; `default_settings` serve
+        a dispatcher given none.
     """
 
     name: str
@@ -124,6 +131,9 @@ class Backend:
     copies: str = ""
     tunable: bool = True
     load_varlen: Optional[Callable[[], Varlen]] = None
+    sparse: bool = False
+    configure: Optional[Callable[[Kernel, Any, CallSignature], Kernel]] = None
+    default_settings: Any = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _varlen: Optional[tuple[Optional[Varlen]]] = dataclasses.field(default=None, repr=False)

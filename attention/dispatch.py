@@ -26,6 +26,11 @@ ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
 carries the tuner's decision, and later calls cost what any plan costs.
+
+Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
+prepared function. A monitor (attention.quality) may watch the plans it cares about, and
+`demote` a signature whose error it finds over budget: the signature is planned again
+without that backend until the dispatcher's plans are cleared.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -44,7 +49,7 @@ from .backend import Backend
 from .call import CallSignature, describe_call
 from .compiled import compiled_attention, is_compiling, register_target
 from .counters import UsageCounters, count_value, summarize
-from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
+from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
 from . import cost_store
 from .cost_model import CostModel
@@ -123,11 +128,12 @@ class Candidate:
 
 class Prepared:
     """One backend made ready for one call signature: the views to the kernel's layout,
-    the mask adapter, the kernel and the function that chains them."""
+    the mask adapter, the kernel (with `settings` bound, for a backend that takes them)
+    and the function that chains them."""
 
     __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
 
-    def __init__(self, backend: Backend, call: CallSignature) -> None:
+    def __init__(self, backend: Backend, call: CallSignature, settings: Any = None) -> None:
         self.backend = backend
         self.layout = layout = native_layout(call.layout_in, backend.layouts)
         self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
@@ -135,6 +141,8 @@ class Prepared:
         view_out = output_view(layout, call.layout_out)
         self.adapt_mask = adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
         kernel = backend.kernel()
+        if backend.configure is not None:
+            kernel = backend.configure(kernel, backend.default_settings if settings is None else settings, call)
 
         if adapt_mask is None:
             def run(q, k, v, mask, scale):
@@ -159,18 +167,18 @@ class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
     __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
-                 "retry", "mask_service", "masked_call")
+                 "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH, settings: Any = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else passthrough
         self.signature = signature
         self.rejected = rejected
         self.run = run
         self.counter = itertools.count()
-        self.failed_calls = 0  # counted calls whose kernel raised (served again by another plan)
+        self.failed_calls = 0  # counted calls served again by another plan (kernel raised, or demoted)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
         # Made while a kernel's failure kept it off this signature: plan again next run.
@@ -179,6 +187,7 @@ class Plan:
         # made, when `signature` is the mask-less call the backend was chosen for.
         self.mask_service: Optional[str] = None
         self.masked_call: Optional[CallSignature] = None
+        self.settings = settings  # what a configurable (sparse) backend runs with
 
     @property
     def calls(self) -> int:
@@ -201,6 +210,12 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
+class PlanMonitor(Protocol):
+    """Told of every plan a dispatcher makes with tensors (attention.quality.QualityMonitor)."""
+
+    def watch(self, dispatcher: "Dispatcher", plan: Plan, tensors: Tensors) -> None: ...
+
+
 class Dispatcher:
     """Serves attention calls from a priority list, deciding once per call signature.
 
@@ -215,14 +230,22 @@ class Dispatcher:
         auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
     mask_cache: where mask classifications live for a model call (masks.py); the node
         shares one between its dispatchers and clears it at every model call.
+    settings: per backend name, the settings object of a backend that takes one (the
+        sparse backends); a backend named without settings runs with its defaults.
+    monitor: watches the plans as they are made (the sparse node's quality monitor).
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
                  tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
-                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None) -> None:
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
+                 settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.settings = _checked_settings(settings or {})
+        self.monitor = monitor
+        # (backend name, signature) -> why the monitor took it off this signature.
+        self._demoted: dict[tuple[str, CallSignature], str] = {}
         self.passthrough = passthrough
         self._cost_model = cost_model
         self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
@@ -317,7 +340,7 @@ class Dispatcher:
         if ready is None:
             if len(self._prepared) >= 4 * MAX_PLANS:
                 self._prepared.clear()
-            ready = self._prepared[key] = Prepared(backend, call)
+            ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name))
         return ready
 
     def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
@@ -356,6 +379,10 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, tuple(reasons) + (failure.reason,), FAILED,
                                           candidate.explicit))
                 continue
+            demoted = self._demoted.get((candidate.name, call))
+            if demoted is not None:
+                rejected.append(Rejection(candidate.name, (demoted,), QUALITY, candidate.explicit))
+                continue
             prepared = self.prepared(backend, call) if not reasons and tensors is not None else None
             if prepared is not None:
                 reasons = prepared.runtime_reasons(tensors)
@@ -363,7 +390,8 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
             return Plan(backend, call, tuple(rejected), None if prepared is None else prepared.run,
-                        passthrough=self.passthrough)
+                        passthrough=self.passthrough, settings=self.settings.get(candidate.name,
+                                                                                 backend.default_settings))
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
 
@@ -412,11 +440,30 @@ class Dispatcher:
     reset_counters = begin_run
 
     def clear(self) -> None:
-        """Forget every decision (the next call of each signature plans again)."""
+        """Forget every decision (the next call of each signature plans again), and
+        every demotion."""
         with self._planning:
             self._plans.clear()
             self._prepared.clear()
             self._retired.clear()
+            self._demoted.clear()
+
+    def demote(self, plan: Plan, reason: str, tensors: Tensors) -> Plan:
+        """Take `plan`'s backend off its signature (a monitor found its error over
+        budget): plan the signature again on `tensors` without it, and count the call in
+        flight, which the replacement now serves, for the replacement. The old plan is
+        kept for the counters of the calls it served."""
+        with self._planning:
+            key = next((key for key, current in self._plans.items() if current is plan), None)
+            if key is None:
+                raise ValueError(f"{plan!r} is not a current plan of this dispatcher")
+            self._demoted[(plan.name, plan.signature)] = reason
+            replacement = self.plan_for(plan.signature, tensors)
+            plan.failed_calls += 1
+            next(replacement.counter)
+            self._retired.append(plan)
+            self._plans[key] = replacement
+        return replacement
 
     def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
@@ -434,6 +481,8 @@ class Dispatcher:
                 plan = self.plan_for(call, (q, k, v, mask, scale))
                 if mask is not None:
                     plan.mask_service = KEPT
+            if self.monitor is not None and plan.run is not None:
+                self.monitor.watch(self, plan, (q, k, v, mask, scale))
             if plan.is_fallback:
                 causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
                 if plan.run is not None:
@@ -454,7 +503,9 @@ class Dispatcher:
         q, k, v, _, scale = tensors
         plan = self.plan_for(served_signature(call, mask_class), served_tensors(call, mask_class, q, k, v)
                              + (None, scale))
-        if plan.run is None:
+        if plan.run is None or plan.backend.sparse:
+            # A sparse kernel never serves a masked call, even one whose mask is a no-op:
+            # its quality protections assume the calls the user pointed it at.
             return None
         chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
         if chosen is None:
@@ -491,6 +542,22 @@ class Dispatcher:
                 self._retired.append(self._plans.pop(key))
 
 
-__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by backend name, each for a backend that takes settings of its type,
+    each without problems (ValueError naming them otherwise)."""
+    for name, value in settings.items():
+        backend = registry.get(name)
+        if backend.configure is None:
+            raise ValueError(f"backend {name!r} takes no settings")
+        if not isinstance(value, type(backend.default_settings)):
+            raise ValueError(f"settings for {name!r} must be {type(backend.default_settings).__name__}, "
+                             f"not {type(value).__name__}")
+        problems = value.problems()
+        if problems:
+            raise ValueError(f"settings for {name!r}: " + "; ".join(problems))
+    return dict(settings)
+
+
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
            "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
-           "FAILED"]
+           "FAILED", "QUALITY"]

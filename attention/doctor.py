@@ -33,7 +33,7 @@ def render(status: dict) -> str:
     width = max(len(row["name"]) for row in status["backends"])
     lines.append(f"{'backend':<{width}}  {'kind':<9}  {'ready':<5}  {'version':<18}  why not")
     for row in status["backends"]:
-        kind = "quantized" if row["quantized"] else "exact"
+        kind = "sparse" if row["sparse"] else "quantized" if row["quantized"] else "exact"
         ready = "yes" if row["available"] else "no"
         version = row["version"] or "-"
         reasons = "; ".join(row["reasons"])

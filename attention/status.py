@@ -23,6 +23,7 @@ def backend_rows() -> list[dict]:
             "family": backend.family,
             "description": backend.description,
             "quantized": backend.quantized,
+            "sparse": backend.sparse,
             "available": availability.available,
             "version": availability.version,
             "reasons": list(availability.reasons),

@@ -65,6 +65,12 @@ def _finish(state: PatchState, guider: Any) -> None:
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
+    # auto_tuned's decisions of this run: written once, here, never inside sampling.
+    if state.tuner is not None:
+        try:
+            state.tuner.flush()
+        except Exception:
+            log.exception("attention backends: could not save the tuning decisions")
 
 
 def _model_name(model: Any) -> str:
@@ -117,6 +123,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
                                       if p.calls and p.tuning is not None) if state.tuner is not None else None,
+        "quality": state.monitor.summary() if state.monitor is not None else None,
         "warnings": _warnings(state, received, still_installed),
     }
 
@@ -126,7 +133,8 @@ def _plan_row(route: str, plan: Any) -> dict:
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
             "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
-            "masked_call": None if plan.masked_call is None else plan.masked_call.describe()}
+            "masked_call": None if plan.masked_call is None else plan.masked_call.describe(),
+            "settings": None if plan.settings is None else plan.settings.describe()}
 
 
 def _warnings(state: PatchState, received: int, still_installed: bool) -> list[str]:
@@ -143,6 +151,8 @@ def _warnings(state: PatchState, received: int, still_installed: bool) -> list[s
     if state.count("step_unknown"):
         warnings.append(f"The step window could not apply to {state.count('step_unknown')} model calls: the sampler "
                         f"gave no schedule (sample_sigmas).")
+    if state.monitor is not None:
+        warnings.extend(state.monitor.warnings())
     if state.count("nonfinite_exact"):
         warnings.append(f"{state.count('nonfinite_exact')} model calls were not finite even with exact attention: "
                         f"the cause is not the attention backend.")
@@ -187,6 +197,14 @@ def summary(report: dict) -> str:
                      + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
                      + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
                         if tuning["left_to_auto"] else ""))
+    quality = report.get("quality")
+    if quality and quality["signatures"]:
+        worst = [row["worst_rel_l1"] for row in quality["signatures"] if row["worst_rel_l1"] is not None]
+        over = sum(row["over_budget"] for row in quality["signatures"])
+        parts.append(f"quality: {quality['sampled_calls']} sampled calls on {len(quality['signatures'])} signatures"
+                     + (f", worst rel. L1 {max(worst):.4f}" if worst else "")
+                     + f" (budget {quality['budget_rel_l1']:g})"
+                     + (f", {over} over budget and served dense" if over else ""))
     guard = report["guard"]
     if guard["nonfinite_model_calls"]:
         parts.append(f"guard: {guard['nonfinite_model_calls']} non-finite model calls, {guard['reruns']} re-run "

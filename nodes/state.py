@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from ..attention import Dispatcher
 from ..attention.counters import count_value
+from ..attention.quality import QualityMonitor
 from ..attention.tuning import Tuner
 
 
@@ -21,7 +22,8 @@ class PatchState:
     """
 
     def __init__(self, *, node_id: Optional[str], node_type: str, selection: str, strict: bool,
-                 main: Dispatcher, exact: Optional[Dispatcher] = None) -> None:
+                 main: Dispatcher, exact: Optional[Dispatcher] = None,
+                 monitor: Optional[QualityMonitor] = None) -> None:
         self.node_id = node_id
         self.node_type = node_type
         self.selection = selection
@@ -29,6 +31,7 @@ class PatchState:
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
+        self.monitor = monitor  # checks sparse plans' error (Sparse node only)
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
         # The override's serving path, for calls that come back from a compiled graph (compiled.py).
         self.serve: Optional[Callable] = None
@@ -48,6 +51,8 @@ class PatchState:
             dispatcher.reset_counters()
         if self.tuner is not None:
             self.tuner.begin_run()
+        if self.monitor is not None:
+            self.monitor.begin_run()
         self.started_at = time.time()
         # Set once per model call by the step-window and guard hooks, read per attention call.
         self.step_exact = False

@@ -18,7 +18,7 @@ from .runner import AUTO_ROW, AUTO_ROWS, Row, auto_verdicts
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("torch", "triton", "sageattention", "flash-attn", "flash_attn_3", "flash-attn-4", "nvidia-cutlass-dsl",
-             "xformers", "comfy-kitchen")
+             "xformers", "comfy-kitchen", "spas_sage_attn")
 
 
 def environment() -> dict:

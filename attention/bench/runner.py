@@ -177,11 +177,12 @@ def auto_verdicts(rows: list[Row]) -> dict:
 def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 10.0,
         tuning_file: Optional[str] = None) -> list[Row]:
-    """Benchmark `backends` (default: every backend available here), auto and auto_tuned
+    """Benchmark `backends` (default: every dense backend available here; the sparse ones
+    have their own benchmark, benchmarks/sparse.py), auto and auto_tuned
     on `shapes`. auto_tuned measures every shape afresh and saves to `tuning_file`
     (default: a temporary file), which then holds the tuned table with its evidence."""
     if backends is None:
-        backends = [b.name for b, a in registry.availability_table() if a.available]
+        backends = [b.name for b, a in registry.availability_table() if a.available and not b.sparse]
     names = [BASELINE] + [b for b in backends if b != BASELINE] + list(AUTO_ROWS)
     if tuning_file is None:
         tuning_file = os.path.join(tempfile.mkdtemp(prefix="attention-bench-"), "tuning.json")
@@ -191,4 +192,5 @@ def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tuner.flush()  # the tuned table, written once the timing is over
     return rows
