@@ -153,11 +153,15 @@ def classify(mask: torch.Tensor, batch: int, heads: int, seq_q: int, seq_k: int)
     target = (batch, heads, seq_q, seq_k)
     if any(have not in (1, want) for have, want in zip(m.shape, target)):
         return general(f"shape {list(mask.shape)} does not broadcast to {list(target)}")
-    rows, _, mask_q, mask_k = m.shape
+    rows, mask_heads, mask_q, mask_k = m.shape
     removed, biased = _removed_and_biased(m)
+    # Per batch row and key, how many (head, query) rows remove it. A dead row removes
+    # every key, so "every live row removes it" is "every row does", and "some live row
+    # does" is "more rows than the dead ones do": counts, no mask-sized temporaries.
     dead = removed.all(dim=-1)                                               # (Bm, Hm, Qm)
-    some = (removed & ~dead.unsqueeze(-1)).flatten(1, 2).any(dim=1)          # (Bm, Km): in some live row
-    every = (removed | dead.unsqueeze(-1)).flatten(1, 2).all(dim=1)          # (Bm, Km): in every live row
+    removing = removed.flatten(1, 2).sum(dim=1)                              # (Bm, Km)
+    some = removing > dead.flatten(1).sum(dim=1, keepdim=True)               # in some live row
+    every = removing == mask_heads * mask_q                                  # in every live row
     parts = (torch.zeros(1, dtype=torch.bool, device=m.device) if biased is None else biased.any().view(1),
              some.flatten(), every.flatten(), dead.any(dim=1).flatten(), dead.all(dim=1).flatten())
     host = _to_host(torch.cat(parts))

@@ -8,6 +8,8 @@ Cases (bf16, ComfyUI's call forms):
   kept keys are two runs (copied once into the kept keys).
 - hunyuan_padded_image_first: the 0.3.64/0.8.0 order: the kept keys are a prefix (a view).
 - hunyuan_b2: B=2 whose rows keep 40 and 77 text tokens (text first): rows differ.
+- hunyuan_refiner: HunyuanVideo's token refiner (B=2, 256 text tokens, rows keep 40 and
+  77): padded text tokens are queries too, their rows remove every key (SDPA computes them).
 - lumina2_refiner: Lumina 2's context refiner (B=1, 24 x 96, 256 text tokens, 100 kept;
   0.3.64's 2-D additive mask).
 - lumina2_main: Lumina 2 at 1024² (B=2, 4096 image + 256 text tokens), 0.3.64's all-zero
@@ -97,6 +99,15 @@ def _joint(kept: list[int], text: int, image: int, text_first: bool):
     return build
 
 
+def _refiner(kept: list[int], text: int):
+    """HunyuanVideo's IndividualTokenRefiner mask: mask[key] + mask[query], (B, 1, N, N)."""
+    def build(dtype, device):
+        txt = _text_additive(kept, text, dtype, device)
+        m = txt.view(len(kept), 1, 1, text).repeat(1, 1, text, 1)
+        return m + m.transpose(2, 3)
+    return build
+
+
 def _bias(n: int, image_prompt: int):
     def build(dtype, device):
         mask = torch.zeros(1, 1, n, n, dtype=dtype, device=device)
@@ -121,6 +132,8 @@ def cases(smoke: bool) -> list[Case]:
              seq_k=image + text, mask=_joint([text], text, image, True), **hunyuan),
         Case("hunyuan_b2", "HunyuanVideo 720p 129f, B=2, rows padded differently", 2, seq_q=image + text,
              seq_k=image + text, mask=_joint(list(kept), text, image, True), **hunyuan),
+        Case("hunyuan_refiner", "HunyuanVideo token refiner, B=2 padded differently", 2, 24, text, text, 128, False,
+             _refiner(list(kept), text)),
         Case("ltxv_cross", "LTXV 2B cross-attention, B=2 padded differently", 2, 32, ltxv_video, ltxv_text, 64, True,
              lambda dtype, device: _text_additive(ltxv_kept, ltxv_text, dtype, device).view(2, 1, 1, -1)),
         Case("lumina2_refiner", "Lumina 2 context refiner, padded caption", 1, 24, text, text, 96, False,

@@ -20,13 +20,14 @@ def _script():
 
 
 def test_smoke_run_serves_and_keeps_masks(tmp_path):
-    assert _script().main(["--out", str(tmp_path), "--smoke", "--cases", "ltxv_cross,flux_bias,lumina2_main"]) == 0
+    assert _script().main(["--out", str(tmp_path), "--smoke", "--cases", "ltxv_cross,flux_bias,lumina2_main,hunyuan_refiner"]) == 0
     rows = json.loads((tmp_path / "masked.json").read_text())["rows"]
     served = {(row["case"], row["candidate"]): (row.get("backend"), row.get("service")) for row in rows}
     assert served[("ltxv_cross", "cpu_maskless")] == ("cpu_maskless", "per_row")
     assert served[("ltxv_cross", "cpu_maskless_varlen")] == ("cpu_maskless_varlen", "varlen")
     assert served[("ltxv_cross", "sdpa")] == ("sdpa", "kept")  # rows differ on a kernel that takes masks
     assert served[("lumina2_main", "cpu_maskless")] == ("cpu_maskless", "dropped")
+    assert served[("hunyuan_refiner", "cpu_maskless")] == ("cpu_maskless", "per_row")  # padded queries: SDPA rows
     assert served[("flux_bias", "auto")] == ("sdpa", "kept")
     assert "skipped" in next(r for r in rows if r["case"] == "flux_bias" and r["candidate"] == "cpu_maskless")
     for row in rows:
