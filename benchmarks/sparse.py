@@ -230,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="folder for sparse.json and sparse.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in fp32: the same code on a CPU")
     parser.add_argument("--shapes", default=None, help="comma-separated shape keys (default: all)")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved timing rounds per shape at most")
+    parser.add_argument("--reps", type=int, default=10, help="interleaved timing rounds per shape at most")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timing rounds per shape (default 20; 2 with --smoke)")
     args = parser.parse_args(argv)
