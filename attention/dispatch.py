@@ -2,8 +2,11 @@
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
 plan up in a dict, count the call and run the plan's prepared function (views to the
-kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
-copies that the kernel does not need. Everything else happens once per signature in
+kernel's layout, the kernel, a view back). A masked call first looks up its mask's class
+(masks.py: read from the device once per tensor per model call), which is part of the
+key, so no-op and key-padding masks get plans that serve them without the mask
+(mask_serving.py). No logging, no device synchronisation, no copies that the kernel does
+not need. Everything else happens once per signature in
 `_plan`, under a lock: describing the call, walking the priority list, collecting every
 reason, asking runtime checks, and preparing the views (once per backend and signature:
 the same prepared object answers the runtime check and runs the call).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
@@ -47,7 +51,11 @@ from .compiled import compiled_attention, is_compiling, register_target
 from .counters import UsageCounters, count_value, summarize
 from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
-from .priority import AutoEntry, Rule, auto_entries, load_table
+from . import cost_store
+from .cost_model import CostModel
+from .mask_serving import KEPT, served_signature, served_tensors, serving_run
+from .masks import GENERAL, MaskCache, MaskClass
+from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
@@ -159,7 +167,7 @@ class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
     __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
-                 "retry", "settings")
+                 "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
@@ -175,6 +183,10 @@ class Plan:
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
         # Made while a kernel's failure kept it off this signature: plan again next run.
         self.retry = any(r.kind == FAILED for r in rejected)
+        # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
+        # made, when `signature` is the mask-less call the backend was chosen for.
+        self.mask_service: Optional[str] = None
+        self.masked_call: Optional[CallSignature] = None
         self.settings = settings  # what a configurable (sparse) backend runs with
 
     @property
@@ -213,6 +225,11 @@ class Dispatcher:
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
     passthrough: the name calls served by the caller's fallback are reported under.
+    cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
+        calibration or the model shipped for the GPU class (cost_store.py), unless an
+        auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
+    mask_cache: where mask classifications live for a model call (masks.py); the node
+        shares one between its dispatchers and clears it at every model call.
     settings: per backend name, the settings object of a backend that takes one (the
         sparse backends); a backend named without settings runs with its defaults.
     monitor: watches the plans as they are made (the sparse node's quality monitor).
@@ -220,7 +237,8 @@ class Dispatcher:
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH,
+                 tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
                  settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
@@ -229,10 +247,13 @@ class Dispatcher:
         # (backend name, signature) -> why the monitor took it off this signature.
         self._demoted: dict[tuple[str, CallSignature], str] = {}
         self.passthrough = passthrough
+        self._cost_model = cost_model
+        self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
+        self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
         self._prepared: dict[tuple[str, CallSignature], Prepared] = {}
         self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
@@ -257,11 +278,18 @@ class Dispatcher:
             return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
                                       skip_output_reshape=skip_output_reshape, scale=scale,
                                       attn_precision=attn_precision, low_precision=low_precision)
+        mask_class = None
+        if mask is not None:
+            if skip_reshape:
+                mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
-               None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
+               None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
+               scale is None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+            plan = self._plan(key, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
         next(plan.counter)
         if plan.run is None:
@@ -292,7 +320,7 @@ class Dispatcher:
         for name in self.priority:
             static_auto: Iterable[Candidate] = (
                 Candidate(e.backend, e.rule, False)
-                for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
+                for e in self.auto_entries(call))
             if name == registry.AUTO:
                 expanded: Iterable[Candidate] = static_auto
             elif name == registry.AUTO_TUNED:
@@ -314,6 +342,16 @@ class Dispatcher:
                 self._prepared.clear()
             ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name))
         return ready
+
+    def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
+        """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
+        model, or by the rule table (cost_store.py says which applies)."""
+        model, saved = self._cost_model, None
+        if not self._table_decides:
+            saved = cost_store.saved_choice(call)
+            if model is None:
+                model = cost_store.model_for(call.device_type, call.compute_capability)
+        return auto_entries_for(call, self._auto_table, model, saved)
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
@@ -372,8 +410,7 @@ class Dispatcher:
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
         runs = self.eligible(call, tensors)
-        static = [e.backend for e in auto_entries(call.device_type, call.compute_capability, self._auto_table)
-                  if e.rule.reason(call) is None]
+        static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None
@@ -392,6 +429,7 @@ class Dispatcher:
         """Zero the counters for a new run; signatures that fell back because a kernel
         failed earlier are planned again (that kernel is retried)."""
         _new_generation()
+        self.masks.reset_count()
         with self._planning:
             self._retired.clear()
             for key in [key for key, plan in self._plans.items() if plan.retry]:
@@ -427,7 +465,7 @@ class Dispatcher:
             self._plans[key] = replacement
         return replacement
 
-    def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+    def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
         with self._planning:
             plan = self._plans.get(key)  # another thread may have planned it meanwhile
@@ -436,7 +474,13 @@ class Dispatcher:
             call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
                                  skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                                  low_precision_ok=low_precision, custom_scale=scale is not None)
-            plan = self.plan_for(call, (q, k, v, mask, scale))
+            plan = None
+            if mask_class is not None and mask_class.kind != GENERAL:
+                plan = self._plan_without_mask(call, mask_class, (q, k, v, mask, scale))
+            if plan is None:
+                plan = self.plan_for(call, (q, k, v, mask, scale))
+                if mask is not None:
+                    plan.mask_service = KEPT
             if self.monitor is not None and plan.run is not None:
                 self.monitor.watch(self, plan, (q, k, v, mask, scale))
             if plan.is_fallback:
@@ -452,6 +496,23 @@ class Dispatcher:
                 self._evict()
             self._plans[key] = plan
             return plan
+
+    def _plan_without_mask(self, call: CallSignature, mask_class: MaskClass, tensors: Tensors) -> Optional[Plan]:
+        """A plan serving a no-op or key-padding mask on the mask-less call it equals
+        (mask_serving.py); None where the mask had better stay."""
+        q, k, v, _, scale = tensors
+        plan = self.plan_for(served_signature(call, mask_class), served_tensors(call, mask_class, q, k, v)
+                             + (None, scale))
+        if plan.run is None or plan.backend.sparse:
+            # A sparse kernel never serves a masked call, even one whose mask is a no-op:
+            # its quality protections assume the calls the user pointed it at.
+            return None
+        chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
+        if chosen is None:
+            return None
+        plan.mask_service, plan.run = chosen
+        plan.masked_call = call
+        return plan
 
     def _evict(self) -> None:
         """Drop the oldest plan (dicts keep insertion order); a plan that served calls

@@ -18,6 +18,16 @@ def _format_rule(rule: dict) -> str:
     return ", ".join(parts) or "always"
 
 
+def _source_line(source: dict) -> str:
+    kind = source.get("source", "rules")
+    if kind == "calibrated":
+        return f"auto decides by this GPU's calibration (python -m attention calibrate; {source['files'][0]})"
+    if kind == "default":
+        return (f"auto decides by the cost model shipped for this GPU class (fitted on {source['gpu']}); "
+                "`python -m attention calibrate` fits this GPU's own")
+    return "auto decides by the rule table above (no cost model for this device class)"
+
+
 def render(status: dict) -> str:
     lines = [f"torch {status['torch']}  CUDA {status['cuda'] or '-'}  cuDNN {status['cudnn'] or '-'}", ""]
     width = max(len(row["name"]) for row in status["backends"])
@@ -35,9 +45,12 @@ def render(status: dict) -> str:
         for position, entry in enumerate(device["auto_order"], 1):
             state = "" if entry["available"] else "   [not available: " + "; ".join(entry["reasons"]) + "]"
             lines.append(f"  {position}. {entry['backend']:<30} {_format_rule(entry['rule'])}{state}")
+        lines.append("  " + _source_line(device.get("auto_source", {})))
         lines.append("  typical calls:")
         for choice in device["typical"]:
-            lines.append(f"    {choice['shape']:<24} -> {choice['backend']}")
+            predicted = ", ".join(f"{name} {us:.0f}" for name, us in choice.get("predicted_us", {}).items())
+            line = f"    {choice['shape']:<24} -> {choice['backend']}"
+            lines.append(f"{line:<62} predicted µs: {predicted}" if predicted else line)
     return "\n".join(lines)
 
 

@@ -6,10 +6,12 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from ..attention import AUTO, Dispatcher
+from ..attention.masks import MaskCache
 from ..attention.quality import QualityMonitor
 from .compat import OVERRIDE_KEY, require_override
 from .compiled import compile_watch_wrapper
 from .guard import guard_wrapper
+from .mask_boundary import mask_boundary_wrapper
 from .override import build_override
 from .report import run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
@@ -57,10 +59,11 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
 
     advanced = rules is not None or guard
     rules = rules or RoutingRules()
+    masks = MaskCache()  # one read of each mask tensor per model call, whichever dispatcher serves it
     if main is None:
-        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning))
+        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning), mask_cache=masks)
     if exact is None and advanced:
-        exact = Dispatcher(list(EXACT_PRIORITY))
+        exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks)
     state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
                        main=main, exact=exact, monitor=monitor)
     patched = model.clone()
@@ -77,6 +80,7 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
             state, rules, None if monitor is None else monitor.model_call))
     if guard:
         patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, guard_wrapper(state))
+    patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, mask_boundary_wrapper(state))
     # Innermost of ours (wrappers run in the order added): it may re-run a model call of a
     # compiled model, and the hooks above must see that call once.
     patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, compile_watch_wrapper(state))

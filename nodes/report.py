@@ -65,6 +65,12 @@ def _finish(state: PatchState, guider: Any) -> None:
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
+    # auto_tuned's decisions of this run: written once, here, never inside sampling.
+    if state.tuner is not None:
+        try:
+            state.tuner.flush()
+        except Exception:
+            log.exception("attention backends: could not save the tuning decisions")
 
 
 def _model_name(model: Any) -> str:
@@ -76,10 +82,13 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
     """The report of the run that just ended, from the dispatchers' counters and plans."""
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    masked: dict[str, Counter[str]] = {}
     plans = []
     for route, dispatcher in state.dispatchers():
         counters = dispatcher.counters()
         served.update(counters.served)
+        for backend, services in counters.masked.items():
+            masked.setdefault(backend, Counter()).update(services)
         for fallback in counters.fallbacks:
             fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
         plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls)
@@ -99,6 +108,8 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
         "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
                       for (wanted, served_by, reason), calls in fallbacks.most_common()],
+        "masked": {backend: dict(services.most_common()) for backend, services in masked.items()},
+        "masks_read": state.main.masks.classifications,
         "routing": {"exact_by_step_window": state.count("routed_step"),
                     "exact_by_block_filter": state.count("routed_block"),
                     "exact_by_cross_rule": state.count("routed_cross")},
@@ -121,7 +132,8 @@ def _plan_row(route: str, plan: Any) -> dict:
     return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
-            "tuned": None if plan.tuning is None else plan.tuning.source,
+            "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
+            "masked_call": None if plan.masked_call is None else plan.masked_call.describe(),
             "settings": None if plan.settings is None else plan.settings.describe()}
 
 
@@ -170,6 +182,11 @@ def summary(report: dict) -> str:
     for fallback in report["fallbacks"]:
         target = "ComfyUI's function" if fallback["served_by"] == PASSTHROUGH else fallback["served_by"]
         parts.append(f"{fallback['calls']} fell back from {fallback['wanted']} to {target}: {fallback['reason']}")
+    masked = report.get("masked") or {}
+    if masked:
+        parts.append("masked calls: " + ", ".join(
+            f"{backend} " + " + ".join(f"{calls} {service.replace('_', ' ')}" for service, calls in services.items())
+            for backend, services in masked.items()) + f" ({report['masks_read']} masks read)")
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))

@@ -34,6 +34,8 @@ AUTO_ROW = "auto"
 TUNED_ROW = registry.AUTO_TUNED
 AUTO_ROWS = (AUTO_ROW, TUNED_ROW)
 BASELINE = "sdpa"
+# SDPA timed a second time in the same rounds: the noise floor of the shape's ratios.
+REPEAT = "sdpa (repeat)"
 REFERENCE_ROWS = 2048
 
 
@@ -52,6 +54,9 @@ class Row:
     chose: Optional[str] = None  # for the auto rows
     exact: Optional[bool] = None
     tuning_ms: Optional[float] = None  # auto_tuned: what measuring this shape cost, cold
+    # |1 - ratio| of SDPA's two timings in the same rounds (same for every row of a shape):
+    # ratios closer to 1 than this are noise.
+    noise_floor: Optional[float] = None
 
 
 def _progress(items: list, label: str):
@@ -114,9 +119,14 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
         rows.append(row)
     fns = {name: pair[0] for name, pair in timed.items()}
     fns.update({f"{name} direct": pair[1] for name, pair in timed.items()})
+    if BASELINE in timed:
+        repeat = Dispatcher(BASELINE, strict=True)
+        fns[REPEAT] = lambda: repeat(q, k, v, shape.heads, **args)  # noqa: E731
     medians = interleaved_median_ms(fns, device, reps=reps, budget_s=budget_s)
     baseline = medians.get(BASELINE)
+    noise = abs(1.0 - medians[REPEAT] / baseline) if baseline and REPEAT in medians else None
     for row in rows:
+        row.noise_floor = noise
         if row.backend in timed:
             row.ms, row.direct_ms = medians[row.backend], medians[f"{row.backend} direct"]
             row.tflops = shape.flops / (row.ms * 1e-3) / 1e12
@@ -182,4 +192,5 @@ def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tuner.flush()  # the tuned table, written once the timing is over
     return rows
