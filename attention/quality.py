@@ -249,7 +249,10 @@ class QualityMonitor:
             return out
         watch.plan.run = watch.bare
         reason = f"{problem} ({_where(sample)}, {watch.rows.numel()} query rows against exact attention)"
-        replacement = watch.dispatcher.demote(watch.plan, reason, (q, k, v, mask, scale))
+        try:
+            replacement = watch.dispatcher.demote(watch.plan, reason, (q, k, v, mask, scale))
+        except ValueError:  # the plan was replaced meanwhile (evicted): its successor is watched anew
+            return out
         watch.served_instead = replacement.name
         watch.reason = reason
         log.warning("attention backends: %s on %s: %s; %s serves these calls for the rest of the run",

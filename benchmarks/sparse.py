@@ -29,8 +29,8 @@ flicker and structure, not relative L1. The run report's sampled errors on your 
 model, and your own eyes, are the evidence there.
 
 Usage:
-    python benchmarks/sparse.py --out DIR            # GPU, about two minutes on an H200
-    python benchmarks/sparse.py --out DIR --smoke    # tiny shapes, runs on a CPU
+    python benchmarks/sparse.py --out DIR [--budget 150]   # GPU: within the budget on an H200
+    python benchmarks/sparse.py --out DIR --smoke           # tiny shapes, runs on a CPU
 Writes DIR/sparse.json (rows with the environment) and DIR/sparse.md (tables).
 """
 
@@ -230,11 +230,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="folder for sparse.json and sparse.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in fp32: the same code on a CPU")
     parser.add_argument("--shapes", default=None, help="comma-separated shape keys (default: all)")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved timing rounds per shape at most")
+    parser.add_argument("--reps", type=int, default=10, help="interleaved timing rounds per shape at most")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timing rounds per shape (default 20; 2 with --smoke)")
+                        help="seconds for the whole run (default 150; 10 with --smoke); each shape times its rows "
+                             "for at most half of its share, the rest is for inputs, warm-up and errors")
     args = parser.parse_args(argv)
-    budget = args.budget if args.budget is not None else (2.0 if args.smoke else 20.0)
+    budget = args.budget if args.budget is not None else (10.0 if args.smoke else 150.0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -246,15 +247,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         wanted = args.shapes.split(",")
         shapes = tuple(s for s in shapes if s.key in wanted)
     results: list[dict] = []
-    for shape in shapes:
+    deadline = started + budget
+    for index, shape in enumerate(shapes):
         shape_started = time.perf_counter()
-        results.extend(bench_shape(shape, device, dtype, args.reps, budget))
+        timing_s = max(1.0, (deadline - shape_started) / (len(shapes) - index) / 2)
+        results.extend(bench_shape(shape, device, dtype, args.reps, timing_s))
         log.info("%s: %.1f s", shape.key, time.perf_counter() - shape_started)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     wall_s = time.perf_counter() - started
     os.makedirs(args.out, exist_ok=True)
-    document = {"environment": environment(), "command": sys.argv, "smoke": args.smoke, "wall_s": round(wall_s, 1),
+    document = {"environment": environment(), "command": sys.argv, "smoke": args.smoke, "budget_s": budget,
+                "wall_s": round(wall_s, 1),
                 "dtype": str(dtype).replace("torch.", ""), "reference_rows": REFERENCE_ROWS,
                 "shapes": [dataclasses.asdict(shape) | {"tokens": shape.tokens} for shape in shapes],
                 "input_model": {"channels": VIDEO_CHANNELS, "correlation_cells": VIDEO_CORRELATION,

@@ -238,7 +238,7 @@ def test_example_workflows_use_registered_nodes_and_valid_links(server, pack_roo
         for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
             assert nodes[source]["outputs"][source_slot]["type"] == kind
             assert nodes[target]["inputs"][target_slot]["link"] == link_id
-    assert {"AttentionBackend", "AttentionBackendAdvanced"} <= used
+    assert {"AttentionBackend", "AttentionBackendAdvanced", "AttentionBackendSparse"} <= used
 
 
 def _combo_options(spec: list) -> list:
