@@ -90,6 +90,10 @@ class Backend:
         the record (e.g. sage 1.x subtracts the key mean out of place: one copy of k).
     tunable: whether `auto_tuned` may measure it; False for kernels whose first call on
         a new shape costs far more than tuning may spend (compiles, huge buffers).
+    bind: for backends whose kernel depends on the call and on the priority names after
+        them (head_parallel serves each GPU's share with those names): given the loaded
+        kernel, the call and those names, returns the kernel for such calls; run once
+        per call signature when its plan is prepared.
     """
 
     name: str
@@ -105,6 +109,7 @@ class Backend:
     contiguous: bool = False
     copies: str = ""
     tunable: bool = True
+    bind: Optional[Callable[[Kernel, CallSignature, tuple[str, ...]], Kernel]] = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -127,6 +132,11 @@ class Backend:
             raise RuntimeError(f"backend {self.name!r} is not available: "
                                + "; ".join(self.availability().reasons))
         return self._kernel
+
+    def kernel_for(self, call: CallSignature, rest: tuple[str, ...] = ()) -> Kernel:
+        """The kernel for calls shaped like `call`; `rest`: the priority after this backend."""
+        kernel = self.kernel()
+        return kernel if self.bind is None else self.bind(kernel, call, rest)
 
     def not_supported_reasons(self, call: CallSignature) -> list[str]:
         """Why this backend cannot serve `call` here: availability first, then each

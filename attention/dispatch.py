@@ -94,14 +94,15 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
-def _prepare(backend: Backend, call: CallSignature) -> Callable:
-    """The per-call function for `backend` on calls shaped like `call`."""
+def _prepare(backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Callable:
+    """The per-call function for `backend` on calls shaped like `call`; `rest` is the
+    priority after it (for backends that bind their kernel to it, see Backend.bind)."""
     layout = native_layout(call.layout_in, backend.layouts)
     view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
     view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
     view_out = output_view(layout, call.layout_out)
     adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-    kernel = backend.kernel()
+    kernel = backend.kernel_for(call, rest)
 
     if adapt_mask is None:
         def run(q, k, v, mask, scale):
@@ -227,10 +228,14 @@ class Dispatcher:
             if reasons:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
-            run = _prepare(backend, call) if tensors is not None else None
+            run = _prepare(backend, call, self._after(candidate.name)) if tensors is not None else None
             return Plan(backend, call, tuple(rejected), run)
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error)
+
+    def _after(self, name: str) -> tuple[str, ...]:
+        """The priority names after `name` (empty when `auto` brought it in)."""
+        return tuple(self.priority[self.priority.index(name) + 1:]) if name in self.priority else ()
 
     def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
         """Every tunable backend that can serve this call here, prepared to run it."""
