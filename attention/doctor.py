@@ -6,6 +6,7 @@ import json
 import sys
 from typing import TextIO
 
+from .parallel.status import render as render_parallel
 from .status import machine_status
 
 
@@ -38,6 +39,7 @@ def render(status: dict) -> str:
         lines.append("  typical calls:")
         for choice in device["typical"]:
             lines.append(f"    {choice['shape']:<24} -> {choice['backend']}")
+    lines += render_parallel(status["parallel"])
     return "\n".join(lines)
 
 

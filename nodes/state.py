@@ -7,6 +7,7 @@ import time
 from typing import Callable, Optional
 
 from ..attention import Dispatcher
+from ..attention.parallel.heads import HEAD_PARALLEL, HeadGroup, default_group
 from ..attention.tuning import Tuner
 
 
@@ -26,6 +27,8 @@ class PatchState:
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
+        # Splits calls across GPUs when the priority names head_parallel; reports its run.
+        self.head_group: Optional[HeadGroup] = default_group() if HEAD_PARALLEL in main.priority else None
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
         self.last_report: Optional[dict] = None
         self.begin_run()
@@ -43,6 +46,8 @@ class PatchState:
             dispatcher.reset_counters()
         if self.tuner is not None:
             self.tuner.begin_run()
+        if self.head_group is not None:
+            self.head_group.begin_run()
         self.started_at = time.time()
         # Set once per model call by the step-window and guard hooks, read per attention call.
         self.step_exact = False

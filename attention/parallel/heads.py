@@ -240,7 +240,8 @@ class HeadGroup:
 
     devices: default ATTENTION_BACKENDS_DEVICES, else every visible GPU.
     policy: decides splits (default: ATTENTION_BACKENDS_HEAD_SPLIT, else the cost model).
-    staging: "auto" (pinned host memory where two GPUs have no peer access) or "always".
+    staging: "auto" (pinned host memory where two GPUs have no peer access) or "always"
+        (every copy through pinned host memory, even between shares on one GPU).
     measure_links: time each device pair once when first needed (else assumed speeds).
     """
 
@@ -316,8 +317,9 @@ class HeadGroup:
         key = (home, remote)
         link = self._links.get(key)
         if link is None:
-            staged = self.staging == "always" or not has_peer_access(home, remote)
-            if self.measure_links and home.type == "cuda" and home != remote:
+            # "always" stages even within one GPU: how a single GPU tests the staged path.
+            staged = home.type == "cuda" and (self.staging == "always" or not has_peer_access(home, remote))
+            if self.measure_links and home.type == "cuda" and (home != remote or staged):
                 link = measured_link(home, remote, staged)
             else:
                 link = assumed_link(home, remote, staged)

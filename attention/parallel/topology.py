@@ -114,7 +114,7 @@ def topology_links() -> dict[tuple[int, int], str]:
 
 def assumed_link(home: torch.device, remote: torch.device, staged: bool) -> Link:
     """The link between two devices from what the machine says, before any measurement."""
-    if home == remote or home.type != "cuda" or remote.type != "cuda":
+    if home.type != "cuda" or remote.type != "cuda" or (home == remote and not staged):
         return SAME
     if staged:
         return Link(STAGED, _STAGED_GBPS, "assumed (no peer access: through pinned host memory)")
@@ -135,7 +135,7 @@ def measured_link(home: torch.device, remote: torch.device, staged: bool) -> Lin
 
     Synchronises both devices: call it while planning, never per attention call.
     """
-    if home == remote or home.type != "cuda":
+    if home.type != "cuda" or (home == remote and not staged):
         return SAME
     key = (home, remote, staged)
     with _measured_lock:

@@ -180,6 +180,7 @@ def test_status_route(server):
     assert [device["type"] for device in status["devices"]] == ["cpu"]
     assert status["devices"][0]["auto_order"][-1]["backend"] == "sdpa"
     assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + list(rows)
+    assert status["parallel"]["gpus"] == [] and status["parallel"]["head_parallel"]["problems"]
     assert status["tuning"]["file"].endswith("attention_backends/tuning.json")
     assert [(d["type"], d["fingerprint"]["gpu"]) for d in status["tuning"]["devices"]] == [("cpu", "cpu")]
     assert {"name": "h200", "title": "NVIDIA H200 · torch 2.11.0 · CUDA 13.0",
