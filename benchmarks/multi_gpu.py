@@ -305,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.cuda.empty_cache()
         _write(results, args.out)
     print(markdown(results))
-    heads.configure("")
+    heads.configure()
     return 0
 
 

@@ -276,8 +276,11 @@ class HeadGroup:
         """Why this group cannot split any call (empty when it can)."""
         found = list(self.problems_found)
         if not self.devices and not found:
-            found.append(f"no CUDA GPU is visible: head_parallel splits a call's heads across GPUs ({ENV_DEVICES} "
-                         f"lists them; 'cpu,cpu' runs the split on the CPU, for testing)")
+            if torch.cuda.is_available():
+                found.append(f"the device list is empty: name two or more GPUs in {ENV_DEVICES}, e.g. 0,1")
+            else:
+                found.append(f"no CUDA GPU is visible: head_parallel splits a call's heads across GPUs ({ENV_DEVICES} "
+                             f"lists them; 'cpu,cpu' runs the split on the CPU, for testing)")
         elif len(self.devices) == 1:
             found.append(f"one device in the group ({self.devices[0]}): head_parallel needs two or more; list them "
                          f"in {ENV_DEVICES}, e.g. 0,1")
@@ -431,7 +434,9 @@ class HeadGroup:
     def _served(self) -> dict[str, dict[str, int]]:
         """Calls (shares and whole calls) each physical device's dispatchers served, by backend."""
         served: dict[str, dict[str, int]] = {}
-        for (device, _, _), dispatcher in self._dispatchers.items():
+        with self.plan_lock:
+            dispatchers = list(self._dispatchers.items())
+        for (device, _, _), dispatcher in dispatchers:
             counts = served.setdefault(str(device), {})
             for name, calls in dispatcher.counters().served.items():
                 counts[name] = counts.get(name, 0) + calls
@@ -439,9 +444,11 @@ class HeadGroup:
 
     def describe(self) -> dict:
         """What the status route shows of the group."""
+        with self.plan_lock:
+            links = list(self._links.items())
         return {"devices": [str(d) for d in self.devices], "problems": self.problems(), "dropped": self.dropped(),
                 "policy": type(self.policy).__name__, "staging": self.staging,
-                "links": [{"from": str(h), "to": str(r), **link.to_json()} for (h, r), link in self._links.items()]}
+                "links": [{"from": str(h), "to": str(r), **link.to_json()} for (h, r), link in links]}
 
 
 def _add_shares(devices: dict[str, dict], decision: _Decision, traffic: Traffic) -> Optional[float]:
