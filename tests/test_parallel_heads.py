@@ -266,3 +266,14 @@ def test_unavailable_without_a_group_and_never_chosen_by_auto():
     dispatcher = Dispatcher("head_parallel > sdpa")
     dispatcher(q, k, v, 4, skip_reshape=True)
     assert dispatcher.plans()[0].name == "sdpa"
+
+
+def test_status_lists_gpus_links_the_group_and_the_process_group():
+    from attention.parallel.status import parallel_status, render
+    heads.configure("cpu,cpu")
+    status = parallel_status()
+    assert status["head_parallel"]["devices"] == ["cpu", "cpu"] and status["head_parallel"]["problems"] == []
+    assert status["process_group"] == {"initialised": False}
+    if not torch.cuda.is_available():
+        assert status["gpus"] == [] and status["links"] == [] and status["nvidia_smi_topology"] is None
+    assert "  head_parallel group: cpu, cpu (ready)" in render(status)
