@@ -29,6 +29,7 @@ each decision in a run are timed with CUDA events (read when the run's summary i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -211,7 +212,11 @@ class HeadSplitKernel:
                     raise _LaneFailed(share.device, error) from error
             share = decision.home_share
             if share is not None:
-                out[:, share.q_start:share.q_stop].copy_(decision.home_attend(*_inputs(share, q, k, v, mask), scale))
+                # Triton-based kernels launch on the current device, which a caller's
+                # thread may have left on another GPU.
+                with torch.cuda.device(q.device) if main is not None else contextlib.nullcontext():
+                    result = decision.home_attend(*_inputs(share, q, k, v, mask), scale)
+                out[:, share.q_start:share.q_stop].copy_(result)
         except BaseException:
             if main is not None:
                 for lane in started:
