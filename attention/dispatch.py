@@ -1,15 +1,24 @@
 """The dispatcher: one call in any ComfyUI form, the first backend that can serve it.
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
-plan up in a dict, bump an integer and run the plan's prepared function (views to the
+plan up in a dict, count the call and run the plan's prepared function (views to the
 kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
 copies that the kernel does not need. Everything else happens once per signature in
-`_plan`: describing the call, walking the priority list, collecting every reason,
-asking runtime checks, and preparing the views.
+`_plan`, under a lock: describing the call, walking the priority list, collecting every
+reason, asking runtime checks, and preparing the views (once per backend and signature:
+the same prepared object answers the runtime check and runs the call).
 
-A kernel that raises is remembered as failed for that signature (process-wide, with
-its error as the reason), logged once, and the call is served by the next candidate;
-in strict mode the call raises instead, naming every candidate and why.
+Under `torch.compile` a call becomes one opaque op (compiled.py) that runs this same
+path when the graph runs, so the graph never depends on a decision.
+
+A kernel that raises is remembered as failed for that signature (process-wide, with its
+error as the reason), logged once, and the call is served by the next candidate; in
+strict mode the call raises instead, naming every candidate and why. A failure is tried
+again at the next run (`begin_run`); after `RETRY_LIMIT` failures it stays failed until
+`forget_failures()`.
+
+Calls are counted with `itertools.count`, whose `next()` is one C call: exact when
+ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
@@ -29,7 +38,8 @@ import torch
 from . import registry
 from .backend import Backend
 from .call import CallSignature, describe_call
-from .counters import UsageCounters, summarize
+from .compiled import compiled_attention, is_compiling, register_target
+from .counters import UsageCounters, count_value, summarize
 from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
 from .priority import AutoEntry, Rule, auto_entries, load_table
@@ -39,23 +49,61 @@ log = logging.getLogger(__name__)
 
 # Name under which calls served by the caller's own fallback (ComfyUI's function) count.
 PASSTHROUGH = "comfyui"
+# A (backend, signature) that failed this many times is not tried again until forgotten.
+RETRY_LIMIT = 3
+# Plans kept per dispatcher: one per call shape, and a server sees many resolutions.
+MAX_PLANS = 256
 
 _ALWAYS = Rule()
 
-# (backend name, signature) -> why it raised. Process-wide: a kernel that failed on a
-# signature fails for every node that would send it there.
-_failures: dict[tuple[str, CallSignature], str] = {}
+
+@dataclasses.dataclass
+class Failure:
+    """A kernel that raised on a signature: why, how often, and in which run last."""
+
+    reason: str
+    count: int
+    generation: int
+
+    @property
+    def permanent(self) -> bool:
+        return self.count >= RETRY_LIMIT
+
+
+# (backend name, signature) -> its failure. Process-wide: a kernel that failed on a
+# signature fails for every node that would send it there, until the next run.
+_failures: dict[tuple[str, CallSignature], Failure] = {}
 _failures_lock = threading.Lock()
+# Bumped at the start of every run of every dispatcher: failures of an earlier run are retried.
+_generation = itertools.count(1)
+_current_generation = 0
 
 
-def forget_failures() -> None:
-    """Clear remembered kernel failures (after installing a fixed package, or in tests)."""
+def _new_generation() -> int:
+    global _current_generation
+    _current_generation = next(_generation)
+    return _current_generation
+
+
+def forget_failures() -> int:
+    """Clear remembered kernel failures (after installing a fixed package, from the
+    sidebar, or in tests). Returns how many were forgotten."""
     with _failures_lock:
+        forgotten = len(_failures)
         _failures.clear()
+    return forgotten
 
 
-def remembered_failures() -> dict[tuple[str, CallSignature], str]:
+def remembered_failures() -> dict[tuple[str, CallSignature], Failure]:
     return dict(_failures)
+
+
+def _blocking_failure(name: str, call: CallSignature) -> Optional[Failure]:
+    """The failure that keeps `name` off `call` now: a permanent one, or one from this run."""
+    failure = _failures.get((name, call))
+    if failure is None or not (failure.permanent or failure.generation == _current_generation):
+        return None
+    return failure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +113,70 @@ class Candidate:
     explicit: bool
 
 
+class Prepared:
+    """One backend made ready for one call signature: the views to the kernel's layout,
+    the mask adapter, the kernel and the function that chains them. `rest` is the
+    priority after the backend (for backends that bind their kernel to it: Backend.bind)."""
+
+    __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
+
+    def __init__(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> None:
+        self.backend = backend
+        self.layout = layout = native_layout(call.layout_in, backend.layouts)
+        self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
+        self.view_kv = view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
+        view_out = output_view(layout, call.layout_out)
+        self.adapt_mask = adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
+        kernel = backend.kernel_for(call, rest)
+
+        if adapt_mask is None:
+            def run(q, k, v, mask, scale):
+                return view_out(kernel(view_q(q), view_kv(k), view_kv(v), None, scale, layout))
+        else:
+            def run(q, k, v, mask, scale):
+                return view_out(kernel(view_q(q), view_kv(k), view_kv(v), adapt_mask(mask), scale, layout))
+        self.run = run
+
+    def runtime_reasons(self, tensors: Tensors) -> list[str]:
+        """The backend's own check on the real tensors, in its layout (e.g. PyTorch's
+        `can_use_*` for a forced SDPA kernel)."""
+        check = self.backend.runtime_check
+        if check is None:
+            return []
+        q, k, v, mask, _ = tensors
+        return check(self.view_q(q), self.view_kv(k), self.view_kv(v),
+                     None if self.adapt_mask is None else self.adapt_mask(mask))
+
+
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
+                 "retry")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH) -> None:
         self.backend = backend
-        self.name = backend.name if backend is not None else PASSTHROUGH
+        self.name = backend.name if backend is not None else passthrough
         self.signature = signature
         self.rejected = rejected
         self.run = run
-        self.calls = 0
+        self.counter = itertools.count()
+        self.failed_calls = 0  # counted calls whose kernel raised (served again by another plan)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
+        # Made while a kernel's failure kept it off this signature: plan again next run.
+        self.retry = any(r.kind == FAILED for r in rejected)
+
+    @property
+    def calls(self) -> int:
+        """Calls this plan served (or, with no run, refused or passed on)."""
+        return count_value(self.counter) - self.failed_calls
+
+    def reset(self) -> None:
+        self.counter = itertools.count()
+        self.failed_calls = 0
 
     @property
     def is_fallback(self) -> bool:
@@ -94,37 +190,6 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
-def _prepare(backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Callable:
-    """The per-call function for `backend` on calls shaped like `call`; `rest` is the
-    priority after it (for backends that bind their kernel to it, see Backend.bind)."""
-    layout = native_layout(call.layout_in, backend.layouts)
-    view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
-    view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
-    view_out = output_view(layout, call.layout_out)
-    adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-    kernel = backend.kernel_for(call, rest)
-
-    if adapt_mask is None:
-        def run(q, k, v, mask, scale):
-            return view_out(kernel(view_q(q), view_kv(k), view_kv(v), None, scale, layout))
-    else:
-        def run(q, k, v, mask, scale):
-            return view_out(kernel(view_q(q), view_kv(k), view_kv(v), adapt_mask(mask), scale, layout))
-    return run
-
-
-def _runtime_reasons(backend: Backend, call: CallSignature, tensors: Tensors) -> list[str]:
-    if backend.runtime_check is None:
-        return []
-    q, k, v, mask, _ = tensors
-    layout = native_layout(call.layout_in, backend.layouts)
-    view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
-    view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
-    adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-    return backend.runtime_check(view_q(q), view_kv(k), view_kv(v),
-                                 None if adapt_mask is None else adapt_mask(mask))
-
-
 class Dispatcher:
     """Serves attention calls from a priority list, deciding once per call signature.
 
@@ -133,19 +198,26 @@ class Dispatcher:
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
+    passthrough: the name calls served by the caller's fallback are reported under.
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None) -> None:
+                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.passthrough = passthrough
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
         self._plans: dict[tuple, Plan] = {}
-        self._retired: list[Plan] = []  # plans replaced after a failure, kept for the counters
+        self._prepared: dict[tuple[str, CallSignature, tuple[str, ...]], Prepared] = {}
+        self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
+        self._planning = threading.Lock()
+        # The handle a compiled graph calls this dispatcher by (standalone use; ComfyUI's
+        # override registers its own target).
+        self.handle = register_target(self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                  mask: Optional[torch.Tensor] = None, *, skip_reshape: bool = False,
@@ -155,15 +227,21 @@ class Dispatcher:
         """Attention for one call in ComfyUI's form (see attention.call).
 
         `fallback` serves calls no candidate can (ComfyUI's own function, from the
-        override); without one such a call raises NoBackendError.
+        override); without one such a call raises NoBackendError. Under torch.compile
+        the call is recorded as one opaque op that comes back here when the graph runs
+        (without `fallback`: a compiled standalone call no backend serves raises).
         """
+        if is_compiling():
+            return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
+                                      skip_output_reshape=skip_output_reshape, scale=scale,
+                                      attn_precision=attn_precision, low_precision=low_precision)
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
                None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
-        plan.calls += 1
+        next(plan.counter)
         if plan.run is None:
             if fallback is None or self.strict:
                 raise plan.error
@@ -171,10 +249,17 @@ class Dispatcher:
         try:
             return plan.run(q, k, v, mask, scale)
         except Exception as error:
-            plan.calls -= 1
             self._record_failure(key, plan, error)
             return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                         scale=scale, attn_precision=attn_precision, low_precision=low_precision, fallback=fallback)
+
+    def serve_compiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                       heads: int, *, skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],
+                       attn_precision: Optional[torch.dtype], low_precision: bool, enable_gqa: bool, where: str,
+                       func: str) -> torch.Tensor:
+        """A call from a compiled graph (compiled.py), served as an eager call."""
+        return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                    scale=scale, attn_precision=attn_precision, low_precision=low_precision)
 
     def candidates(self, call: CallSignature) -> list[Candidate]:
         """The priority list for this call, `auto` expanded, duplicates dropped.
@@ -198,6 +283,23 @@ class Dispatcher:
                     result.append(candidate)
         return result
 
+    def prepared(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Prepared:
+        """`backend` ready for `call`, made once per dispatcher (`rest`: the priority after it)."""
+        key = (backend.name, call, rest)
+        ready = self._prepared.get(key)
+        if ready is None:
+            if len(self._prepared) >= 4 * MAX_PLANS:
+                self._prepared.clear()
+            ready = self._prepared[key] = Prepared(backend, call, rest)
+        return ready
+
+    def _after(self, name: str) -> tuple[str, ...]:
+        """The priority names after `name` for a backend that binds to them (empty for
+        the others, and when `auto` brought it in)."""
+        if registry.get(name).bind is None or name not in self.priority:
+            return ()
+        return tuple(self.priority[self.priority.index(name) + 1:])
+
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
         skipped, `auto_tuned` measures nothing (its static order answers) and the plan
@@ -219,23 +321,22 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, availability.reasons, UNAVAILABLE, candidate.explicit))
                 continue
             reasons = backend.call_reasons(call)
-            failure = _failures.get((candidate.name, call))
+            failure = _blocking_failure(candidate.name, call)
             if failure is not None:
-                rejected.append(Rejection(candidate.name, tuple(reasons) + (failure,), FAILED, candidate.explicit))
+                rejected.append(Rejection(candidate.name, tuple(reasons) + (failure.reason,), FAILED,
+                                          candidate.explicit))
                 continue
-            if not reasons and tensors is not None:
-                reasons = _runtime_reasons(backend, call, tensors)
+            prepared = (self.prepared(backend, call, self._after(candidate.name))
+                        if not reasons and tensors is not None else None)
+            if prepared is not None:
+                reasons = prepared.runtime_reasons(tensors)
             if reasons:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
-            run = _prepare(backend, call, self._after(candidate.name)) if tensors is not None else None
-            return Plan(backend, call, tuple(rejected), run)
+            return Plan(backend, call, tuple(rejected), None if prepared is None else prepared.run,
+                        passthrough=self.passthrough)
         error = NoBackendError(call, tuple(rejected), self.strict)
-        return Plan(None, call, tuple(rejected), None, error)
-
-    def _after(self, name: str) -> tuple[str, ...]:
-        """The priority names after `name` (empty when `auto` brought it in)."""
-        return tuple(self.priority[self.priority.index(name) + 1:]) if name in self.priority else ()
+        return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
 
     def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
         """Every tunable backend that can serve this call here, prepared to run it."""
@@ -243,9 +344,11 @@ class Dispatcher:
         for backend in registry.all_backends():
             if not backend.tunable or not backend.availability().available or backend.call_reasons(call):
                 continue
-            if (backend.name, call) in _failures or _runtime_reasons(backend, call, tensors):
+            if _blocking_failure(backend.name, call) is not None:
                 continue
-            runs[backend.name] = _prepare(backend, call)
+            prepared = self.prepared(backend, call)
+            if not prepared.runtime_reasons(tensors):
+                runs[backend.name] = prepared.run
         return runs
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
@@ -255,57 +358,89 @@ class Dispatcher:
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None
-        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision)
+        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
+                    passthrough=self.passthrough)
 
     def plans(self) -> list[Plan]:
-        """Every plan made so far (including ones replaced after a kernel failure)."""
+        """Every plan of this run (including ones replaced after a failure or evicted)."""
         return self._retired + list(self._plans.values())
 
     def counters(self) -> UsageCounters:
         """Calls served per backend and fallbacks by reason, since the last reset."""
         return summarize(self.plans())
 
-    def reset_counters(self) -> None:
-        self._retired.clear()
-        for plan in self._plans.values():
-            plan.calls = 0
+    def begin_run(self) -> None:
+        """Zero the counters for a new run; signatures that fell back because a kernel
+        failed earlier are planned again (that kernel is retried)."""
+        _new_generation()
+        with self._planning:
+            self._retired.clear()
+            for key in [key for key, plan in self._plans.items() if plan.retry]:
+                del self._plans[key]
+            for plan in self._plans.values():
+                plan.reset()
+
+    reset_counters = begin_run
 
     def clear(self) -> None:
         """Forget every decision (the next call of each signature plans again)."""
-        self._plans.clear()
-        self._retired.clear()
+        with self._planning:
+            self._plans.clear()
+            self._prepared.clear()
+            self._retired.clear()
 
     def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
-        call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
-                             skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
-                             low_precision_ok=low_precision, custom_scale=scale is not None)
-        plan = self.plan_for(call, (q, k, v, mask, scale))
-        if plan.is_fallback:
-            causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
-            if plan.run is not None:
-                served = f"served by {plan.name}"
-            elif self.strict:
-                served = "refused (strict)"
-            else:
-                served = "passed on to the caller's attention"
-            log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
-        self._plans[key] = plan
-        return plan
+        with self._planning:
+            plan = self._plans.get(key)  # another thread may have planned it meanwhile
+            if plan is not None:
+                return plan
+            call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
+                                 skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
+                                 low_precision_ok=low_precision, custom_scale=scale is not None)
+            plan = self.plan_for(call, (q, k, v, mask, scale))
+            if plan.is_fallback:
+                causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
+                if plan.run is not None:
+                    served = f"served by {plan.name}"
+                elif self.strict:
+                    served = "refused (strict)"
+                else:
+                    served = f"passed on to {plan.name}"
+                log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
+            if len(self._plans) >= MAX_PLANS:
+                self._evict()
+            self._plans[key] = plan
+            return plan
+
+    def _evict(self) -> None:
+        """Drop the oldest plan (dicts keep insertion order); a plan that served calls
+        this run stays counted until the run ends."""
+        key, oldest = next(iter(self._plans.items()))
+        del self._plans[key]
+        if oldest.calls:
+            self._retired.append(oldest)
 
     def _record_failure(self, key: tuple, plan: Plan, error: Exception) -> None:
         reason = "raised " + describe_exception(error)
+        plan.failed_calls += 1
         with _failures_lock:
-            first_time = (plan.name, plan.signature) not in _failures
-            _failures[(plan.name, plan.signature)] = reason
+            earlier = _failures.get((plan.name, plan.signature))
+            count = 1 if earlier is None else earlier.count + 1
+            _failures[(plan.name, plan.signature)] = Failure(reason, count, _current_generation)
         if self.strict:
             rejected = plan.rejected + (Rejection(plan.name, (reason,), FAILED, True),)
             raise NoBackendError(plan.signature, rejected, True) from error
-        if first_time:
-            log.warning("attention backends: %s %s on %s; using the next backend for such calls",
-                        plan.name, reason, plan.signature.describe())
-        self._retired.append(self._plans.pop(key))
+        if earlier is None or count == RETRY_LIMIT:
+            log.warning("attention backends: %s %s on %s; using the next backend for such calls %s",
+                        plan.name, reason, plan.signature.describe(),
+                        "for the rest of this run" if count < RETRY_LIMIT
+                        else f"until the failures are cleared ({count} failures)")
+        with self._planning:
+            if self._plans.get(key) is plan:
+                self._retired.append(self._plans.pop(key))
 
 
-__all__ = ["Dispatcher", "Plan", "Candidate", "PASSTHROUGH", "forget_failures", "remembered_failures",
-           "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE", "FAILED"]
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+           "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
+           "FAILED"]

@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 
 from ..attention import AUTO, Dispatcher
 from .compat import OVERRIDE_KEY, require_override
+from .compiled import compile_watch_wrapper
 from .guard import guard_wrapper
 from .override import build_override
 from .report import run_wrapper
@@ -68,6 +69,9 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
         patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, step_window_wrapper(state, rules))
     if guard:
         patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, guard_wrapper(state))
+    # Innermost of ours (wrappers run in the order added): it may re-run a model call of a
+    # compiled model, and the hooks above must see that call once.
+    patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, compile_watch_wrapper(state))
     patched.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, key, run_wrapper(state))
 
     state.override = build_override(state, previous, route)

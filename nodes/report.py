@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from ..attention import PASSTHROUGH
 from .compat import OVERRIDE_KEY, prompt_server
+from .compiled import ACTIVE_RUNS, begin_compiled_run
 from .state import PatchState
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,13 @@ def run_wrapper(state: PatchState) -> Callable:
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         state.begin_run()
+        model_options = getattr(getattr(executor, "class_obj", None), "model_options", {})
+        installed = model_options.get("transformer_options", {}).get(OVERRIDE_KEY) is state.override
+        begin_compiled_run(state, model_options, installed)
         try:
             return executor(*args, **kwargs)
         finally:
+            ACTIVE_RUNS.end(state)
             _finish(state, getattr(executor, "class_obj", None))
 
     return wrapper
@@ -83,7 +88,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
             fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
         plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls)
     total = sum(served.values())
-    received = total + state.unknown_form
+    received = total + state.count("unknown_form")
     return {
         "node_id": state.node_id,
         "node_type": state.node_type,
@@ -98,10 +103,16 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
         "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
                       for (wanted, served_by, reason), calls in fallbacks.most_common()],
-        "routing": {"exact_by_step_window": state.routed_step, "exact_by_block_filter": state.routed_block,
-                    "exact_by_cross_rule": state.routed_cross},
-        "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
+        "routing": {"exact_by_step_window": state.count("routed_step"),
+                    "exact_by_block_filter": state.count("routed_block"),
+                    "exact_by_cross_rule": state.count("routed_cross")},
+        "guard": {"nonfinite_model_calls": state.count("nonfinite_model_calls"), "reruns": state.count("reruns"),
                   "pinned_exact": state.pinned},
+        # Under compile a call outside ComfyUI's form is traced into the graph as it is,
+        # uncounted: the report says so rather than give 0.
+        "compiled": {"model_compiled": state.compiled, "calls_through_graph": state.count("compiled_calls"),
+                     "recompiled_stale_graphs": state.recompiled_stale,
+                     "unknown_form_calls_counted": not state.compiled},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
                                       if p.calls and p.tuning is not None) if state.tuner is not None else None,
@@ -121,18 +132,18 @@ def _warnings(state: PatchState, received: int, still_installed: bool) -> list[s
     warnings = []
     if received == 0:
         warnings.append(_NEVER_INVOKED + (_BYPASSED if still_installed else _REPLACED))
-    if state.unknown_form:
-        warnings.append(f"{state.unknown_form} calls were not in ComfyUI's attention form and went to "
+    if state.count("unknown_form"):
+        warnings.append(f"{state.count('unknown_form')} calls were not in ComfyUI's attention form and went to "
                         f"ComfyUI's own function unchanged.")
-    if state.block_unknown:
-        warnings.append(f"The block filter could not apply to {state.block_unknown} calls: this model (or this "
+    if state.count("block_unknown"):
+        warnings.append(f"The block filter could not apply to {state.count('block_unknown')} calls: this model (or this "
                         f"ComfyUI version; Flux reports its blocks from ComfyUI 0.8.0) does not say which block "
                         f"an attention call belongs to.")
-    if state.step_unknown:
-        warnings.append(f"The step window could not apply to {state.step_unknown} model calls: the sampler "
+    if state.count("step_unknown"):
+        warnings.append(f"The step window could not apply to {state.count('step_unknown')} model calls: the sampler "
                         f"gave no schedule (sample_sigmas).")
-    if state.nonfinite_exact:
-        warnings.append(f"{state.nonfinite_exact} model calls were not finite even with exact attention: "
+    if state.count("nonfinite_exact"):
+        warnings.append(f"{state.count('nonfinite_exact')} model calls were not finite even with exact attention: "
                         f"the cause is not the attention backend.")
     return warnings
 

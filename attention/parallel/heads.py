@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -40,6 +41,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..call import FLAT, CallSignature, describe_call
+from ..counters import count_value
 from ..dispatch import Dispatcher
 from ..errors import NoBackendError, describe_exception
 from ..registry import AUTO
@@ -102,12 +104,17 @@ class _Decision:
     home_attend: Optional[Attend] = None
     lanes: tuple[tuple[Share, Lane, Attend], ...] = ()
     ready: Optional[torch.cuda.Event] = None
-    calls: int = 0
+    # Calls served; advanced with next() (one C call: exact when clone threads share it).
+    counter: "itertools.count[int]" = dataclasses.field(default_factory=itertools.count)
     timings: list = dataclasses.field(default_factory=list)  # (call start, call end, [LaneTiming])
 
     @property
     def split(self) -> bool:
         return self.choice.split
+
+    @property
+    def calls(self) -> int:
+        return count_value(self.counter)
 
 
 class _LaneFailed(Exception):
@@ -130,7 +137,8 @@ class HeadSplitKernel:
         self.group = group
         self.call = call
         self.rest = rest
-        self.busy = 0  # calls served on their device because another thread's split was in flight
+        # Calls served on their device because another thread's split was in flight.
+        self.busy = itertools.count()
         self._decisions: dict[torch.device, _Decision] = {}
 
     def decisions(self) -> list[_Decision]:
@@ -143,14 +151,14 @@ class HeadSplitKernel:
             if decision is None or decision.generation != self.group.generation:
                 decision = self._decide(q.device)
             if not decision.split:
-                decision.calls += 1
+                next(decision.counter)
                 return decision.local(q, k, v, mask, scale)
             if not self.group.lock.acquire(blocking=False):
-                self.busy += 1
+                next(self.busy)
                 return decision.local(q, k, v, mask, scale)
             try:
                 out = self._split(decision, q, k, v, mask, scale)
-                decision.calls += 1
+                next(decision.counter)
                 return out
             except _LaneFailed as failure:
                 self.group.drop(failure.device, failure.reason)
@@ -377,9 +385,9 @@ class HeadGroup:
         """Zero the counters and timings (decisions stay)."""
         with self.plan_lock:
             for kernel in list(self._kernels):
-                kernel.busy = 0
+                kernel.busy = itertools.count()
                 for decision in kernel.decisions():
-                    decision.calls = 0
+                    decision.counter = itertools.count()
                     decision.timings.clear()
             for dispatcher in self._dispatchers.values():
                 dispatcher.reset_counters()
@@ -408,7 +416,7 @@ class HeadGroup:
         with self.plan_lock:
             kernels = list(self._kernels)
         for kernel in kernels:
-            busy += kernel.busy
+            busy += count_value(kernel.busy)
             traffic = Traffic(kernel.call)
             for decision in kernel.decisions():
                 if not decision.calls:
