@@ -277,3 +277,28 @@ def test_status_lists_gpus_links_the_group_and_the_process_group():
     if not torch.cuda.is_available():
         assert status["gpus"] == [] and status["links"] == [] and status["nvidia_smi_topology"] is None
     assert "  head_parallel group: cpu, cpu (ready)" in render(status)
+
+
+def test_inside_torch_compile_the_split_runs_when_the_graph_runs():
+    """Under compile a call is one opaque op (attention/compiled.py): the split happens
+    when the graph runs, with no graph break, and every call is split."""
+    import torch._dynamo
+    import torch._dynamo.utils
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    group = cpu_group(2)
+    dispatcher = Dispatcher("head_parallel > sdpa", strict=True)
+
+    def block(q, k, v):
+        return dispatcher(q, k, v, 4, skip_reshape=True, skip_output_reshape=True) * 2
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    try:
+        for seed in range(3):
+            q, k, v = make(True, 4, 4, seed=seed)
+            torch.testing.assert_close(compiled(q, k, v).double(), 2 * reference_attention(q, k, v, 4, skip_reshape=True,
+                                       skip_output_reshape=True), atol=4e-6, rtol=1e-5)
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+        assert group.run_summary()["split_calls"] == 3
+    finally:
+        torch._dynamo.reset()
