@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import Counter
-from typing import Iterable, Protocol
+from typing import Iterable, Optional, Protocol
 
 
 def count_value(counter: "itertools.count[int]") -> int:
@@ -23,6 +23,7 @@ def count_value(counter: "itertools.count[int]") -> int:
 class _PlanLike(Protocol):
     name: str
     calls: int
+    mask_service: Optional[str]
 
     def fallback_reasons(self) -> list[tuple[str, str]]: ...
 
@@ -39,9 +40,13 @@ class Fallback:
 
 @dataclasses.dataclass(frozen=True)
 class UsageCounters:
+    """`masked`: masked calls by the backend that served them, then by how the mask was
+    served (mask_serving.SERVICES: dropped, keys_trimmed, varlen, per_row, kept)."""
+
     total_calls: int
     served: dict[str, int]
     fallbacks: tuple[Fallback, ...]
+    masked: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def share(self, backend: str) -> float:
         return self.served.get(backend, 0) / self.total_calls if self.total_calls else 0.0
@@ -51,20 +56,25 @@ class UsageCounters:
             "total_calls": self.total_calls,
             "served": dict(self.served),
             "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks],
+            "masked": {backend: dict(services) for backend, services in self.masked.items()},
         }
 
 
 def summarize(plans: Iterable[_PlanLike]) -> UsageCounters:
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    masked: dict[str, Counter[str]] = {}
     for plan in plans:
         if not plan.calls:
             continue
         served[plan.name] += plan.calls
+        if plan.mask_service is not None:
+            masked.setdefault(plan.name, Counter())[plan.mask_service] += plan.calls
         for wanted, reason in plan.fallback_reasons():
             fallbacks[(wanted, plan.name, reason)] += plan.calls
     return UsageCounters(
         total_calls=sum(served.values()),
         served=dict(served.most_common()),
         fallbacks=tuple(Fallback(w, s, r, n) for (w, s, r), n in fallbacks.most_common()),
+        masked={backend: dict(services.most_common()) for backend, services in masked.items()},
     )

@@ -2,8 +2,11 @@
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
 plan up in a dict, count the call and run the plan's prepared function (views to the
-kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
-copies that the kernel does not need. Everything else happens once per signature in
+kernel's layout, the kernel, a view back). A masked call first looks up its mask's class
+(masks.py: read from the device once per tensor per model call), which is part of the
+key, so no-op and key-padding masks get plans that serve them without the mask
+(mask_serving.py). No logging, no device synchronisation, no copies that the kernel does
+not need. Everything else happens once per signature in
 `_plan`, under a lock: describing the call, walking the priority list, collecting every
 reason, asking runtime checks, and preparing the views (once per backend and signature:
 the same prepared object answers the runtime check and runs the call).
@@ -23,6 +26,11 @@ ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
 carries the tuner's decision, and later calls cost what any plan costs.
+
+Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
+prepared function. A monitor (attention.quality) may watch the plans it cares about, and
+`demote` a signature whose error it finds over budget: the signature is planned again
+without that backend until the dispatcher's plans are cleared.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -40,9 +49,13 @@ from .backend import Backend
 from .call import CallSignature, describe_call
 from .compiled import compiled_attention, is_compiling, register_target
 from .counters import UsageCounters, count_value, summarize
-from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
+from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
-from .priority import AutoEntry, Rule, auto_entries, load_table
+from . import cost_store
+from .cost_model import CostModel
+from .mask_serving import KEPT, served_signature, served_tensors, serving_run
+from .masks import GENERAL, MaskCache, MaskClass
+from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
@@ -115,12 +128,14 @@ class Candidate:
 
 class Prepared:
     """One backend made ready for one call signature: the views to the kernel's layout,
-    the mask adapter, the kernel and the function that chains them. `rest` is the
-    priority after the backend (for backends that bind their kernel to it: Backend.bind)."""
+    the mask adapter, the kernel (with `settings` bound, for a backend that takes them;
+    bound to `rest`, the priority after it, for one that binds to it: Backend.bind) and
+    the function that chains them."""
 
     __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
 
-    def __init__(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> None:
+    def __init__(self, backend: Backend, call: CallSignature, settings: Any = None,
+                 rest: tuple[str, ...] = ()) -> None:
         self.backend = backend
         self.layout = layout = native_layout(call.layout_in, backend.layouts)
         self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
@@ -128,6 +143,8 @@ class Prepared:
         view_out = output_view(layout, call.layout_out)
         self.adapt_mask = adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
         kernel = backend.kernel_for(call, rest)
+        if backend.configure is not None:
+            kernel = backend.configure(kernel, backend.default_settings if settings is None else settings, call)
 
         if adapt_mask is None:
             def run(q, k, v, mask, scale):
@@ -152,22 +169,27 @@ class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
     __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
-                 "retry")
+                 "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH, settings: Any = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else passthrough
         self.signature = signature
         self.rejected = rejected
         self.run = run
         self.counter = itertools.count()
-        self.failed_calls = 0  # counted calls whose kernel raised (served again by another plan)
+        self.failed_calls = 0  # counted calls served again by another plan (kernel raised, or demoted)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
         # Made while a kernel's failure kept it off this signature: plan again next run.
         self.retry = any(r.kind == FAILED for r in rejected)
+        # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
+        # made, when `signature` is the mask-less call the backend was chosen for.
+        self.mask_service: Optional[str] = None
+        self.masked_call: Optional[CallSignature] = None
+        self.settings = settings  # what a configurable (sparse) backend runs with
 
     @property
     def calls(self) -> int:
@@ -190,6 +212,12 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
+class PlanMonitor(Protocol):
+    """Told of every plan a dispatcher makes with tensors (attention.quality.QualityMonitor)."""
+
+    def watch(self, dispatcher: "Dispatcher", plan: Plan, tensors: Tensors) -> None: ...
+
+
 class Dispatcher:
     """Serves attention calls from a priority list, deciding once per call signature.
 
@@ -199,18 +227,35 @@ class Dispatcher:
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
     passthrough: the name calls served by the caller's fallback are reported under.
+    cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
+        calibration or the model shipped for the GPU class (cost_store.py), unless an
+        auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
+    mask_cache: where mask classifications live for a model call (masks.py); the node
+        shares one between its dispatchers and clears it at every model call.
+    settings: per backend name, the settings object of a backend that takes one (the
+        sparse backends); a backend named without settings runs with its defaults.
+    monitor: watches the plans as they are made (the sparse node's quality monitor).
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH) -> None:
+                 tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
+                 settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.settings = _checked_settings(settings or {})
+        self.monitor = monitor
+        # (backend name, signature) -> why the monitor took it off this signature.
+        self._demoted: dict[tuple[str, CallSignature], str] = {}
         self.passthrough = passthrough
+        self._cost_model = cost_model
+        self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
+        self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
         self._prepared: dict[tuple[str, CallSignature, tuple[str, ...]], Prepared] = {}
         self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
@@ -235,11 +280,18 @@ class Dispatcher:
             return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
                                       skip_output_reshape=skip_output_reshape, scale=scale,
                                       attn_precision=attn_precision, low_precision=low_precision)
+        mask_class = None
+        if mask is not None:
+            if skip_reshape:
+                mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
-               None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
+               None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
+               scale is None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+            plan = self._plan(key, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
         next(plan.counter)
         if plan.run is None:
@@ -270,7 +322,7 @@ class Dispatcher:
         for name in self.priority:
             static_auto: Iterable[Candidate] = (
                 Candidate(e.backend, e.rule, False)
-                for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
+                for e in self.auto_entries(call))
             if name == registry.AUTO:
                 expanded: Iterable[Candidate] = static_auto
             elif name == registry.AUTO_TUNED:
@@ -290,7 +342,7 @@ class Dispatcher:
         if ready is None:
             if len(self._prepared) >= 4 * MAX_PLANS:
                 self._prepared.clear()
-            ready = self._prepared[key] = Prepared(backend, call, rest)
+            ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name), rest)
         return ready
 
     def _after(self, name: str) -> tuple[str, ...]:
@@ -299,6 +351,16 @@ class Dispatcher:
         if registry.get(name).bind is None or name not in self.priority:
             return ()
         return tuple(self.priority[self.priority.index(name) + 1:])
+
+    def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
+        """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
+        model, or by the rule table (cost_store.py says which applies)."""
+        model, saved = self._cost_model, None
+        if not self._table_decides:
+            saved = cost_store.saved_choice(call)
+            if model is None:
+                model = cost_store.model_for(call.device_type, call.compute_capability)
+        return auto_entries_for(call, self._auto_table, model, saved)
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
@@ -326,6 +388,10 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, tuple(reasons) + (failure.reason,), FAILED,
                                           candidate.explicit))
                 continue
+            demoted = self._demoted.get((candidate.name, call))
+            if demoted is not None:
+                rejected.append(Rejection(candidate.name, (demoted,), QUALITY, candidate.explicit))
+                continue
             prepared = (self.prepared(backend, call, self._after(candidate.name))
                         if not reasons and tensors is not None else None)
             if prepared is not None:
@@ -334,7 +400,8 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
             return Plan(backend, call, tuple(rejected), None if prepared is None else prepared.run,
-                        passthrough=self.passthrough)
+                        passthrough=self.passthrough, settings=self.settings.get(candidate.name,
+                                                                                 backend.default_settings))
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
 
@@ -353,8 +420,7 @@ class Dispatcher:
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
         runs = self.eligible(call, tensors)
-        static = [e.backend for e in auto_entries(call.device_type, call.compute_capability, self._auto_table)
-                  if e.rule.reason(call) is None]
+        static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None
@@ -373,6 +439,7 @@ class Dispatcher:
         """Zero the counters for a new run; signatures that fell back because a kernel
         failed earlier are planned again (that kernel is retried)."""
         _new_generation()
+        self.masks.reset_count()
         with self._planning:
             self._retired.clear()
             for key in [key for key, plan in self._plans.items() if plan.retry]:
@@ -383,13 +450,32 @@ class Dispatcher:
     reset_counters = begin_run
 
     def clear(self) -> None:
-        """Forget every decision (the next call of each signature plans again)."""
+        """Forget every decision (the next call of each signature plans again), and
+        every demotion."""
         with self._planning:
             self._plans.clear()
             self._prepared.clear()
             self._retired.clear()
+            self._demoted.clear()
 
-    def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+    def demote(self, plan: Plan, reason: str, tensors: Tensors) -> Plan:
+        """Take `plan`'s backend off its signature (a monitor found its error over
+        budget): plan the signature again on `tensors` without it, and count the call in
+        flight, which the replacement now serves, for the replacement. The old plan is
+        kept for the counters of the calls it served."""
+        with self._planning:
+            key = next((key for key, current in self._plans.items() if current is plan), None)
+            if key is None:
+                raise ValueError(f"{plan!r} is not a current plan of this dispatcher")
+            self._demoted[(plan.name, plan.signature)] = reason
+            replacement = self.plan_for(plan.signature, tensors)
+            plan.failed_calls += 1
+            next(replacement.counter)
+            self._retired.append(plan)
+            self._plans[key] = replacement
+        return replacement
+
+    def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
         with self._planning:
             plan = self._plans.get(key)  # another thread may have planned it meanwhile
@@ -398,7 +484,15 @@ class Dispatcher:
             call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
                                  skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
                                  low_precision_ok=low_precision, custom_scale=scale is not None)
-            plan = self.plan_for(call, (q, k, v, mask, scale))
+            plan = None
+            if mask_class is not None and mask_class.kind != GENERAL:
+                plan = self._plan_without_mask(call, mask_class, (q, k, v, mask, scale))
+            if plan is None:
+                plan = self.plan_for(call, (q, k, v, mask, scale))
+                if mask is not None:
+                    plan.mask_service = KEPT
+            if self.monitor is not None and plan.run is not None:
+                self.monitor.watch(self, plan, (q, k, v, mask, scale))
             if plan.is_fallback:
                 causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
                 if plan.run is not None:
@@ -412,6 +506,23 @@ class Dispatcher:
                 self._evict()
             self._plans[key] = plan
             return plan
+
+    def _plan_without_mask(self, call: CallSignature, mask_class: MaskClass, tensors: Tensors) -> Optional[Plan]:
+        """A plan serving a no-op or key-padding mask on the mask-less call it equals
+        (mask_serving.py); None where the mask had better stay."""
+        q, k, v, _, scale = tensors
+        plan = self.plan_for(served_signature(call, mask_class), served_tensors(call, mask_class, q, k, v)
+                             + (None, scale))
+        if plan.run is None or plan.backend.sparse:
+            # A sparse kernel never serves a masked call, even one whose mask is a no-op:
+            # its quality protections assume the calls the user pointed it at.
+            return None
+        chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
+        if chosen is None:
+            return None
+        plan.mask_service, plan.run = chosen
+        plan.masked_call = call
+        return plan
 
     def _evict(self) -> None:
         """Drop the oldest plan (dicts keep insertion order); a plan that served calls
@@ -441,6 +552,22 @@ class Dispatcher:
                 self._retired.append(self._plans.pop(key))
 
 
-__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by backend name, each for a backend that takes settings of its type,
+    each without problems (ValueError naming them otherwise)."""
+    for name, value in settings.items():
+        backend = registry.get(name)
+        if backend.configure is None:
+            raise ValueError(f"backend {name!r} takes no settings")
+        if not isinstance(value, type(backend.default_settings)):
+            raise ValueError(f"settings for {name!r} must be {type(backend.default_settings).__name__}, "
+                             f"not {type(value).__name__}")
+        problems = value.problems()
+        if problems:
+            raise ValueError(f"settings for {name!r}: " + "; ".join(problems))
+    return dict(settings)
+
+
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
            "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
-           "FAILED"]
+           "FAILED", "QUALITY"]

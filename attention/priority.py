@@ -34,9 +34,12 @@ import os
 from typing import Optional
 
 from .call import CallSignature
+from .cost_model import SAFEST, CostModel, allowed_by_accuracy, auto_order
 from .registry import get
 
 log = logging.getLogger(__name__)
+
+ENV_TABLE = "ATTENTION_BACKENDS_AUTO"
 
 # Below this many query and key tokens no quantized kernel paid off on the H200.
 VIDEO_TOKENS = 16384
@@ -136,7 +139,9 @@ def _entries_from_json(data: dict) -> dict[str, tuple[AutoEntry, ...]]:
     for device, rows in data.items():
         entries = []
         for row in rows:
-            get(row["backend"])  # unknown names fail loudly, with suggestions
+            if get(row["backend"]).sparse:  # unknown names fail loudly, with suggestions
+                raise ValueError(f"{row['backend']!r} is a sparse backend: auto never chooses one (name it on the "
+                                 f"Attention Backend (Sparse) node instead)")
             head_dims = row.get("head_dims")
             rule = Rule(int(row.get("min_tokens", 0)), frozenset(head_dims) if head_dims else None)
             entries.append(AutoEntry(row["backend"], rule, row.get("evidence", "user override")))
@@ -148,7 +153,7 @@ def _entries_from_json(data: dict) -> dict[str, tuple[AutoEntry, ...]]:
 
 def load_table(path: Optional[str] = None) -> dict[str, tuple[AutoEntry, ...]]:
     """AUTO_TABLE, with device classes replaced from a JSON override file if one is set."""
-    path = path or os.environ.get("ATTENTION_BACKENDS_AUTO")
+    path = path or os.environ.get(ENV_TABLE)
     if not path:
         return dict(AUTO_TABLE)
     with open(path, encoding="utf-8") as handle:
@@ -161,3 +166,35 @@ def auto_entries(device_type: str, capability: Optional[tuple[int, int]],
                  table: Optional[dict[str, tuple[AutoEntry, ...]]] = None) -> tuple[AutoEntry, ...]:
     table = table if table is not None else load_table()
     return table.get(device_class(device_type, capability), table["default"])
+
+
+def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call from a cost model: the kernels that can serve it here,
+    by predicted time, none predicted slower than SDPA (cost_model.auto_order)."""
+    names, copying = [], set()
+    for name in model.kernels:
+        backend = get(name)
+        if not backend.availability().available or backend.call_reasons(call):
+            continue
+        if not allowed_by_accuracy(name, backend.quantized, call):
+            continue
+        names.append(name)
+        if backend.contiguous:
+            copying.add(name)
+    predicted = model.predictions(call, names, frozenset(copying))
+    base = predicted.get(SAFEST)
+    return tuple(AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
+                           + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
+                 for name in auto_order(predicted, model.margin))
+
+
+def auto_entries_for(call: CallSignature, table: dict[str, tuple[AutoEntry, ...]], model: Optional[CostModel],
+                     saved: Optional[str] = None) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call: `auto_tuned`'s saved decision for it first (measured on
+    this machine), then the cost model's order when there is a model, else the table's."""
+    entries = auto_entries(call.device_type, call.compute_capability, table) if model is None else model_entries(
+        call, model)
+    if saved is None:
+        return entries
+    return (AutoEntry(saved, _ALWAYS, "auto_tuned's decision, measured on this machine"),) + tuple(
+        e for e in entries if e.backend != saved)

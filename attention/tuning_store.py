@@ -113,6 +113,7 @@ def _check_decision(key: Any, value: Any) -> None:
     _check(isinstance(value, dict), f"decision for {key} is not an object")
     _check(value.get("backend") in registry.names(), f"decision for {key} names no known backend")
     _check_number(value.get("tuning_ms"), f"tuning_ms of {key}")
+    _check_number(value.get("noise_floor"), f"noise_floor of {key}")
     _check(isinstance(value.get("reference"), str) and value["reference"] in registry.names(),
            f"decision for {key} names no known reference backend")
     budget = value.get("budget", {})

@@ -44,7 +44,13 @@ ratio (the issue's target: `auto` within 5% of its prediction).
 
 Usage:
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/end_to_end.py [--models flux,wan,sdxl]
-        [--backends sdpa,sage,...] [--steps 4] [--repeats 3] [--tiny] [--out DIR]
+        [--backends sdpa,sage,...] [--sparse sol,sparge] [--steps 4] [--repeats 3] [--tiny] [--out DIR]
+
+`--sparse sol` adds a variant patched as the Attention Backend (Sparse) node does with
+its defaults: sol's default settings, dense outside 0.2-0.9 of the schedule and in the
+first and last block (3 Wan layers: only the middle one is sparse), cross-attention
+dense, and the quality monitor sampling (its checks are part of the measured time).
+Sparse backends are never in the default list.
 
 Without `--backends`: every backend available here, except `sdpa_math` and `flex` at
 full size (the math kernel materialises the score matrix: 40 x 32760^2 per batch
@@ -443,13 +449,20 @@ class Sampler:
             for shape, times in sorted(by_shape.items(), key=lambda item: -sum(item[1]))]
 
 
-def make_variants(pack: Any, base: Any, backends: list[str], compiled: list[str]) -> list[Variant]:
+def sparse_variant(name: str) -> str:
+    return f"{name} (sparse node defaults)"
+
+
+def make_variants(pack: Any, base: Any, backends: list[str], compiled: list[str],
+                  sparse: list[str] = ()) -> list[Variant]:
     """The default (the MODEL as loaded) and one clone per backend, patched exactly as
     the Attention Backend node does with on_unsupported='fall back'; with `compiled`,
     the default compiled as TorchCompileModel does (`compiled`) and each named backend
     patched, then compiled (`compiled+NAME`), the node variants sharing one dynamo
-    cache (compile_support.py)."""
-    patch = pack.nodes.patch
+    cache (compile_support.py); then one clone per `sparse` backend, patched as the
+    Attention Backend (Sparse) node does with its default settings, step window, block
+    filters and quality monitor."""
+    patch, nodes_sparse = pack.nodes.patch, pack.nodes.sparse
 
     def patched(name: str, model: Any) -> tuple[Any, Any]:
         priority, strict = patch.resolve_priority([name], patch.FALL_BACK)
@@ -465,6 +478,11 @@ def make_variants(pack: Any, base: Any, backends: list[str], compiled: list[str]
         for name in compiled:
             model, state = patched(name, base)
             variants.append(Variant(f"{COMPILED}+{name}", compile_model(model, with_node), state, compiled_from=name))
+    for name in sparse:
+        rules = nodes_sparse.DEFAULT_RULES
+        variants.append(Variant(sparse_variant(name), *nodes_sparse.patch_sparse(
+            base, backend=name, settings=pack.attention.registry.get(name).default_settings, rules=rules,
+            policy=nodes_sparse.policy_for(rules), node_id=f"end_to_end.{name}.sparse")))
     return variants
 
 
@@ -483,7 +501,8 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, pack: Any, backends: li
     result.update(info)
     result["build_s"] = round(time.perf_counter() - build_start, 2)
     sampler = Sampler(spec, args.steps, args.seed, clock)
-    variants = make_variants(pack, base, backends, [] if args.compile is None else args.compile.split(","))
+    variants = make_variants(pack, base, backends, [] if args.compile is None else args.compile.split(","),
+                             args.sparse_backends)
     override_key = pack.nodes.compat.OVERRIDE_KEY
     describe_call = pack.attention.describe_call
     notes: list[str] = []
@@ -566,6 +585,9 @@ def _variant_result(variant: Variant, default: Variant, steps: int, by_name: dic
         row["served"] = report["shares"]
         row["fallbacks"] = report["fallbacks"]
         row["plans"] = [{key: plan[key] for key in ("signature", "backend", "calls")} for plan in report["plans"]]
+        if report.get("quality") is not None:
+            row["quality"] = report["quality"]
+            row["routing"] = report["routing"]
     if variant.tuning is not None:
         row["tuning"] = variant.tuning
     if variant.output is not None:
@@ -634,8 +656,12 @@ def choose_backends(pack: Any, requested: Optional[str], tiny: bool) -> tuple[li
         except registry.UnknownBackendError as error:
             raise SystemExit(f"--backends: {error}") from None
         automatic = [name for name in automatic if name in names or name == registry.AUTO]
+        sparse = [name for name in names if name in table and registry.get(name).sparse]
+        if sparse:
+            raise SystemExit(f"--backends: {', '.join(sparse)} are sparse: name them with --sparse, which runs them "
+                             f"through the Attention Backend (Sparse) node")
     else:
-        names = list(table)
+        names = [name for name in table if not registry.get(name).sparse]
     run, skipped = [], []
     for name in names:
         if name not in table:
@@ -648,6 +674,21 @@ def choose_backends(pack: Any, requested: Optional[str], tiny: bool) -> tuple[li
         else:
             run.append(name)
     return run + automatic, skipped
+
+
+def choose_sparse(pack: Any, requested: str) -> tuple[list[str], list[dict]]:
+    """(sparse backends to run through the Sparse node, [{backend, reason}] skipped)."""
+    registry = pack.attention.registry
+    run, skipped = [], []
+    for name in filter(None, (part.strip() for part in requested.split(","))):
+        if name not in registry.sparse_names():
+            raise SystemExit(f"--sparse: {name!r} is not a sparse backend ({', '.join(registry.sparse_names())})")
+        availability = registry.get(name).availability()
+        if availability.available:
+            run.append(name)
+        else:
+            skipped.append({"backend": name, "reason": "; ".join(availability.reasons)})
+    return run, skipped
 
 
 def environment(pack: Any, device: torch.device) -> dict:
@@ -796,6 +837,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends and automatic selections (default: every backend "
                              "available here, auto and auto_tuned; auto always runs)")
+    parser.add_argument("--sparse", default="",
+                        help="comma-separated sparse backends (sol, sparge), each run through the Attention Backend "
+                             "(Sparse) node with its defaults: settings, step window 0.2-0.9, first and last block "
+                             "dense, quality monitor")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny dims in fp32: the same path on a CPU in seconds")
@@ -844,6 +889,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: list[str] = []
     budget = Budget(args.time_budget, notes)
     backends, skipped = choose_backends(pack, args.backends, args.tiny)
+    args.sparse_backends, skipped_sparse = choose_sparse(pack, args.sparse)
+    skipped += skipped_sparse
     for entry in skipped:
         log.info("skipped %s: %s", entry["backend"], entry["reason"])
     double, single = (int(n) for n in args.flux_blocks.split(","))
@@ -858,7 +905,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv, "tiny": args.tiny, "steps": args.steps, "repeats": args.repeats,
         "sampler": SAMPLER, "scheduler": SCHEDULER, "pack_module": PACK,
-        "environment": environment(pack, device), "variants": [DEFAULT] + backends,
+        "environment": environment(pack, device),
+        "variants": [DEFAULT] + backends + [sparse_variant(name) for name in args.sparse_backends],
         "skipped_backends": skipped, "notes": notes, "models": {},
     }
     log.info("variants: %s", ", ".join(results["variants"]))

@@ -80,10 +80,13 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
     (and head_parallel's group summary when the selection names it)."""
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    masked: dict[str, Counter[str]] = {}
     plans = []
     for route, dispatcher in state.dispatchers():
         counters = dispatcher.counters()
         served.update(counters.served)
+        for backend, services in counters.masked.items():
+            masked.setdefault(backend, Counter()).update(services)
         for fallback in counters.fallbacks:
             fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
         plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls)
@@ -103,6 +106,8 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
         "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
                       for (wanted, served_by, reason), calls in fallbacks.most_common()],
+        "masked": {backend: dict(services.most_common()) for backend, services in masked.items()},
+        "masks_read": state.main.masks.classifications,
         "routing": {"exact_by_step_window": state.count("routed_step"),
                     "exact_by_block_filter": state.count("routed_block"),
                     "exact_by_cross_rule": state.count("routed_cross")},
@@ -116,6 +121,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
                                       if p.calls and p.tuning is not None) if state.tuner is not None else None,
+        "quality": state.monitor.summary() if state.monitor is not None else None,
         "head_parallel": head_parallel,
         "warnings": _warnings(state, received, still_installed),
     }
@@ -125,7 +131,9 @@ def _plan_row(route: str, plan: Any) -> dict:
     return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
-            "tuned": None if plan.tuning is None else plan.tuning.source}
+            "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
+            "masked_call": None if plan.masked_call is None else plan.masked_call.describe(),
+            "settings": None if plan.settings is None else plan.settings.describe()}
 
 
 def _warnings(state: PatchState, received: int, still_installed: bool) -> list[str]:
@@ -142,6 +150,8 @@ def _warnings(state: PatchState, received: int, still_installed: bool) -> list[s
     if state.count("step_unknown"):
         warnings.append(f"The step window could not apply to {state.count('step_unknown')} model calls: the sampler "
                         f"gave no schedule (sample_sigmas).")
+    if state.monitor is not None:
+        warnings.extend(state.monitor.warnings())
     if state.count("nonfinite_exact"):
         warnings.append(f"{state.count('nonfinite_exact')} model calls were not finite even with exact attention: "
                         f"the cause is not the attention backend.")
@@ -171,6 +181,11 @@ def summary(report: dict) -> str:
     for fallback in report["fallbacks"]:
         target = "ComfyUI's function" if fallback["served_by"] == PASSTHROUGH else fallback["served_by"]
         parts.append(f"{fallback['calls']} fell back from {fallback['wanted']} to {target}: {fallback['reason']}")
+    masked = report.get("masked") or {}
+    if masked:
+        parts.append("masked calls: " + ", ".join(
+            f"{backend} " + " + ".join(f"{calls} {service.replace('_', ' ')}" for service, calls in services.items())
+            for backend, services in masked.items()) + f" ({report['masks_read']} masks read)")
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
@@ -181,6 +196,14 @@ def summary(report: dict) -> str:
                      + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
                      + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
                         if tuning["left_to_auto"] else ""))
+    quality = report.get("quality")
+    if quality and quality["signatures"]:
+        worst = [row["worst_rel_l1"] for row in quality["signatures"] if row["worst_rel_l1"] is not None]
+        over = sum(row["over_budget"] for row in quality["signatures"])
+        parts.append(f"quality: {quality['sampled_calls']} sampled calls on {len(quality['signatures'])} signatures"
+                     + (f", worst rel. L1 {max(worst):.4f}" if worst else "")
+                     + f" (budget {quality['budget_rel_l1']:g})"
+                     + (f", {over} over budget and served dense" if over else ""))
     split = report.get("head_parallel")
     if split and (split["split_calls"] or split["local_calls"] or split["busy_calls"]):
         parts.append(_head_parallel_line(split))

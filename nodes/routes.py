@@ -6,26 +6,30 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..attention import AUTO, AUTO_TUNED, names
+from ..attention import AUTO, AUTO_TUNED, names, sparse_names
 from ..attention.status import machine_status
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
 from .report import last_reports
-from .tuning import tuning_status
+from .tuning import register_user_folder, tuning_status
 
 
 def selectable() -> list[str]:
-    """What the Attention Backend node's combo offers: always the full list."""
-    return [AUTO, AUTO_TUNED] + names()
+    """What the Attention Backend node's combo offers: always the full list of dense
+    backends (the sparse ones are the Sparse node's, with its quality checks)."""
+    sparse = set(sparse_names())
+    return [AUTO, AUTO_TUNED] + [name for name in names() if name not in sparse]
 
 
 def status() -> dict:
-    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks(),
-            "tuning": tuning_status()}
+    return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
+            "benchmarks": list_benchmarks(), "tuning": tuning_status()}
 
 
 def register(server: Any) -> None:
     """Add the routes to ComfyUI's route table (mirrored under /api by ComfyUI)."""
     from aiohttp import web
+
+    register_user_folder()
 
     @server.routes.get("/attention_backends/status")
     async def get_status(request: web.Request) -> web.Response:

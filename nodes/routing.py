@@ -149,8 +149,10 @@ def step_position(transformer_options: dict, schedule_cache: list) -> Optional[f
     return min(max(at_or_above - 1, 0), steps - 1) / steps
 
 
-def step_window_wrapper(state: PatchState, rules: RoutingRules) -> Callable:
-    """APPLY_MODEL wrapper: decide, once per model call, whether it is outside the window."""
+def step_window_wrapper(state: PatchState, rules: RoutingRules,
+                        on_position: Optional[Callable[[Optional[float]], None]] = None) -> Callable:
+    """APPLY_MODEL wrapper: decide, once per model call, whether it is outside the window.
+    `on_position` is told each model call's schedule position (the quality monitor)."""
     schedule_cache: list = [None, []]
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -162,6 +164,8 @@ def step_window_wrapper(state: PatchState, rules: RoutingRules) -> Callable:
             state.step_exact = False
         else:
             state.step_exact = not rules.step_start <= position < rules.step_end
+        if on_position is not None:
+            on_position(position)
         return executor(*args, **kwargs)
 
     return wrapper

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from ..attention import Dispatcher
 from ..attention.counters import count_value
 from ..attention.parallel.heads import HEAD_PARALLEL, HeadGroup, default_group
+from ..attention.quality import QualityMonitor
 from ..attention.tuning import Tuner
 
 
@@ -22,7 +23,8 @@ class PatchState:
     """
 
     def __init__(self, *, node_id: Optional[str], node_type: str, selection: str, strict: bool,
-                 main: Dispatcher, exact: Optional[Dispatcher] = None) -> None:
+                 main: Dispatcher, exact: Optional[Dispatcher] = None,
+                 monitor: Optional[QualityMonitor] = None) -> None:
         self.node_id = node_id
         self.node_type = node_type
         self.selection = selection
@@ -30,6 +32,7 @@ class PatchState:
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
+        self.monitor = monitor  # checks sparse plans' error (Sparse node only)
         # Splits calls across GPUs when the priority names head_parallel; reports its run.
         self.head_group: Optional[HeadGroup] = default_group() if HEAD_PARALLEL in main.priority else None
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
@@ -51,6 +54,8 @@ class PatchState:
             dispatcher.reset_counters()
         if self.tuner is not None:
             self.tuner.begin_run()
+        if self.monitor is not None:
+            self.monitor.begin_run()
         if self.head_group is not None:
             self.head_group.begin_run()
         self.started_at = time.time()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..attention import AUTO_TUNED
+from ..attention import cost_store
 from ..attention.tuning import Tuner
 from ..attention.tuning_store import store_for
 
@@ -22,6 +23,12 @@ def tuning_file() -> str:
     so they survive updates of the pack and follow --user-directory."""
     import folder_paths
     return os.path.join(folder_paths.get_user_directory(), "attention_backends", "tuning.json")
+
+
+def register_user_folder() -> None:
+    """`auto` reads this machine's calibration and auto_tuned's saved decisions from the
+    user directory too (cost_store.py); `python -m attention calibrate --file` writes there."""
+    cost_store.register_folder(os.path.dirname(tuning_file()))
 
 
 def make_tuner(priority: list[str], mode: str) -> Tuner | None:

@@ -35,7 +35,7 @@ def test_every_backend_is_listed_with_a_stable_name():
         "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex", "sage",
         "sage_qk_int8_pv_fp16_triton", "sage_qk_int8_pv_fp16_cuda", "sage_qk_int8_pv_fp8_cuda",
         "sage_qk_int8_pv_fp8_cuda_sm90", "sage3", "flash", "flash3", "flash4", "xformers", "kitchen_int8",
-        "head_parallel"]
+        "sol", "sparge", "head_parallel"]
 
 
 def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():
@@ -43,6 +43,9 @@ def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():
     for backend in registry.all_backends():
         if backend.name == "sage3":
             assert reasons("sage3", call) == ["built for sm10x, sm12x only, this GPU is sm90"]
+        elif backend.sparse:  # 4608 tokens: too short for sparse attention (tests/test_sparse.py)
+            assert reasons(backend.name, call) == [
+                "4608 tokens: sparse attention serves calls from 12288 tokens (shorter ones stay dense)"]
         else:
             assert backend.call_reasons(call) == [], backend.name
 

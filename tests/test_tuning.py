@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from attention import Dispatcher, registry
+from attention import Dispatcher, registry, tuning
 from attention.call import FLAT, CallSignature
 from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
                               budget_for, decide, measure_on_device, signature_key)
@@ -239,6 +239,8 @@ DAMAGED = {
     "fingerprint not object": json.dumps(dict(valid_file(), machines=[{"fingerprint": 3, "decisions": {}}])),
     "budget not numbers": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                      budget={"rel_l1": "<img src=x>"}))),
+    "noise floor not a number": json.dumps(valid_file(dict(
+        valid_file()["machines"][0]["decisions"][signature_key(CALL)], noise_floor="1%"))),
     "tuned_at not text": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                     tuned_at=["x"]))),
 }
@@ -295,6 +297,46 @@ def test_measure_on_device_times_real_calls_and_checks_errors():
     assert measured["sdpa_efficient"].ms > measured["sdpa"].ms + 1.0
     chosen, _ = decide(measured, budget_for(call))
     assert chosen == "sdpa"
+
+
+def test_the_reference_is_timed_twice_with_the_contenders(monkeypatch):
+    """The noise floor: with a rival within CONTENDER_RATIO, the reference runs twice in the
+    same rounds; alone, no rounds and no floor. Timings are faked (no wall clock)."""
+    rounds = []
+
+    def fake_timing(fns, device, **kwargs):
+        rounds.append(sorted(fns))
+        return {name: {"sdpa": 1.0, "sdpa_cudnn": 1.1, "sdpa_efficient": 3.0}.get(name, 1.02) for name in fns}
+
+    monkeypatch.setattr(tuning, "interleaved_median_ms", fake_timing)
+    q = torch.randn(1, 2, 64, 16)
+    call = CallSignature("cpu", None, torch.float32, 1, 2, 2, 64, 64, 16, 16, layout_in="B,H,N,D", layout_out="B,H,N,D")
+    runs = {name: sdpa_run for name in ("sdpa", "sdpa_cudnn", "sdpa_efficient")}
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0)
+    assert rounds[-1] == ["reference (repeat)", "sdpa", "sdpa_cudnn"]
+    assert measured["sdpa"].repeat_ms == 1.02 and measured["sdpa_cudnn"].repeat_ms is None
+    rounds.clear()
+    alone = {"sdpa": sdpa_run, "sdpa_efficient": sdpa_run}
+    measured = measure_on_device(call, (q, q, q, None, None), alone, "sdpa", Limits(reps=3), 10.0)
+    assert measured["sdpa"].repeat_ms is None and all(len(r) == 1 for r in rounds)
+
+
+def test_decisions_carry_the_noise_floor_into_the_file(tmp_path):
+    path = tmp_path / "tuning.json"
+    results = dict(RESULTS, sdpa=Measurement(ms=1.0, error=good(0.0), repeat_ms=1.02))
+
+    class WithRepeat(FakeMeasure):
+        def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+            out = super().__call__(call, tensors, runs, reference, limits, seconds_left)
+            out[reference].repeat_ms = self.results[reference].repeat_ms
+            return out
+
+    decision = tuner(path, WithRepeat(results)).choose(CALL, tensors(), RUNS)
+    assert decision.noise_floor == pytest.approx(0.02)
+    saved = json.loads(path.read_text())["machines"][0]["decisions"][signature_key(CALL)]
+    assert saved["noise_floor"] == pytest.approx(0.02)
+    forget_loaded_stores()
+    assert tuner(path, FakeMeasure(RESULTS)).choose(CALL, tensors(), RUNS).noise_floor == pytest.approx(0.02)
 
 
 def test_dispatcher_auto_tuned_measures_once_then_serves_from_the_plan(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..backends.parallel import NAME as HEAD_PARALLEL
 from ..call import FLAT, CallSignature, describe_call
 from ..counters import count_value
 from ..dispatch import Dispatcher
@@ -51,7 +52,6 @@ from .topology import assumed_link, has_peer_access, measured_link
 
 log = logging.getLogger(__name__)
 
-HEAD_PARALLEL = "head_parallel"
 ENV_DEVICES = "ATTENTION_BACKENDS_DEVICES"
 ENV_SPLIT = "ATTENTION_BACKENDS_HEAD_SPLIT"
 SPLIT_POLICIES = {"cost": CostModel, "even": EvenSplit}

@@ -12,7 +12,7 @@ import sys
 def test_end_to_end_benchmark_runs_tiny(comfyui_path, pack_root, tmp_path):
     result = subprocess.run(
         [sys.executable, str(pack_root / "benchmarks" / "end_to_end.py"), "--tiny", "--models", "flux,sdxl",
-         "--backends", "sdpa,auto_tuned", "--repeats", "2", "--steps", "2", "--out", str(tmp_path)],
+         "--backends", "sdpa,auto_tuned", "--sparse", "sol", "--repeats", "2", "--steps", "2", "--out", str(tmp_path)],
         env={**os.environ, "COMFYUI_PATH": str(comfyui_path)}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "end_to_end.json").read_text())
@@ -24,3 +24,5 @@ def test_end_to_end_benchmark_runs_tiny(comfyui_path, pack_root, tmp_path):
             assert variant["finite"] and variant["step_ms"] > 0
             assert 0 < variant["attention_share"] < 1 and variant["predicted_speedup"] > 0
     assert (tmp_path / "end_to_end.md").read_text().startswith("# End-to-end")
+    # sol needs CUDA: listed with its reason, not run.
+    assert [row["backend"] for row in data["skipped_backends"]] == ["sol"]

@@ -179,7 +179,9 @@ def test_status_route(server):
     assert rows["sage"]["available"] is False and rows["sage"]["reasons"]
     assert [device["type"] for device in status["devices"]] == ["cpu"]
     assert status["devices"][0]["auto_order"][-1]["backend"] == "sdpa"
-    assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + list(rows)
+    assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + [name for name in rows
+                                                                      if name not in ("sol", "sparge")]
+    assert status["nodes"]["sparse"] == ["sol", "sparge"]
     assert status["parallel"]["gpus"] == [] and status["parallel"]["head_parallel"]["problems"]
     assert status["tuning"]["file"].endswith("attention_backends/tuning.json")
     assert [(d["type"], d["fingerprint"]["gpu"]) for d in status["tuning"]["devices"]] == [("cpu", "cpu")]

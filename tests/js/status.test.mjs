@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
+  autoSource, backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
   isCommand, machineSummary, missingFromAutoOrder, parsePriority, presentHint, selectableNames,
 } from "../../web/lib/status.js";
 import { fixture } from "./helpers.mjs";
@@ -178,4 +178,16 @@ test("no install command when the package is not what is missing", () => {
   const kitchen = describeSelection(cpu, "kitchen_int8");
   assert.equal(kitchen.kind, "unavailable");
   assert.equal(kitchen.hint, "");
+});
+
+test("auto says whether it runs on this GPU's calibration, the default model or the rules", () => {
+  const text = describeAuto(gpu).lines.map((l) => l.text);
+  // GPU 0 is calibrated; GPU 1 comes from a server that sends no auto_source: the rules.
+  assert.ok(text.includes("auto runs on this GPU's calibration"), JSON.stringify(text));
+  assert.ok(text.includes("auto runs on the rule table (no cost model for this GPU class)"));
+  assert.equal(autoSource({ auto_source: { source: "default", gpu: "NVIDIA H200" } }).text,
+    "auto runs on the default cost model (fitted on NVIDIA H200); python -m attention calibrate fits this GPU's own");
+  assert.equal(autoSource(null).kind, "rules");
+  // The CPU has SDPA only: no line about models.
+  assert.ok(!describeAuto(cpu).lines.some((l) => /auto runs on/.test(l.text)));
 });

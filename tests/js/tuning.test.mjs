@@ -83,6 +83,9 @@ test("the runner-up is the fastest other candidate inside the error budget", () 
   // Nothing else inside the budget, or nothing at all.
   assert.equal(runnerUp({ backend: "sdpa", candidates: { sdpa: { ms: 1, verdict: "chosen" } } }), null);
   assert.equal(runnerUpText({ backend: "sdpa", candidates: {} }), "no runner-up inside the error budget");
+  // A ratio closer to 1 than the reference's two timings is marked as noise.
+  assert.equal(runnerUpText({ ...flux, noise_floor: 0.07 }), "runner-up sdpa 1.06× (inside the noise floor)");
+  assert.equal(runnerUpText({ ...flux, noise_floor: 0.02 }), "runner-up sdpa 1.06×");
   assert.equal(runnerUp({}), null);
 });
 

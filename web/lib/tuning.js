@@ -142,11 +142,18 @@ export function runnerUp(decision) {
   return { ...best, ratio: base ? best.ms / base : null };
 }
 
-/** "runner-up sdpa 1.06×" or "no runner-up inside the error budget". */
+/**
+ * "runner-up sdpa 1.06×", "runner-up sdpa 1.01× (inside the noise floor)" when the ratio is
+ * closer to 1 than the reference timed twice (decision.noise_floor), or "no runner-up
+ * inside the error budget".
+ */
 export function runnerUpText(decision) {
   const r = runnerUp(decision);
   if (!r) return "no runner-up inside the error budget";
-  return `runner-up ${r.backend}${isNumber(r.ratio) ? ` ${formatRatio(r.ratio)}` : ""}`;
+  if (!isNumber(r.ratio)) return `runner-up ${r.backend}`;
+  const noise = decision && decision.noise_floor;
+  const inside = isNumber(noise) && Math.abs(1 - r.ratio) <= noise;
+  return `runner-up ${r.backend} ${formatRatio(r.ratio)}${inside ? " (inside the noise floor)" : ""}`;
 }
 
 /**
