@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from attention.call import MASK_ADDITIVE, MASK_BOOL
-from attention.parallel.cost import PEER, SAME, STAGED, CostModel, EvenSplit, Link, Share, Traffic, apportion
+from attention.parallel.cost import (PEER, SAME, STAGED, CostModel, EvenSplit, Link, Share, Traffic, apportion,
+                                     at_tflops, predicted_kernel_ms, share_call)
 from attention.parallel.topology import parse_topology
 from attention.shapes import by_key
 
 GPUS = [torch.device("cuda", i) for i in range(4)]
 NVLINK = Link(PEER, 370.0, "test")     # about what one H200 pair moves over NVLink
 PCIE_STAGED = Link(STAGED, 10.0, "test")
-H200 = CostModel(tflops=lambda device: 750.0)
+H200 = CostModel(kernel_ms=at_tflops(lambda device: 750.0))
 
 
 def nvlink(home, remote):
@@ -159,3 +160,34 @@ def test_topology_with_spaces_is_read():
 def test_no_topology_text_is_no_links():
     assert parse_topology("") == {}
     assert parse_topology("NVIDIA-SMI has failed because it couldn't communicate with the driver.") == {}
+
+
+def test_a_share_is_the_call_with_fewer_heads_on_its_device():
+    import dataclasses
+    call = dataclasses.replace(by_key("wan_720p").signature(), heads_kv=8, mask_kind=MASK_ADDITIVE,
+                               mask_shape=(1, 40, 75600, 75600))
+    share = share_call(call, 10, torch.device("cpu"))
+    assert (share.heads_q, share.heads_kv, share.mask_shape) == (10, 2, (1, 10, 75600, 75600))
+    assert share.device_type == "cpu" and share.compute_capability is None
+    padding = share_call(dataclasses.replace(call, mask_shape=(1, 1, 1, 75600)), 10, torch.device("cpu"))
+    assert padding.mask_shape == (1, 1, 1, 75600)
+
+
+def test_kernel_time_falls_back_to_the_throughput_table():
+    """Without a fitted model for the device class (a CPU here) the table answers."""
+    call = by_key("flux_1024").signature("cpu", None, torch.float32)
+    assert predicted_kernel_ms(call, 12, torch.device("cpu")) == pytest.approx(
+        Traffic(call).flops(12) / (0.5 * 1e9))
+
+
+def test_a_fitted_kernel_model_sets_the_kernel_time(monkeypatch):
+    from attention import cost_store
+
+    class Fitted:
+        kernels = {"sdpa": None, "sage": None}
+
+        def predictions(self, call, names, copying=frozenset()):
+            return {name: 1000.0 * call.heads_q for name in names}
+    monkeypatch.setattr(cost_store, "model_for", lambda device_type, capability: Fitted())
+    call = by_key("flux_1024").signature("cpu", None, torch.float32)
+    assert predicted_kernel_ms(call, 12, torch.device("cpu")) == pytest.approx(12.0)  # sdpa: sage is not here

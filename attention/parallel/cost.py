@@ -8,6 +8,9 @@ The cost model predicts, once per call signature and home device, the time of th
 on the home device alone and split across the first n devices of the group for every
 n and every number of units kept at home, and picks the fastest. A split is taken when
 it is predicted at least `min_gain` times faster; calls too small to gain stay local.
+Kernel time comes from the fitted per-kernel model `auto` uses (attention/cost_model.py:
+the fastest kernel that may serve the share, host path included) where the GPU class has
+one, else from a throughput table.
 Transfers are modelled conservatively: the inputs of every remote share leave the home
 device one after another (they share its links), each remote computes once its inputs
 have all arrived, and the outputs come back one after another.
@@ -21,7 +24,9 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from .. import cost_store, registry
 from ..call import MASK_ADDITIVE, CallSignature, canonical_mask_shape, device_capability
+from ..cost_model import allowed_by_accuracy
 from ..priority import device_class
 
 # Link kinds between the home device and another device of the group.
@@ -30,18 +35,55 @@ PEER = "peer"                # direct GPU-to-GPU copies (NVLink or PCIe peer acc
 STAGED = "staged"            # through pinned host memory: no peer access between the GPUs
 
 # Effective attention throughput (TFLOP/s, 4·B·H·Nq·Nk·D counted) of the fastest kernel
-# per device class, for predictions only. sm90: the H200's video-shape rows of
-# benchmarks/results/h200/kernels.md (sdpa 573-587, sage FP8 741-779). The others are
-# assumptions; they only move the size at which splitting starts to pay.
+# per device class, where no fitted kernel model exists. sm90: the H200's video-shape
+# rows of benchmarks/results/h200/kernels.md (sdpa 573-587, sage FP8 741-779). The
+# others are assumptions; they only move the size at which splitting starts to pay.
 _TFLOPS = {"sm90": 750.0, "sm100": 1500.0, "sm120": 400.0, "sm89": 300.0, "sm80": 250.0, "default": 100.0}
 _CPU_TFLOPS = 0.5
 
 
 def device_tflops(device: torch.device) -> float:
-    """The attention throughput the cost model assumes for `device`."""
+    """The attention throughput the table assumes for `device`."""
     if device.type != "cuda":
         return _CPU_TFLOPS
     return _TFLOPS[device_class("cuda", device_capability(device))]
+
+
+# ms for `heads` query heads (whole key-head groups) of a call on a device.
+KernelTime = Callable[[CallSignature, int, torch.device], float]
+
+
+def at_tflops(tflops: Callable[[torch.device], float]) -> KernelTime:
+    """Kernel time from a throughput per device."""
+    def kernel_ms(call: CallSignature, heads: int, device: torch.device) -> float:
+        return Traffic(call).flops(heads) / (tflops(device) * 1e9)
+    return kernel_ms
+
+
+def share_call(call: CallSignature, heads: int, device: torch.device) -> CallSignature:
+    """The call a device serves for `heads` query heads of `call`."""
+    group = call.heads_q // call.heads_kv
+    per_head = call.mask_shape is not None and canonical_mask_shape(call.mask_shape)[1] == call.heads_q > 1
+    mask_shape = call.mask_shape
+    if per_head:
+        mask_shape = (canonical_mask_shape(mask_shape)[0], heads) + tuple(canonical_mask_shape(mask_shape)[2:])
+    return dataclasses.replace(call, device_type=device.type, compute_capability=device_capability(device),
+                               heads_q=heads, heads_kv=heads // group, mask_shape=mask_shape)
+
+
+def predicted_kernel_ms(call: CallSignature, heads: int, device: torch.device) -> float:
+    """The fastest kernel that may serve `heads` of the call on `device`, by the GPU
+    class's fitted model (what `auto` decides with); the throughput table without one."""
+    share = share_call(call, heads, device)
+    model = cost_store.model_for(share.device_type, share.compute_capability)
+    if model is not None:
+        usable = [b.name for b in registry.all_backends()
+                  if b.name in model.kernels and not b.sparse and b.availability().available
+                  and not b.call_reasons(share) and allowed_by_accuracy(b.name, b.quantized, share)]
+        predicted = model.predictions(share, usable)
+        if predicted:
+            return min(predicted.values()) / 1e3
+    return at_tflops(device_tflops)(call, heads, device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,20 +253,20 @@ class CostModel:
     memory_headroom: a remote device takes a share only when its free memory is at
         least this many times the share's inputs and outputs (the kernel's own workspace
         and whatever else runs there need the rest).
-    tflops: attention throughput per device (default: `device_tflops`).
+    kernel_ms: kernel time of a share (default: `predicted_kernel_ms`).
     """
 
     min_gain: float = 1.2
     overhead_ms: float = 0.15
     memory_headroom: float = 2.0
-    tflops: Callable[[torch.device], float] = device_tflops
+    kernel_ms: KernelTime = predicted_kernel_ms
 
     def predict(self, call: CallSignature, home: torch.device, shares: Sequence[Share], link: LinkOf) -> Prediction:
         traffic = Traffic(call)
         # Shares on one physical device run one after another: they add up on it.
         busy: dict[torch.device, float] = {}
         for share in shares:
-            busy[share.device] = busy.get(share.device, 0.0) + self._compute_ms(traffic, share.heads, share.device)
+            busy[share.device] = busy.get(share.device, 0.0) + self.kernel_ms(call, share.heads, share.device)
         remote = [s for s in shares if s.device != home]
         ms_in = sum(link(home, s.device).ms(traffic.bytes_in(s)) for s in remote)
         ms_out = sum(link(home, s.device).ms(traffic.bytes_out(s)) for s in remote)
@@ -232,7 +274,7 @@ class CostModel:
         for share in remote:
             finish = max(finish, ms_in + busy[share.device] + ms_out)
         finish += self.overhead_ms * len(remote)
-        return Prediction(tuple(shares), self._compute_ms(traffic, call.heads_q, home), finish, ms_in + ms_out,
+        return Prediction(tuple(shares), self.kernel_ms(call, call.heads_q, home), finish, ms_in + ms_out,
                           sum(traffic.bytes_in(s) + traffic.bytes_out(s) for s in remote))
 
     def choose(self, call: CallSignature, home: torch.device, devices: Sequence[torch.device],
@@ -240,13 +282,14 @@ class CostModel:
         group = call.heads_q // call.heads_kv
         traffic = Traffic(call)
         candidates = _home_first(home, devices)
+        model = dataclasses.replace(self, kernel_ms=_remembered(self.kernel_ms))  # each share size predicted once
         best: Optional[Prediction] = None
         short_of_memory: list[str] = []
         for n in range(2, len(candidates) + 1):
             chosen = candidates[:n]
             keeps_home = chosen[0] == home
             remotes = chosen[1:] if keeps_home else chosen
-            weights = [self.tflops(d) for d in remotes]
+            weights = [1.0 / max(model.kernel_ms(call, call.heads_q, d), 1e-9) for d in remotes]
             for at_home in range(call.heads_kv + 1) if keeps_home else (0,):
                 counts = apportion(call.heads_kv - at_home, weights)
                 shares = make_shares(([home] if keeps_home else []) + list(remotes),
@@ -257,7 +300,7 @@ class CostModel:
                 if lacking:
                     short_of_memory.append(lacking)
                     continue
-                prediction = self.predict(call, home, shares, link)
+                prediction = model.predict(call, home, shares, link)
                 if best is None or prediction.split_ms < best.split_ms:
                     best = prediction
         if best is None:
@@ -266,9 +309,6 @@ class CostModel:
         if best.gain < self.min_gain:
             return Choice((), f"too small to gain: {best.describe()}, below {self.min_gain}x", best)
         return Choice(best.shares, best.describe(), best)
-
-    def _compute_ms(self, traffic: Traffic, heads: int, device: torch.device) -> float:
-        return traffic.flops(heads) / (self.tflops(device) * 1e9)
 
     def _lacking_memory(self, traffic: Traffic, shares: Sequence[Share], home: torch.device,
                         room: RoomOf) -> Optional[str]:
@@ -310,3 +350,15 @@ def _home_first(home: torch.device, devices: Sequence[torch.device]) -> list[tor
         same_type.remove(home)
         return [home] + same_type
     return same_type
+
+
+def _remembered(kernel_ms: KernelTime) -> KernelTime:
+    """`kernel_ms` asked once per (heads, device) for one call."""
+    known: dict[tuple[int, torch.device], float] = {}
+
+    def remembered(call: CallSignature, heads: int, device: torch.device) -> float:
+        key = (heads, device)
+        if key not in known:
+            known[key] = kernel_ms(call, heads, device)
+        return known[key]
+    return remembered
