@@ -5,7 +5,8 @@ user's own: the first time a call signature appears, it runs every eligible back
 on the real tensors, compares each output with an exact backend's output for the same
 call, times the ones inside the error budget in interleaved rounds (measure.py), and
 keeps the fastest. Decisions are saved per machine fingerprint (tuning_store.py), so
-a later run reuses them without timing anything.
+a later run reuses them without timing anything; the file is written once, after the
+sampler run (`Tuner.flush`), never inside it.
 
 Bounded: a signature gets at most `Limits.signature_s` of tuning and a sampler run at
 most `Limits.run_s`; signatures met after the run's budget is spent use the static
@@ -284,6 +285,7 @@ class Tuner:
         self._measure = measure
         self._clock = clock
         self._store_for = store or functools.partial(store_for, self.path)
+        self._stores: dict[int, TuningStore] = {}  # the stores this tuner has used, to flush
         self._cleared = not retune
         self.begin_run()
 
@@ -294,7 +296,20 @@ class Tuner:
         self.over_budget: list[str] = []  # signatures left to static auto this run
 
     def store(self, device: torch.device) -> TuningStore:
-        return self._store_for(device)
+        store = self._store_for(device)
+        self._stores.setdefault(id(store), store)
+        return store
+
+    def flush(self) -> None:
+        """Write the decisions of this run to the file (at the end of a sampler run: the
+        file is read and rewritten once, outside sampling). A file that cannot be written
+        is logged; its decisions still serve this process."""
+        for store in list(self._stores.values()):
+            try:
+                store.flush()
+            except OSError as error:  # a read-only user directory must not end the run
+                log.warning("attention backends: cannot save tuning decisions to %s (%s); they serve this "
+                            "process only", store.path, error)
 
     def summary(self, in_use: Iterable[Decision] = ()) -> dict[str, Any]:
         """This run's tuning, for the run report.
@@ -367,11 +382,7 @@ class Tuner:
                             tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         self.decisions.append(decision)
         if complete:
-            try:
-                store.put(key, decision.to_json())
-            except OSError as error:  # a read-only user directory must not end the run
-                log.warning("attention backends: cannot save tuning decisions to %s (%s); they serve this run only",
-                            store.path, error)
+            store.put(key, decision.to_json())  # written by flush(), after the run
         log.info("attention backends: tuned %s -> %s in %.0f ms%s", call.describe(), chosen, spent * 1e3,
                  "" if complete else " (partial: raise " + ENV_SIGNATURE_S + " to measure every candidate)")
         return decision

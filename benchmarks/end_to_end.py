@@ -572,14 +572,15 @@ def _attempt(model_key: str, variant: Variant, action: Callable[[Variant], None]
     return True
 
 
-def _variant_result(variant: Variant, default: Variant, steps: int, by_name: dict[str, Variant]) -> dict:
+def _variant_result(variant: Variant, default: Variant, steps: int,
+                    by_name: Optional[dict[str, Variant]] = None) -> dict:
     row: dict[str, Any] = {"name": variant.name}
     if variant.error is not None:
         row["error"] = variant.error
     if variant.dynamo is not None:
         row["dynamo"] = variant.dynamo
     if variant.compiled_from is not None:
-        _compiled_rows(row, variant, by_name, steps)
+        _compiled_rows(row, variant, by_name or {}, steps)
     if variant.state is not None and variant.state.last_report is not None:
         report = variant.state.last_report
         row["served"] = report["shares"]

@@ -10,6 +10,7 @@ from ..attention import AUTO, UnknownBackendError, parse_priority, sparse_names
 from ..attention.quality import DEFAULT_BUDGET_REL_L1
 from ..attention.sparsity import SOL_MAX_EXTRA_TOKENS, TEXT_FIRST, TEXT_POSITIONS, SolSettings, SpargeSettings
 from .patch import FALL_BACK, ON_UNSUPPORTED, patch_model, resolve_priority
+from .raw_inputs import BOOLEAN_INPUTS, not_boolean_problem
 from .routes import selectable
 from .routing import RoutingRules
 from .sparse import NODE_TYPE as SPARSE_NODE_TYPE
@@ -98,12 +99,30 @@ def _sparse_problem(names: list[str]) -> Optional[str]:
             f"error and keeps the first steps and blocks dense; remove them from this priority list")
 
 
+_ADVANCED_TITLE, _ = BOOLEAN_INPUTS["AttentionBackendAdvanced"]
+
+
+def _advanced_problem(priority: Optional[str], rules: RoutingRules, guard: object = True) -> Optional[str]:
+    """Why the Advanced node's settings cannot work, or None: one message, the same when
+    the prompt is validated and when the node runs."""
+    problems = [problem for problem in (_priority_problem(priority),) if problem]
+    problems += rules.problems()
+    if not isinstance(guard, bool):
+        problems.append(not_boolean_problem("nonfinite_guard", guard))
+    return f"{_ADVANCED_TITLE}: " + "; ".join(problems) if problems else None
+
+
+def _number(value: object, default: float) -> float:
+    """A step bound as validation sees it: a wired value is unknown then (None)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
 class AttentionBackendAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AttentionBackendAdvanced",
-            display_name="Attention Backend (Advanced)",
+            display_name=_ADVANCED_TITLE,
             category=CATEGORY,
             description=("Attention Backend with a priority list and precision controls: chosen steps, blocks and "
                          "short cross-attention stay on exact attention (PyTorch SDPA), and a guard re-runs a "
@@ -140,24 +159,26 @@ class AttentionBackendAdvanced(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, priority: Optional[str] = None) -> bool | str:
-        # Only the priority: ComfyUI files a validation error under every input this
-        # function takes. The step window is checked when the node runs.
-        return _priority_problem(priority) or True
+    def validate_inputs(cls, priority: Optional[str] = None, step_start: Optional[float] = None,
+                        step_end: Optional[float] = None) -> bool | str:
+        # ComfyUI (0.3.64 to 0.28.0) files the message under every input this function
+        # takes, and skips its own min/max check of them: the window's range is checked
+        # here (RoutingRules.problems), NaN included. The block counts keep ComfyUI's
+        # checks. nonfinite_guard reaches this function already turned into a bool, so
+        # it is checked as posted (raw_inputs.py).
+        rules = RoutingRules(step_start=_number(step_start, 0.0), step_end=_number(step_end, 1.0))
+        return _advanced_problem(priority, rules) or True
 
     @classmethod
     def execute(cls, model, priority: str, on_unsupported: str, step_start: float, step_end: float,
                 exact_first_blocks: int, exact_last_blocks: int, cross_attention_exact_max_keys: int,
                 nonfinite_guard: bool, tuning: str = REUSE) -> io.NodeOutput:
-        names = parse_priority(priority)
-        sparse = _sparse_problem(names)
-        if sparse is not None:
-            raise ValueError("Attention Backend (Advanced): " + sparse)
         rules = RoutingRules(step_start=step_start, step_end=step_end, first_blocks=exact_first_blocks,
                              last_blocks=exact_last_blocks, cross_max_keys=cross_attention_exact_max_keys)
-        problems = rules.problems()
-        if problems:
-            raise ValueError("Attention Backend (Advanced): " + "; ".join(problems))
+        problem = _advanced_problem(priority, rules, nonfinite_guard)
+        if problem:
+            raise ValueError(problem)
+        names = parse_priority(priority)
         ordered, strict = resolve_priority(names, on_unsupported)
         patched, _ = patch_model(model, priority=ordered, strict=strict, selection=" > ".join(names),
                                  node_id=cls.hidden.unique_id, node_type="AttentionBackendAdvanced",

@@ -67,6 +67,12 @@ def _finish(state: PatchState, guider: Any) -> None:
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
+    # auto_tuned's decisions of this run: written once, here, never inside sampling.
+    if state.tuner is not None:
+        try:
+            state.tuner.flush()
+        except Exception:
+            log.exception("attention backends: could not save the tuning decisions")
 
 
 def _model_name(model: Any) -> str:

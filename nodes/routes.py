@@ -8,7 +8,8 @@ from typing import Any
 
 from ..attention import AUTO, AUTO_TUNED, names, sparse_names
 from ..attention.status import machine_status
-from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
+from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
+from .raw_inputs import mark_non_boolean_inputs
 from .report import last_reports
 from .tuning import register_user_folder, tuning_status
 
@@ -30,6 +31,8 @@ def register(server: Any) -> None:
     from aiohttp import web
 
     register_user_folder()
+    # Not a route: posted boolean inputs are checked before ComfyUI converts them (raw_inputs.py).
+    server.add_on_prompt_handler(mark_non_boolean_inputs)
 
     @server.routes.get("/attention_backends/status")
     async def get_status(request: web.Request) -> web.Response:
@@ -60,7 +63,8 @@ def register(server: Any) -> None:
             return no_chart(str(error), 400)
         if path is None:
             published = [run["name"] for run in list_benchmarks() if run["chart"]]
-            return no_chart(f"no benchmark chart named {name!r}; published: {', '.join(published) or 'none'} "
+            return no_chart(f"no benchmark chart named {shown_name(name)}; published: "
+                            f"{', '.join(published) or 'none'} "
                             "(GET /attention_backends/status lists them under 'benchmarks')", 404)
         # Revalidated on every load (answered 304 through the ETag/Last-Modified that
         # FileResponse sets): the chart changes with the pack, and ComfyUI's cache

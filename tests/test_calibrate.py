@@ -147,7 +147,9 @@ def _decision(backend: str) -> dict:
 def test_auto_runs_auto_tuneds_saved_decision_first(folder):
     comfy_dir = folder / "comfy_user"
     cost_store.register_folder(str(comfy_dir))
-    store_for(str(comfy_dir / "tuning.json"), CPU).put(signature_key(LONG), _decision("sdpa_efficient"))
+    store = store_for(str(comfy_dir / "tuning.json"), CPU)
+    store.put(signature_key(LONG), _decision("sdpa_efficient"))
+    store.flush()  # decisions reach the file at the end of a run
     order = [c.name for c in Dispatcher("auto").candidates(LONG)]
     assert order[0] == "sdpa_efficient" and order[-1] == "sdpa" and order.count("sdpa_efficient") == 1
     # Another signature has no decision: the usual order.

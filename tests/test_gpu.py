@@ -148,6 +148,7 @@ def test_auto_tuned_chooses_inside_the_budget_and_reuses_it(tmp_path):
         assert decision.candidates[decision.backend]["verdict"] == "chosen"
         assert _rel_l1(out.float(), _reference(q, k, v, shape)) <= DEFAULT_BUDGET.rel_l1, shape.key
         assert torch.isfinite(out).all()
+        dispatcher.tuner.flush()  # the end of a run: the decision is written
     forget_loaded_stores()
     again = Dispatcher("auto_tuned", tuner=Tuner(path))
     q, k, v, args = _inputs(SHAPES[2], True, seed=3)

@@ -192,4 +192,5 @@ def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tuner.flush()  # the tuned table, written once the timing is over
     return rows

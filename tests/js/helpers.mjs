@@ -19,10 +19,14 @@ export function statusTuningFromFile(file, { machine = 0, index = 0, shownPath =
   return {
     file: shownPath,
     exists: true,
+    listed_at_most: 50,
     devices: [{
       index,
+      type: "cuda",
       fingerprint: m.fingerprint,
       ignored_file_problem: null,
+      count: Object.keys(m.decisions).length,
+      // The server lists the 50 newest; the committed file holds fewer.
       decisions: Object.keys(m.decisions).sort().map((signature) => ({ signature, ...m.decisions[signature] })),
     }],
   };

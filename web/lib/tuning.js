@@ -276,7 +276,8 @@ export function fingerprintDetails(fp) {
  * The status route's `tuning` for the sidebar: {file, exists, note, devices: [{index,
  * label, gpu, summary, details, count, countText, problem, decisions}]}, or null when the
  * server sends none (a pack without auto_tuned). label names the GPU's index when there
- * are several.
+ * are several. The server lists the newest decisions only and counts them all (`count`;
+ * a server without it listed every one).
  */
 export function tunedOnThisMachine(status) {
   const tuning = status && status.tuning;
@@ -288,15 +289,17 @@ export function tunedOnThisMachine(status) {
     note: devices.length ? "" : "No CUDA GPU is visible: saved decisions are listed per GPU.",
     devices: devices.map((device) => {
       const decisions = (Array.isArray(device.decisions) ? device.decisions : []).map(decisionView);
+      const count = isNumber(device.count) ? Math.max(device.count, decisions.length) : decisions.length;
+      const listed = count > decisions.length ? ` (the ${decisions.length} newest listed)` : "";
       return {
         index: device.index ?? null,
         label: devices.length > 1 ? `GPU ${device.index}: ` : "",
         gpu: (device.fingerprint && device.fingerprint.gpu) || "unknown GPU",
         summary: fingerprintSummary(device.fingerprint),
         details: fingerprintDetails(device.fingerprint),
-        count: decisions.length,
-        countText: decisions.length
-          ? `${plural(decisions.length, "saved decision", "saved decisions")}`
+        count,
+        countText: count
+          ? `${plural(count, "saved decision", "saved decisions")}${listed}`
           : "No decisions saved for this GPU yet: auto_tuned measures each call shape on first use.",
         problem: device.ignored_file_problem
           ? `The tuning file was ignored: ${device.ignored_file_problem}. Nothing in it is used; it is moved to ` +
