@@ -115,6 +115,10 @@ class Backend:
         `configure(kernel, settings, call)` is the adapter for calls shaped like `call`
         with `settings` bound, made once per call signature; `default_settings` serve
         a dispatcher given none.
+    bind: for backends whose kernel depends on the call and on the priority names after
+        them (head_parallel serves each GPU's share with those names): given the loaded
+        kernel, the call and those names, returns the kernel for such calls; run once
+        per call signature when its plan is prepared.
     """
 
     name: str
@@ -134,6 +138,7 @@ class Backend:
     sparse: bool = False
     configure: Optional[Callable[[Kernel, Any, CallSignature], Kernel]] = None
     default_settings: Any = None
+    bind: Optional[Callable[[Kernel, CallSignature, tuple[str, ...]], Kernel]] = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _varlen: Optional[tuple[Optional[Varlen]]] = dataclasses.field(default=None, repr=False)
@@ -171,6 +176,11 @@ class Backend:
                              self.name, type(error).__name__, error)
             self._varlen = (loaded,)
         return self._varlen[0]
+
+    def kernel_for(self, call: CallSignature, rest: tuple[str, ...] = ()) -> Kernel:
+        """The kernel for calls shaped like `call`; `rest`: the priority after this backend."""
+        kernel = self.kernel()
+        return kernel if self.bind is None else self.bind(kernel, call, rest)
 
     def not_supported_reasons(self, call: CallSignature) -> list[str]:
         """Why this backend cannot serve `call` here: availability first, then each

@@ -128,19 +128,21 @@ class Candidate:
 
 class Prepared:
     """One backend made ready for one call signature: the views to the kernel's layout,
-    the mask adapter, the kernel (with `settings` bound, for a backend that takes them)
-    and the function that chains them."""
+    the mask adapter, the kernel (with `settings` bound, for a backend that takes them;
+    bound to `rest`, the priority after it, for one that binds to it: Backend.bind) and
+    the function that chains them."""
 
     __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
 
-    def __init__(self, backend: Backend, call: CallSignature, settings: Any = None) -> None:
+    def __init__(self, backend: Backend, call: CallSignature, settings: Any = None,
+                 rest: tuple[str, ...] = ()) -> None:
         self.backend = backend
         self.layout = layout = native_layout(call.layout_in, backend.layouts)
         self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
         self.view_kv = view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
         view_out = output_view(layout, call.layout_out)
         self.adapt_mask = adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-        kernel = backend.kernel()
+        kernel = backend.kernel_for(call, rest)
         if backend.configure is not None:
             kernel = backend.configure(kernel, backend.default_settings if settings is None else settings, call)
 
@@ -255,7 +257,7 @@ class Dispatcher:
         self.tuner = tuner
         self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
-        self._prepared: dict[tuple[str, CallSignature], Prepared] = {}
+        self._prepared: dict[tuple[str, CallSignature, tuple[str, ...]], Prepared] = {}
         self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
         self._planning = threading.Lock()
         # The handle a compiled graph calls this dispatcher by (standalone use; ComfyUI's
@@ -333,15 +335,22 @@ class Dispatcher:
                     result.append(candidate)
         return result
 
-    def prepared(self, backend: Backend, call: CallSignature) -> Prepared:
-        """`backend` ready for `call`, made once per dispatcher."""
-        key = (backend.name, call)
+    def prepared(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Prepared:
+        """`backend` ready for `call`, made once per dispatcher (`rest`: the priority after it)."""
+        key = (backend.name, call, rest)
         ready = self._prepared.get(key)
         if ready is None:
             if len(self._prepared) >= 4 * MAX_PLANS:
                 self._prepared.clear()
-            ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name))
+            ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name), rest)
         return ready
+
+    def _after(self, name: str) -> tuple[str, ...]:
+        """The priority names after `name` for a backend that binds to them (empty for
+        the others, and when `auto` brought it in)."""
+        if registry.get(name).bind is None or name not in self.priority:
+            return ()
+        return tuple(self.priority[self.priority.index(name) + 1:])
 
     def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
         """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
@@ -383,7 +392,8 @@ class Dispatcher:
             if demoted is not None:
                 rejected.append(Rejection(candidate.name, (demoted,), QUALITY, candidate.explicit))
                 continue
-            prepared = self.prepared(backend, call) if not reasons and tensors is not None else None
+            prepared = (self.prepared(backend, call, self._after(candidate.name))
+                        if not reasons and tensors is not None else None)
             if prepared is not None:
                 reasons = prepared.runtime_reasons(tensors)
             if reasons:

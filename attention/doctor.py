@@ -6,6 +6,7 @@ import json
 import sys
 from typing import TextIO
 
+from .parallel.status import render as render_parallel
 from .status import machine_status
 
 
@@ -51,6 +52,7 @@ def render(status: dict) -> str:
             predicted = ", ".join(f"{name} {us:.0f}" for name, us in choice.get("predicted_us", {}).items())
             line = f"    {choice['shape']:<24} -> {choice['backend']}"
             lines.append(f"{line:<62} predicted µs: {predicted}" if predicted else line)
+    lines += render_parallel(status["parallel"])
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import torch
 from . import cost_store, registry
 from .cost_model import CostModel
 from .dispatch import Dispatcher
+from .parallel.status import parallel_status
 from .priority import auto_entries, device_class
 from .shapes import MODEL_SHAPES, ModelShape
 
@@ -85,4 +86,5 @@ def machine_status() -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "backends": backend_rows(),
         "devices": device_rows(),
+        "parallel": parallel_status(),
     }

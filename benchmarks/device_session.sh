@@ -8,6 +8,9 @@
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #   4 tables  held-out calls (with the model fitted from stage 2), masked calls, sparse
 #             kernels, dispatch overhead
+#   parallel  on a 2- or 4-GPU kind (after stages 1-2 on the same machine for the kit's
+#             kernels; without them every GPU runs sdpa): the head_parallel GPU suite, then
+#             benchmarks/multi_gpu.py (head_parallel and Ulysses on 1/2/4 GPUs, topology)
 #
 # The kit (.kit/s1, .kit/s2) comes from shared/tools/device-kit.sh; .whl_e2e/.comfy_e2e
 # are described in benchmarks/end_to_end.py. All are ignored by git.
@@ -64,6 +67,14 @@ case $stage in
       [ -n "${NO_SPARSE:-}" ] || python3 benchmarks/sparse.py --out "$out/sparse" --budget 120
     } > "$out/tables.log" 2>&1
     tail -60 "$out/tables.log"
+    ;;
+  parallel)
+    site_path
+    timeout 150 python3 -m pytest -m gpu tests/test_gpu_parallel.py -q -rs -p no:cacheprovider \
+      > "$out/gpu-parallel-tests.txt" 2>&1
+    tail -4 "$out/gpu-parallel-tests.txt"
+    python3 benchmarks/multi_gpu.py --out "$out/multi_gpu" > "$out/multi_gpu.log" 2>&1
+    tail -30 "$out/multi_gpu.log"
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..attention import PASSTHROUGH
 from .compat import OVERRIDE_KEY, prompt_server
@@ -60,8 +60,10 @@ def _finish(state: PatchState, guider: Any) -> None:
     try:
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
         model = getattr(getattr(guider, "model_patcher", None), "model", None)
+        # The group's summary, then its cached memory on the other GPUs handed back.
+        head_parallel = state.head_group.end_run() if state.head_group is not None else None
         report = build_report(state, still_installed=options.get(OVERRIDE_KEY) is state.override,
-                              model_name=_model_name(model))
+                              model_name=_model_name(model), head_parallel=head_parallel)
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
@@ -78,8 +80,10 @@ def _model_name(model: Any) -> str:
     return type(config).__name__ if config is not None else type(model).__name__
 
 
-def build_report(state: PatchState, *, still_installed: bool, model_name: str) -> dict:
-    """The report of the run that just ended, from the dispatchers' counters and plans."""
+def build_report(state: PatchState, *, still_installed: bool, model_name: str,
+                 head_parallel: Optional[dict] = None) -> dict:
+    """The report of the run that just ended, from the dispatchers' counters and plans
+    (and head_parallel's group summary when the selection names it)."""
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
     masked: dict[str, Counter[str]] = {}
@@ -124,6 +128,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str) -
         "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
                                       if p.calls and p.tuning is not None) if state.tuner is not None else None,
         "quality": state.monitor.summary() if state.monitor is not None else None,
+        "head_parallel": head_parallel,
         "warnings": _warnings(state, received, still_installed),
     }
 
@@ -205,8 +210,26 @@ def summary(report: dict) -> str:
                      + (f", worst rel. L1 {max(worst):.4f}" if worst else "")
                      + f" (budget {quality['budget_rel_l1']:g})"
                      + (f", {over} over budget and served dense" if over else ""))
+    split = report.get("head_parallel")
+    if split and (split["split_calls"] or split["local_calls"] or split["busy_calls"]):
+        parts.append(_head_parallel_line(split))
     guard = report["guard"]
     if guard["nonfinite_model_calls"]:
         parts.append(f"guard: {guard['nonfinite_model_calls']} non-finite model calls, {guard['reruns']} re-run "
                      f"with exact attention")
     return "; ".join(parts) + f" ({report['duration_s']:.2f}s)"
+
+
+def _head_parallel_line(split: dict) -> str:
+    shares = ", ".join(f"{d['device']} {d['work_share']:.0%}" + (
+        f" ({d['transfer_ms_per_call']:.2f} ms/call on links)" if d["transfer_ms_per_call"] is not None else "")
+        for d in split["per_device"])
+    line = f"head_parallel: {split['split_calls']} calls split"
+    if shares:
+        line += f" ({shares})"
+    line += f", {split['local_calls']} kept on their GPU"
+    if split["busy_calls"]:
+        line += f", {split['busy_calls']} while another split was in flight"
+    if split["dropped"]:
+        line += "; dropped: " + ", ".join(f"{device} ({why})" for device, why in split["dropped"].items())
+    return line

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from ..attention import Dispatcher
 from ..attention.counters import count_value
+from ..attention.parallel.heads import HEAD_PARALLEL, HeadGroup, default_group
 from ..attention.quality import QualityMonitor
 from ..attention.tuning import Tuner
 
@@ -32,6 +33,8 @@ class PatchState:
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
         self.monitor = monitor  # checks sparse plans' error (Sparse node only)
+        # Splits calls across GPUs when the priority names head_parallel; reports its run.
+        self.head_group: Optional[HeadGroup] = default_group() if HEAD_PARALLEL in main.priority else None
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
         # The override's serving path, for calls that come back from a compiled graph (compiled.py).
         self.serve: Optional[Callable] = None
@@ -53,6 +56,8 @@ class PatchState:
             self.tuner.begin_run()
         if self.monitor is not None:
             self.monitor.begin_run()
+        if self.head_group is not None:
+            self.head_group.begin_run()
         self.started_at = time.time()
         # Set once per model call by the step-window and guard hooks, read per attention call.
         self.step_exact = False

@@ -37,8 +37,9 @@ def test_doctor_lists_every_backend_and_the_auto_order(hyphenated_checkout):
         assert name in result.stdout
     assert "auto on" in result.stdout and "typical calls" in result.stdout
     status = json.loads(run_module(hyphenated_checkout, "doctor", "--json").stdout)
-    assert len(status["backends"]) == 19
+    assert len(status["backends"]) == 20
     assert [row["name"] for row in status["backends"] if row["sparse"]] == ["sol", "sparge"]
+    assert status["parallel"]["head_parallel"]["problems"]
     assert all(row["available"] or row["reasons"] for row in status["backends"])
 
 

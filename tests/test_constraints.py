@@ -37,7 +37,7 @@ def test_every_backend_is_listed_with_a_stable_name():
         "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex", "sage",
         "sage_qk_int8_pv_fp16_triton", "sage_qk_int8_pv_fp16_cuda", "sage_qk_int8_pv_fp8_cuda",
         "sage_qk_int8_pv_fp8_cuda_sm90", "sage3", "flash", "flash3", "flash4", "xformers", "kitchen_int8",
-        "sol", "sparge"]
+        "sol", "sparge", "head_parallel"]
 
 
 def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():

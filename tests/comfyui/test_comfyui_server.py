@@ -182,6 +182,7 @@ def test_status_route(server):
     assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + [name for name in rows
                                                                       if name not in ("sol", "sparge")]
     assert status["nodes"]["sparse"] == ["sol", "sparge"]
+    assert status["parallel"]["gpus"] == [] and status["parallel"]["head_parallel"]["problems"]
     assert status["tuning"]["file"].endswith("attention_backends/tuning.json")
     assert [(d["type"], d["fingerprint"]["gpu"]) for d in status["tuning"]["devices"]] == [("cpu", "cpu")]
     assert {"name": "h200", "title": "NVIDIA H200 · torch 2.11.0 · CUDA 13.0",
