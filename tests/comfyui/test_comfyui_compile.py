@@ -122,7 +122,12 @@ def test_workflow_sequence_on_one_compiled_model_never_goes_stale(pack, tiny, fl
     with_sdpa, sdpa_state = patch(compiled, "sdpa")
     check(tiny.sample(with_sdpa))
     assert _served(sdpa_state) == {"sdpa": 4}
-    assert sdpa_state.last_report["compiled"]["recompiled_stale_graphs"] == 1
+    # 0.8.0 and newer drop dynamo's guards on transformer_options, so the graph traced
+    # without the node is reused and the node recompiles it once; 0.3.64 keeps the guards
+    # and dynamo recompiles by itself.
+    import comfy_extras.nodes_torch_compile as torch_compile_node
+    stale = 1 if hasattr(torch_compile_node, "skip_torch_compile_dict") else 0
+    assert sdpa_state.last_report["compiled"]["recompiled_stale_graphs"] == stale
 
     with_math, math_state = patch(compiled, "sdpa_math")
     check(tiny.sample(with_math))
