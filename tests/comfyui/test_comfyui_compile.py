@@ -145,9 +145,16 @@ def test_workflow_sequence_on_one_compiled_model_never_goes_stale(pack, tiny, fl
     advanced, advanced_state = patch(compiled, "sdpa_math", rules=rules, guard=True)
     check(tiny.sample(advanced))
     report = advanced_state.last_report
-    # Flux here: one double and one single block, two steps: the first block's calls go exact.
-    assert report["routing"]["exact_by_block_filter"] == 2
-    assert report["served"] == {"sdpa": 2, "sdpa_math": 2}
+    import inspect
+
+    import comfy.ldm.flux.model as flux_model
+    if "block_index" in inspect.getsource(flux_model):
+        # Flux here: one double and one single block, two steps: the first block's calls go exact.
+        assert report["routing"]["exact_by_block_filter"] == 2
+        assert report["served"] == {"sdpa": 2, "sdpa_math": 2}
+    else:  # 0.3.64's Flux does not say which block a call belongs to: the report says so
+        assert report["routing"]["exact_by_block_filter"] == 0
+        assert any("block filter could not apply" in warning for warning in report["warnings"])
 
     window = pack.nodes.routing.RoutingRules(step_start=0.5)
     stepped, stepped_state = patch(compiled, "sdpa_math", rules=window, guard=True)
