@@ -169,7 +169,8 @@ def test_workflow_sequence_on_one_compiled_model_never_goes_stale(pack, tiny, fl
     tuned, tuned_state = patch(compiled, "auto_tuned")
     check(tiny.sample(tuned))
     assert sum(_served(tuned_state).values()) == 4
-    assert fresh_dynamo()["frames"] == frames, "changing the node's backend recompiled the model"
+    if stale:  # 0.3.64 keeps dynamo's guards on the override: a new node recompiles there, correctly
+        assert fresh_dynamo()["frames"] == frames, "changing the node's backend recompiled the model"
 
 
 def test_two_models_with_different_backends_compiled_in_one_process(pack, tiny, flux, sd15, patch, fresh_dynamo):
