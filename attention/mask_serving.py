@@ -170,6 +170,12 @@ def with_dead_queries(mask_class: MaskClass, call: CallSignature, run: Run, exac
     return fixed
 
 
+# Below this many query x key scores per head, a kernel that honours masks keeps the
+# mask rather than trimming (see serving_run); between the two measured calls (65,536
+# and 1.4e10 scores) the threshold is a guess, not a measurement.
+MIN_TRIMMED_SCORES = 1 << 22
+
+
 def serving_run(mask_class: MaskClass, call: CallSignature, backend: Backend, inner: Run,
                 device: torch.device) -> Optional[tuple[str, Run]]:
     """(how, run) for `backend`, chosen for `served_signature`, to serve the masked `call`;
@@ -183,6 +189,12 @@ def serving_run(mask_class: MaskClass, call: CallSignature, backend: Backend, in
     if mask_class.kind == NOOP:
         service, run = DROPPED, dropped(inner)
     elif mask_class.shared:
+        if call.seq_q * call.seq_k < MIN_TRIMMED_SCORES and not backend.call_reasons(call):
+            # A short call on a kernel that takes the mask: the trim's fixed costs (a copy
+            # of the kept keys, SDPA again for padded query rows) outweigh the saving.
+            # Measured on the H200: Lumina 2's 256-token refiner 0.77x trimmed on SDPA,
+            # HunyuanVideo's 119k-token call 1.42x (benchmarks/results/h200/masked/).
+            return None
         service, run = TRIMMED, trimmed(mask_class, call.layout_in, inner)
     else:
         entry = backend.varlen()

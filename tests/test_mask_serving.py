@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention import dispatch, mask_serving
+from attention import dispatch, mask_serving, registry
 from attention.backend import BHND, BNHD, Backend
 from attention.call import describe_call
 from attention.constraints import NoMask
@@ -210,3 +210,20 @@ def test_served_signature_and_tensors_describe_the_mask_less_call():
     assert [r.seq_k for r in mask_serving.row_signatures(call, mask_class)] == [7, 11]
     _, k_served, _ = mask_serving.served_tensors(call, mask_class, q, k, v)
     assert k_served.shape == (2, 11, H * D)
+
+
+
+def test_a_short_padded_call_keeps_its_mask_on_a_kernel_that_takes_masks():
+    """Trimming a short call costs more than it saves on SDPA (H200: Lumina 2's refiner
+    0.77x); a long one gains (HunyuanVideo 1.42x). Below the threshold the mask stays on
+    a kernel that takes it; a kernel without mask support still gets the trimmed keys."""
+    mask = hunyuan_joint_mask(keep_mask([5], 16), 64, txt_first=False)
+    q, k, v = make(1, H, 80, 80, D, False)
+    call = describe_call(q, k, v, H, mask)
+    assert call.seq_q * call.seq_k < mask_serving.MIN_TRIMMED_SCORES
+    mask_class = classify(mask, 1, H, 80, 80)
+    sdpa = registry.get("sdpa")
+    sdpa.availability()
+    assert mask_serving.serving_run(mask_class, call, sdpa, lambda *args: None, q.device) is None
+    served = mask_serving.serving_run(mask_class, call, maskless_backend(BNHD, []), lambda *args: None, q.device)
+    assert served is not None and served[0] == mask_serving.TRIMMED
