@@ -111,6 +111,15 @@ def remembered_failures() -> dict[tuple[str, CallSignature], Failure]:
     return dict(_failures)
 
 
+def failure_rows() -> list[dict]:
+    """Every remembered failure as the status route shows it: backend, call shape, why, how
+    often, and whether the next run tries the backend again."""
+    return [{"backend": backend, "signature": call.describe(), "reason": failure.reason, "count": failure.count,
+             "retried_next_run": not failure.permanent}
+            for (backend, call), failure in sorted(remembered_failures().items(),
+                                                   key=lambda item: (item[0][0], item[0][1].describe()))]
+
+
 def _blocking_failure(name: str, call: CallSignature) -> Optional[Failure]:
     """The failure that keeps `name` off `call` now: a permanent one, or one from this run."""
     failure = _failures.get((name, call))
@@ -568,6 +577,6 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
-__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "failure_rows", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
            "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
            "FAILED", "QUALITY"]
