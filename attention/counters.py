@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 class _PlanLike(Protocol):
     name: str
     calls: int
+    refused: int
 
     def fallback_reasons(self) -> list[tuple[str, str]]: ...
 
@@ -34,6 +35,7 @@ class UsageCounters:
     total_calls: int
     served: dict[str, int]
     fallbacks: tuple[Fallback, ...]
+    refused: int = 0  # calls that raised instead of being served (strict mode)
 
     def share(self, backend: str) -> float:
         return self.served.get(backend, 0) / self.total_calls if self.total_calls else 0.0
@@ -43,13 +45,16 @@ class UsageCounters:
             "total_calls": self.total_calls,
             "served": dict(self.served),
             "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks],
+            "refused": self.refused,
         }
 
 
 def summarize(plans: Iterable[_PlanLike]) -> UsageCounters:
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    refused = 0
     for plan in plans:
+        refused += plan.refused
         if not plan.calls:
             continue
         served[plan.name] += plan.calls
@@ -59,4 +64,5 @@ def summarize(plans: Iterable[_PlanLike]) -> UsageCounters:
         total_calls=sum(served.values()),
         served=dict(served.most_common()),
         fallbacks=tuple(Fallback(w, s, r, n) for (w, s, r), n in fallbacks.most_common()),
+        refused=refused,
     )

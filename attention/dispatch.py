@@ -68,17 +68,18 @@ class Candidate:
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "error", "tuning")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "refused", "error", "tuning")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH) -> None:
         self.backend = backend
-        self.name = backend.name if backend is not None else PASSTHROUGH
+        self.name = backend.name if backend is not None else passthrough
         self.signature = signature
         self.rejected = rejected
         self.run = run
         self.calls = 0
+        self.refused = 0  # calls that raised instead of being served (strict, or no fallback)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
 
@@ -132,13 +133,16 @@ class Dispatcher:
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
+    passthrough: the name that calls served by the caller's fallback count under
+        (the previous override's name when the caller chains one).
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None) -> None:
+                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.passthrough = passthrough
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
@@ -165,6 +169,8 @@ class Dispatcher:
         plan.calls += 1
         if plan.run is None:
             if fallback is None or self.strict:
+                plan.calls -= 1
+                plan.refused += 1
                 raise plan.error
             return fallback()
         try:
@@ -230,7 +236,7 @@ class Dispatcher:
             run = _prepare(backend, call) if tensors is not None else None
             return Plan(backend, call, tuple(rejected), run)
         error = NoBackendError(call, tuple(rejected), self.strict)
-        return Plan(None, call, tuple(rejected), None, error)
+        return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
 
     def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
         """Every tunable backend that can serve this call here, prepared to run it."""
@@ -264,6 +270,7 @@ class Dispatcher:
         self._retired.clear()
         for plan in self._plans.values():
             plan.calls = 0
+            plan.refused = 0
 
     def clear(self) -> None:
         """Forget every decision (the next call of each signature plans again)."""
@@ -294,6 +301,7 @@ class Dispatcher:
             first_time = (plan.name, plan.signature) not in _failures
             _failures[(plan.name, plan.signature)] = reason
         if self.strict:
+            plan.refused += 1
             rejected = plan.rejected + (Rejection(plan.name, (reason,), FAILED, True),)
             raise NoBackendError(plan.signature, rejected, True) from error
         if first_time:
