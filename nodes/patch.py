@@ -9,7 +9,7 @@ from ..attention import AUTO, Dispatcher
 from .compat import OVERRIDE_KEY, require_override
 from .guard import guard_wrapper
 from .override import build_override
-from .report import run_wrapper
+from .report import passthrough_name, run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
 from .state import PatchState
 from .tuning import REUSE, make_tuner
@@ -52,12 +52,14 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
 
     advanced = rules is not None or guard
     rules = rules or RoutingRules()
-    state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
-                       main=Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning)),
-                       exact=Dispatcher(list(EXACT_PRIORITY)) if advanced else None)
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
+    passed_on_to = passthrough_name(previous)
+    state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
+                       main=Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning),
+                                       passthrough=passed_on_to),
+                       exact=Dispatcher(list(EXACT_PRIORITY), passthrough=passed_on_to) if advanced else None)
     # A key of its own, so a second Attention Backend node downstream adds its hooks beside ours.
     key = f"attention_backends.{uuid.uuid4().hex}"
 

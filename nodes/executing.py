@@ -1,0 +1,64 @@
+"""What ComfyUI is running right now: the prompt and the node being executed.
+
+A run report belongs to the Attention Backend node the sampler actually ran through.
+The node's own id is not enough: ComfyUI reuses a node's cached output for another node
+with identical inputs (its hidden unique id is no part of the cache key) and for the
+same node renumbered in a later workflow, so one patched MODEL, and the id it was made
+with, can reach samplers fed by other nodes. At run time the sampler is the executing
+node (`comfy_execution.utils.get_executing_context()`, ComfyUI 0.3.4x and newer), and
+the running prompt (`PromptServer.instance.prompt_queue.currently_running`) says which
+nodes feed it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Optional
+
+from .compat import prompt_server
+
+
+def executing_prompt() -> Optional[tuple[str, str, dict]]:
+    """(prompt id, executing node id, prompt) while a node of a queued prompt runs, else None
+    (scripts and tests that sample without ComfyUI's executor)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    queue = getattr(prompt_server(), "prompt_queue", None)
+    if context is None or queue is None:
+        return None
+    with queue.mutex:  # the server thread adds to it
+        items = list(queue.currently_running.values())
+    for item in items:
+        if item[1] == context.prompt_id and isinstance(item[2], dict):
+            return str(context.prompt_id), str(context.node_id), item[2]
+    return None
+
+
+def _links(inputs: Any) -> list[str]:
+    """Node ids an input dict links to ([node id, output index] values)."""
+    if not isinstance(inputs, dict):
+        return []
+    return [str(value[0]) for value in inputs.values()
+            if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)]
+
+
+def upstream(prompt: dict, node_id: str, wanted: Callable[[dict], bool]) -> list[str]:
+    """Ids of the nodes feeding `node_id`, directly or not, for which `wanted(node)` holds,
+    nearest first."""
+    found: list[str] = []
+    seen = {node_id}
+    queue = deque(_links((prompt.get(node_id) or {}).get("inputs")))
+    while queue:
+        current = queue.popleft()
+        if current in seen or current not in prompt:
+            continue
+        seen.add(current)
+        node = prompt[current]
+        if isinstance(node, dict):
+            if wanted(node):
+                found.append(current)
+            queue.extend(_links(node.get("inputs")))
+    return found
