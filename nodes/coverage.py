@@ -20,13 +20,10 @@ from __future__ import annotations
 import dataclasses
 import dis
 import functools
-import logging
 import types
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # Where ComfyUI's attention functions live (`wrap_attn` keeps their name and module).
 ATTENTION_MODULE = "comfy.ldm.modules.attention"
@@ -168,3 +165,25 @@ class BypassProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class Coverage:
+    """The model's attention layers, and those a pack replaced (with what their calls did)."""
+
+    def __init__(self, layers: int, replaced: list[ReplacedLayers]) -> None:
+        self.layers = layers
+        self.replaced = replaced
+
+    def bypassing(self) -> list[ReplacedLayers]:
+        return [group for group in self.replaced if group.bypassed]
+
+
+def run_coverage(probe: Optional[BypassProbe], diffusion_model: Any) -> Optional[Coverage]:
+    """What a finished run's probe saw (None without a probe: coverage unknown)."""
+    if probe is None:
+        return None
+    replaced = list(probe.groups.values())
+    if not replaced and isinstance(diffusion_model, torch.nn.Module):
+        # Forwards replaced after the run started (object patches applied when the model loads).
+        replaced = list(group_replaced(attention_layers(diffusion_model)).values())
+    return Coverage(len(probe.layers), replaced)

@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Optional
 
+from ..attention import UnknownBackendError, parse_priority
 from .compat import prompt_server
+from .state import PatchState
 
 
 def executing_prompt() -> Optional[tuple[str, str, dict]]:
@@ -62,3 +64,36 @@ def upstream(prompt: dict, node_id: str, wanted: Callable[[dict], bool]) -> list
                 found.append(current)
             queue.extend(_links(node.get("inputs")))
     return found
+
+
+def report_node(state: PatchState) -> dict[str, Optional[str]]:
+    """Where this run's report is filed: the Attention Backend node feeding the executing
+    sampler that this state can stand for (its own id, or a node with identical inputs
+    whose cached output ComfyUI handed over), the sampler, and the prompt. Outside
+    ComfyUI's executor, the node the state was made by."""
+    running = executing_prompt()
+    if running is None:
+        return {"node_id": state.node_id, "sampler_node_id": None, "prompt_id": None}
+    prompt_id, sampler, prompt = running
+    feeding = upstream(prompt, sampler, lambda node: node.get("class_type") == state.node_type)
+    node_id = state.node_id
+    if str(state.node_id) not in feeding:
+        same = [candidate for candidate in feeding if _same_inputs(state, prompt[candidate])]
+        node_id = same[0] if same else state.node_id
+    return {"node_id": node_id, "sampler_node_id": sampler, "prompt_id": prompt_id}
+
+
+def _same_inputs(state: PatchState, node: dict) -> bool:
+    """Whether a node of the state's type was given the choices this state was made with."""
+    from .patch import STOP  # patch.py imports the report, which imports this module
+
+    inputs = node.get("inputs") or {}
+    if inputs.get("on_unsupported") is not None and (inputs["on_unsupported"] == STOP) != state.strict:
+        return False
+    selection = inputs.get("backend", inputs.get("priority"))
+    if not isinstance(selection, str):
+        return True  # wired from another node: nothing to compare
+    try:
+        return " > ".join(parse_priority(selection)) == state.selection
+    except UnknownBackendError:
+        return False

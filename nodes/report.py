@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention import PASSTHROUGH, UnknownBackendError, parse_priority
+from ..attention import PASSTHROUGH
 from .compat import OVERRIDE_KEY, prompt_server
-from .coverage import BypassProbe, ReplacedLayers, attention_layers, function_label, function_origin, group_replaced
-from .executing import executing_prompt, upstream
+from .coverage import BypassProbe, Coverage, ReplacedLayers, function_label, function_origin, run_coverage
+from .executing import report_node
 from .state import PatchState
 
 log = logging.getLogger(__name__)
@@ -104,63 +104,11 @@ def _finish(state: PatchState, guider: Any, probe: Optional[BypassProbe]) -> Non
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
         model = getattr(getattr(guider, "model_patcher", None), "model", None)
         report = build_report(state, still_installed=options.get(OVERRIDE_KEY) is state.override,
-                              model_name=_model_name(model), coverage=_coverage(probe, _diffusion_model(guider)),
+                              model_name=_model_name(model), coverage=run_coverage(probe, _diffusion_model(guider)),
                               filed_under=report_node(state))
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
-
-
-class Coverage:
-    """The model's attention layers, and those a pack replaced (with what their calls did)."""
-
-    def __init__(self, layers: int, replaced: list[ReplacedLayers]) -> None:
-        self.layers = layers
-        self.replaced = replaced
-
-    def bypassing(self) -> list[ReplacedLayers]:
-        return [group for group in self.replaced if group.bypassed]
-
-
-def _coverage(probe: Optional[BypassProbe], diffusion_model: Any) -> Optional[Coverage]:
-    if probe is None:
-        return None
-    replaced = list(probe.groups.values())
-    if not replaced and isinstance(diffusion_model, torch.nn.Module):
-        # Forwards replaced after the run started (object patches applied when the model loads).
-        replaced = list(group_replaced(attention_layers(diffusion_model)).values())
-    return Coverage(len(probe.layers), replaced)
-
-
-def report_node(state: PatchState) -> dict[str, Optional[str]]:
-    """Where this run's report is filed: the Attention Backend node feeding the executing
-    sampler that this state can stand for (its own id, or a node with identical inputs
-    whose cached output ComfyUI handed over), the sampler, and the prompt. Outside
-    ComfyUI's executor, the node the state was made by."""
-    running = executing_prompt()
-    if running is None:
-        return {"node_id": state.node_id, "sampler_node_id": None, "prompt_id": None}
-    prompt_id, sampler, prompt = running
-    feeding = upstream(prompt, sampler, lambda node: node.get("class_type") == state.node_type)
-    node_id = state.node_id
-    if str(state.node_id) not in feeding:
-        same = [candidate for candidate in feeding if _same_inputs(state, prompt[candidate])]
-        node_id = same[0] if same else state.node_id
-    return {"node_id": node_id, "sampler_node_id": sampler, "prompt_id": prompt_id}
-
-
-def _same_inputs(state: PatchState, node: dict) -> bool:
-    """Whether a node of the state's type was given the choices this state was made with."""
-    inputs = node.get("inputs") or {}
-    if inputs.get("on_unsupported") is not None and (inputs["on_unsupported"] == "stop") != state.strict:
-        return False
-    selection = inputs.get("backend", inputs.get("priority"))
-    if not isinstance(selection, str):
-        return True  # wired from another node: nothing to compare
-    try:
-        return " > ".join(parse_priority(selection)) == state.selection
-    except UnknownBackendError:
-        return False
 
 
 def _model_name(model: Any) -> str:
