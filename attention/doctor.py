@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
 from .status import machine_status
 
@@ -18,6 +18,15 @@ def _format_rule(rule: dict) -> str:
     return ", ".join(parts) or "always"
 
 
+def format_install(install: Optional[dict]) -> str:
+    """An install hint ({command, note}) in one line: "pip install x (note)", or the note alone."""
+    if not install:
+        return ""
+    if install["command"] and install["note"]:
+        return f"{install['command']} ({install['note']})"
+    return install["command"] or install["note"]
+
+
 def render(status: dict) -> str:
     lines = [f"torch {status['torch']}  CUDA {status['cuda'] or '-'}  cuDNN {status['cudnn'] or '-'}", ""]
     width = max(len(row["name"]) for row in status["backends"])
@@ -27,7 +36,9 @@ def render(status: dict) -> str:
         ready = "yes" if row["available"] else "no"
         version = row["version"] or "-"
         reasons = "; ".join(row["reasons"])
-        lines.append(f"{row['name']:<{width}}  {kind:<9}  {ready:<5}  {version:<18}  {reasons}")
+        install = format_install(row["install"])
+        lines.append(f"{row['name']:<{width}}  {kind:<9}  {ready:<5}  {version:<18}  {reasons}"
+                     + (f" ({install})" if install else ""))
     for device in status["devices"]:
         title = device["name"] if device["type"] == "cpu" else (
             f"cuda:{device['index']} {device['name']} (sm {device['capability']}, class {device['class']})")

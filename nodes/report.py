@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import PASSTHROUGH
+from ..attention.contract import decision_json, signature_fields
 from .compat import OVERRIDE_KEY, prompt_server
 from .coverage import BypassProbe, Coverage, ReplacedLayers, function_label, function_origin, run_coverage
 from .executing import report_node
@@ -163,14 +164,23 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
                   "pinned_exact": state.pinned},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
-        "tuning": state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
-                                      if p.calls and p.tuning is not None) if state.tuner is not None else None,
+        "tuning": _tuning(state),
         "warnings": _warnings(state, received, still_installed, coverage, served, refused),
     }
 
 
+def _tuning(state: PatchState) -> Optional[dict]:
+    """auto_tuned's part of the run, or None when the node does not use it."""
+    if state.tuner is None:
+        return None
+    summary = state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
+                                  if p.calls and p.tuning is not None)
+    return {**summary, "decisions": [decision_json(d) for d in summary["decisions"]]}
+
+
 def _plan_row(route: str, plan: Any) -> dict:
-    return {"signature": plan.signature.describe(), "backend": plan.name, "calls": plan.calls,
+    return {"signature": plan.signature.describe(), "shape": signature_fields(plan.signature),
+            "backend": plan.name, "calls": plan.calls,
             "refused": plan.refused, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
