@@ -33,10 +33,11 @@ def _looks_like_this_pack(folder: str) -> bool:
 def _older_copy(package: str, folder: str) -> Optional[str]:
     """The folder of a copy loaded before the registry existed (an older release), if any."""
     for name, module in list(sys.modules.items()):
-        if (name == package or getattr(module, "WEB_DIRECTORY", None) != "./web"
-                or not hasattr(module, "comfy_entrypoint")):
+        # The module's own namespace: a module-level __getattr__ elsewhere may import or raise.
+        namespace = getattr(module, "__dict__", None) or {}
+        if name == package or namespace.get("WEB_DIRECTORY") != "./web" or "comfy_entrypoint" not in namespace:
             continue
-        other = os.path.dirname(getattr(module, "__file__", None) or "")
+        other = os.path.dirname(namespace.get("__file__") or "")
         if other and other != folder and _looks_like_this_pack(other):
             return other
     return None
