@@ -12,12 +12,15 @@ nodes feed it.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Callable, Optional
 
 from ..attention import UnknownBackendError, parse_priority
 from .compat import prompt_server
 from .state import PatchState
+
+log = logging.getLogger(__name__)
 
 
 def executing_prompt() -> Optional[tuple[str, str, dict]]:
@@ -71,7 +74,11 @@ def report_node(state: PatchState) -> dict[str, Optional[str]]:
     sampler that this state can stand for (its own id, or a node with identical inputs
     whose cached output ComfyUI handed over), the sampler, and the prompt. Outside
     ComfyUI's executor, the node the state was made by."""
-    running = executing_prompt()
+    try:
+        running = executing_prompt()
+    except Exception:  # a ComfyUI whose queue looks otherwise: the report keeps the state's node
+        log.debug("attention backends: could not read the running prompt", exc_info=True)
+        running = None
     if running is None:
         return {"node_id": state.node_id, "sampler_node_id": None, "prompt_id": None}
     prompt_id, sampler, prompt = running

@@ -91,6 +91,15 @@ def _start_probe(state: PatchState, guider: Any) -> Optional[BypassProbe]:
         return None
 
 
+def _run_coverage(probe: Optional[BypassProbe], guider: Any) -> Optional[Coverage]:
+    # Evidence for the warnings: without it the report still comes, with coverage unknown.
+    try:
+        return run_coverage(probe, _diffusion_model(guider))
+    except Exception:
+        log.exception("attention backends: could not read which attention layers the run reached")
+        return None
+
+
 def _received(state: PatchState) -> int:
     """Calls the override has had this run (served, passed on, refused, or of unknown form)."""
     return state.unknown_form + sum(plan.calls + plan.refused for _, dispatcher in state.dispatchers()
@@ -105,7 +114,7 @@ def _finish(state: PatchState, guider: Any, probe: Optional[BypassProbe]) -> Non
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
         model = getattr(getattr(guider, "model_patcher", None), "model", None)
         report = build_report(state, still_installed=options.get(OVERRIDE_KEY) is state.override,
-                              model_name=_model_name(model), coverage=run_coverage(probe, _diffusion_model(guider)),
+                              model_name=_model_name(model), coverage=_run_coverage(probe, guider),
                               filed_under=report_node(state))
         publish(state, report)
     except Exception:
@@ -229,13 +238,14 @@ def _warnings(state: PatchState, received: int, still_installed: bool, coverage:
     if refused:
         warnings.append(_refused_warning(state, refused))
     earlier = state.main.passthrough
-    if earlier != PASSTHROUGH and received and not refused and not served.get(earlier):
+    if earlier != PASSTHROUGH and received and not (refused or state.unknown_form or served.get(earlier)):
         warnings.append(f"The attention override installed before this node, {earlier}, was shadowed: this node "
                         f"served every call itself, so that override never ran. If both were meant to work, "
                         f"remove one of the two nodes.")
     if state.unknown_form:
+        target = "ComfyUI's own function" if earlier == PASSTHROUGH else earlier
         warnings.append(f"{state.unknown_form} calls were not in ComfyUI's attention form and went to "
-                        f"ComfyUI's own function unchanged.")
+                        f"{target} unchanged.")
     if state.block_unknown:
         warnings.append(f"The block filter could not apply to {state.block_unknown} calls: this model (or this "
                         f"ComfyUI version; Flux reports its blocks from ComfyUI 0.8.0) does not say which block "
