@@ -211,7 +211,7 @@ def priority_cases() -> list[dict]:
 
 BUILDERS: dict[str, Callable[[], Any]] = {
     "status_cpu.json": lambda: status(CPU, FIXTURES / "no-such-tuning-file.json"),
-    "status_gpu_synthetic.json": lambda: status(TWO_H200, H200_TUNING),
+    "status_gpu_synthetic.json": lambda: status(TWO_H200, FIXTURES / "no-such-tuning-file.json"),
     "status_tuning_h200.json": lambda: status(ONE_H200, H200_TUNING)["tuning"],
     "report_flux.json": report_flux,
     "report_never_invoked.json": report_never_invoked,
