@@ -1,4 +1,4 @@
-"""Command line: `python -m attention doctor` and `python -m attention bench [--quick]`."""
+"""Command line: `python -m attention doctor`, `bench [--quick]` and `calibrate`."""
 
 from __future__ import annotations
 
@@ -22,12 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--budget", type=float, default=10.0,
                        help="seconds of timing per shape; fewer rounds run on shapes that need more")
     bench.add_argument("--out", help="directory for kernels.json, kernels.md and chart.png")
+    calibrate = commands.add_parser("calibrate", help="fit this GPU's cost model for auto (at most 5 minutes)")
+    calibrate.add_argument("--budget", type=float, default=240.0, help="seconds of measuring (the fit follows)")
+    calibrate.add_argument("--file", help="calibration file (default: beside the tuning file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "doctor":
         from .doctor import main as doctor_main
         return doctor_main(as_json=args.json)
+    if args.command == "calibrate":
+        from .calibrate import calibrate_main
+        return calibrate_main(budget_s=args.budget, path=args.file)
     from .bench import main as bench_main
     split = lambda text: [p.strip() for p in text.split(",") if p.strip()] if text else None  # noqa: E731
     return bench_main(quick=args.quick, shapes=split(args.shapes), backends=split(args.backends),

@@ -13,7 +13,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import threading
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -34,6 +34,22 @@ class Kernel(Protocol):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: Optional[torch.Tensor], scale: Optional[float], layout: str) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Varlen:
+    """A kernel's variable-length entry points, on (tokens, heads, dim) tensors.
+
+    packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale): the
+        batch rows packed one after another, q (total_q, H, D), k and v (total_k, Hk, D);
+        cu_seqlens are int32 on the tensors' device, (rows + 1,). Returns (total_q, H, D).
+    key_lengths(q, k, v, used_k, scale): optional, for kernels that take per-row key
+        counts on padded tensors (FA4's seqused_k): q (B, Nq, H, D), k and v (B, Nk, Hk, D)
+        of which row b uses its first used_k[b] keys (int32 on the device). No packing copy.
+    """
+
+    packed: Callable[..., torch.Tensor]
+    key_lengths: Optional[Callable[..., torch.Tensor]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +106,19 @@ class Backend:
         the record (e.g. sage 1.x subtracts the key mean out of place: one copy of k).
     tunable: whether `auto_tuned` may measure it; False for kernels whose first call on
         a new shape costs far more than tuning may spend (compiles, huge buffers).
+    load_varlen: optional loader of the kernel's variable-length entry points, which
+        serve key-padding masks whose rows differ (mask_serving.py) in one launch.
+    sparse: approximates attention by skipping most key blocks (attention.sparsity).
+        Never in `auto`'s table nor measured by `auto_tuned`: it runs only where a user
+        names it, with the settings and quality checks of the Sparse node.
+    configure: for kernels that take per-node settings (sparse thresholds):
+        `configure(kernel, settings, call)` is the adapter for calls shaped like `call`
+        with `settings` bound, made once per call signature; `default_settings` serve
+        a dispatcher given none.
+    bind: for backends whose kernel depends on the call and on the priority names after
+        them (head_parallel serves each GPU's share with those names): given the loaded
+        kernel, the call and those names, returns the kernel for such calls; run once
+        per call signature when its plan is prepared.
     """
 
     name: str
@@ -105,8 +134,14 @@ class Backend:
     contiguous: bool = False
     copies: str = ""
     tunable: bool = True
+    load_varlen: Optional[Callable[[], Varlen]] = None
+    sparse: bool = False
+    configure: Optional[Callable[[Kernel, Any, CallSignature], Kernel]] = None
+    default_settings: Any = None
+    bind: Optional[Callable[[Kernel, CallSignature, tuple[str, ...]], Kernel]] = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
+    _varlen: Optional[tuple[Optional[Varlen]]] = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -128,6 +163,25 @@ class Backend:
                                + "; ".join(self.availability().reasons))
         return self._kernel
 
+    def varlen(self) -> Optional[Varlen]:
+        """The variable-length entry points, or None (none declared, backend unavailable,
+        or this installed version lacks them); loaded once, when a plan first asks."""
+        if self._varlen is None:
+            loaded = None
+            if self.load_varlen is not None and self.availability().available:
+                try:
+                    loaded = self.load_varlen()
+                except Exception as error:  # an older build without the entry: served per row
+                    log.info("attention backends: %s has no variable-length entry here (%s: %s)",
+                             self.name, type(error).__name__, error)
+            self._varlen = (loaded,)
+        return self._varlen[0]
+
+    def kernel_for(self, call: CallSignature, rest: tuple[str, ...] = ()) -> Kernel:
+        """The kernel for calls shaped like `call`; `rest`: the priority after this backend."""
+        kernel = self.kernel()
+        return kernel if self.bind is None else self.bind(kernel, call, rest)
+
     def not_supported_reasons(self, call: CallSignature) -> list[str]:
         """Why this backend cannot serve `call` here: availability first, then each
         per-call constraint. Empty means it can."""
@@ -144,6 +198,7 @@ class Backend:
         with self._lock:
             self._availability = None
             self._kernel = None
+            self._varlen = None
 
     def _check_availability(self) -> Availability:
         version = None

@@ -175,6 +175,20 @@ class SequenceLengths:
 
 
 @dataclasses.dataclass(frozen=True)
+class MinTokens:
+    """For sparse kernels: calls with fewer query or key tokens stay on dense kernels,
+    which are as fast there and exact (few blocks leave little to skip)."""
+
+    tokens: int
+
+    def reason(self, call: CallSignature) -> Optional[str]:
+        shortest = min(call.seq_q, call.seq_k)
+        if shortest >= self.tokens:
+            return None
+        return f"{shortest} tokens: sparse attention serves calls from {self.tokens} tokens (shorter ones stay dense)"
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyBlockPadding:
     """For kernels that let padded keys of a partial last key block into the softmax:
     refuse calls where those padded slots exceed `max_fraction` of the keys.

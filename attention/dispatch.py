@@ -1,19 +1,36 @@
 """The dispatcher: one call in any ComfyUI form, the first backend that can serve it.
 
 Hot path: build a tuple key from the call's shapes, dtype, device and flags, look the
-plan up in a dict, bump an integer and run the plan's prepared function (views to the
-kernel's layout, the kernel, a view back). No logging, no device synchronisation, no
-copies that the kernel does not need. Everything else happens once per signature in
-`_plan`: describing the call, walking the priority list, collecting every reason,
-asking runtime checks, and preparing the views.
+plan up in a dict, count the call and run the plan's prepared function (views to the
+kernel's layout, the kernel, a view back). A masked call first looks up its mask's class
+(masks.py: read from the device once per tensor per model call), which is part of the
+key, so no-op and key-padding masks get plans that serve them without the mask
+(mask_serving.py). No logging, no device synchronisation, no copies that the kernel does
+not need. Everything else happens once per signature in
+`_plan`, under a lock: describing the call, walking the priority list, collecting every
+reason, asking runtime checks, and preparing the views (once per backend and signature:
+the same prepared object answers the runtime check and runs the call).
 
-A kernel that raises is remembered as failed for that signature (process-wide, with
-its error as the reason), logged once, and the call is served by the next candidate;
-in strict mode the call raises instead, naming every candidate and why.
+Under `torch.compile` a call becomes one opaque op (compiled.py) that runs this same
+path when the graph runs, so the graph never depends on a decision.
+
+A kernel that raises is remembered as failed for that signature (process-wide, with its
+error as the reason), logged once, and the call is served by the next candidate; in
+strict mode the call raises instead, naming every candidate and why. A failure is tried
+again at the next run (`begin_run`); after `RETRY_LIMIT` failures it stays failed until
+`forget_failures()`.
+
+Calls are counted with `itertools.count`, whose `next()` is one C call: exact when
+ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
 carries the tuner's decision, and later calls cost what any plan costs.
+
+Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
+prepared function. A monitor (attention.quality) may watch the plans it cares about, and
+`demote` a signature whose error it finds over budget: the signature is planned again
+without that backend until the dispatcher's plans are cleared.
 """
 
 from __future__ import annotations
@@ -21,41 +38,85 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
 from . import registry
 from .backend import Backend
 from .call import CallSignature, describe_call
-from .counters import UsageCounters, summarize
-from .errors import FAILED, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
+from .compiled import compiled_attention, is_compiling, register_target
+from .counters import UsageCounters, count_value, summarize
+from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
-from .priority import AutoEntry, Rule, auto_entries, load_table
+from . import cost_store
+from .cost_model import CostModel
+from .mask_serving import KEPT, served_signature, served_tensors, serving_run
+from .masks import GENERAL, MaskCache, MaskClass
+from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
 
 # Name under which calls served by the caller's own fallback (ComfyUI's function) count.
 PASSTHROUGH = "comfyui"
+# A (backend, signature) that failed this many times is not tried again until forgotten.
+RETRY_LIMIT = 3
+# Plans kept per dispatcher: one per call shape, and a server sees many resolutions.
+MAX_PLANS = 256
 
 _ALWAYS = Rule()
 
-# (backend name, signature) -> why it raised. Process-wide: a kernel that failed on a
-# signature fails for every node that would send it there.
-_failures: dict[tuple[str, CallSignature], str] = {}
+
+@dataclasses.dataclass
+class Failure:
+    """A kernel that raised on a signature: why, how often, and in which run last."""
+
+    reason: str
+    count: int
+    generation: int
+
+    @property
+    def permanent(self) -> bool:
+        return self.count >= RETRY_LIMIT
+
+
+# (backend name, signature) -> its failure. Process-wide: a kernel that failed on a
+# signature fails for every node that would send it there, until the next run.
+_failures: dict[tuple[str, CallSignature], Failure] = {}
 _failures_lock = threading.Lock()
+# Bumped at the start of every run of every dispatcher: failures of an earlier run are retried.
+_generation = itertools.count(1)
+_current_generation = 0
 
 
-def forget_failures() -> None:
-    """Clear remembered kernel failures (after installing a fixed package, or in tests)."""
+def _new_generation() -> int:
+    global _current_generation
+    _current_generation = next(_generation)
+    return _current_generation
+
+
+def forget_failures() -> int:
+    """Clear remembered kernel failures (after installing a fixed package, from the
+    sidebar, or in tests). Returns how many were forgotten."""
     with _failures_lock:
+        forgotten = len(_failures)
         _failures.clear()
+    return forgotten
 
 
-def remembered_failures() -> dict[tuple[str, CallSignature], str]:
+def remembered_failures() -> dict[tuple[str, CallSignature], Failure]:
     return dict(_failures)
+
+
+def _blocking_failure(name: str, call: CallSignature) -> Optional[Failure]:
+    """The failure that keeps `name` off `call` now: a permanent one, or one from this run."""
+    failure = _failures.get((name, call))
+    if failure is None or not (failure.permanent or failure.generation == _current_generation):
+        return None
+    return failure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,23 +126,81 @@ class Candidate:
     explicit: bool
 
 
+class Prepared:
+    """One backend made ready for one call signature: the views to the kernel's layout,
+    the mask adapter, the kernel (with `settings` bound, for a backend that takes them;
+    bound to `rest`, the priority after it, for one that binds to it: Backend.bind) and
+    the function that chains them."""
+
+    __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
+
+    def __init__(self, backend: Backend, call: CallSignature, settings: Any = None,
+                 rest: tuple[str, ...] = ()) -> None:
+        self.backend = backend
+        self.layout = layout = native_layout(call.layout_in, backend.layouts)
+        self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
+        self.view_kv = view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
+        view_out = output_view(layout, call.layout_out)
+        self.adapt_mask = adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
+        kernel = backend.kernel_for(call, rest)
+        if backend.configure is not None:
+            kernel = backend.configure(kernel, backend.default_settings if settings is None else settings, call)
+
+        if adapt_mask is None:
+            def run(q, k, v, mask, scale):
+                return view_out(kernel(view_q(q), view_kv(k), view_kv(v), None, scale, layout))
+        else:
+            def run(q, k, v, mask, scale):
+                return view_out(kernel(view_q(q), view_kv(k), view_kv(v), adapt_mask(mask), scale, layout))
+        self.run = run
+
+    def runtime_reasons(self, tensors: Tensors) -> list[str]:
+        """The backend's own check on the real tensors, in its layout (e.g. PyTorch's
+        `can_use_*` for a forced SDPA kernel)."""
+        check = self.backend.runtime_check
+        if check is None:
+            return []
+        q, k, v, mask, _ = tensors
+        return check(self.view_q(q), self.view_kv(k), self.view_kv(v),
+                     None if self.adapt_mask is None else self.adapt_mask(mask))
+
+
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "calls", "refused", "error", "tuning")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "refused", "error",
+                 "tuning", "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH, settings: Any = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else passthrough
         self.signature = signature
         self.rejected = rejected
         self.run = run
-        self.calls = 0
+        self.counter = itertools.count()
+        self.failed_calls = 0  # counted calls served again by another plan (kernel raised, or demoted)
         self.refused = 0  # calls that raised instead of being served (strict, or no fallback)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
+        # Made while a kernel's failure kept it off this signature: plan again next run.
+        self.retry = any(r.kind == FAILED for r in rejected)
+        # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
+        # made, when `signature` is the mask-less call the backend was chosen for.
+        self.mask_service: Optional[str] = None
+        self.masked_call: Optional[CallSignature] = None
+        self.settings = settings  # what a configurable (sparse) backend runs with
+
+    @property
+    def calls(self) -> int:
+        """Calls this plan served (or, with no run, refused or passed on)."""
+        return count_value(self.counter) - self.failed_calls - self.refused
+
+    def reset(self) -> None:
+        self.counter = itertools.count()
+        self.failed_calls = 0
+        self.refused = 0
 
     @property
     def is_fallback(self) -> bool:
@@ -95,34 +214,10 @@ class Plan:
         return f"Plan({self.name}, {self.signature.describe()}, calls={self.calls})"
 
 
-def _prepare(backend: Backend, call: CallSignature) -> Callable:
-    """The per-call function for `backend` on calls shaped like `call`."""
-    layout = native_layout(call.layout_in, backend.layouts)
-    view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
-    view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
-    view_out = output_view(layout, call.layout_out)
-    adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-    kernel = backend.kernel()
+class PlanMonitor(Protocol):
+    """Told of every plan a dispatcher makes with tensors (attention.quality.QualityMonitor)."""
 
-    if adapt_mask is None:
-        def run(q, k, v, mask, scale):
-            return view_out(kernel(view_q(q), view_kv(k), view_kv(v), None, scale, layout))
-    else:
-        def run(q, k, v, mask, scale):
-            return view_out(kernel(view_q(q), view_kv(k), view_kv(v), adapt_mask(mask), scale, layout))
-    return run
-
-
-def _runtime_reasons(backend: Backend, call: CallSignature, tensors: Tensors) -> list[str]:
-    if backend.runtime_check is None:
-        return []
-    q, k, v, mask, _ = tensors
-    layout = native_layout(call.layout_in, backend.layouts)
-    view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
-    view_kv = input_view(call.layout_in, layout, call.heads_kv, backend.contiguous)
-    adapt_mask = mask_adapter(call.mask_kind, len(call.mask_shape or ()), call.dtype)
-    return backend.runtime_check(view_q(q), view_kv(k), view_kv(v),
-                                 None if adapt_mask is None else adapt_mask(mask))
+    def watch(self, dispatcher: "Dispatcher", plan: Plan, tensors: Tensors) -> None: ...
 
 
 class Dispatcher:
@@ -135,20 +230,42 @@ class Dispatcher:
         priority names `auto_tuned` and none is given.
     passthrough: the name that calls served by the caller's fallback count under
         (the previous override's name when the caller chains one).
+    cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
+        calibration or the model shipped for the GPU class (cost_store.py), unless an
+        auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
+    mask_cache: where mask classifications live for a model call (masks.py); the node
+        shares one between its dispatchers and clears it at every model call.
+    settings: per backend name, the settings object of a backend that takes one (the
+        sparse backends); a backend named without settings runs with its defaults.
+    monitor: watches the plans as they are made (the sparse node's quality monitor).
     """
 
     def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
-                 tuner: Optional[Tuner] = None, passthrough: str = PASSTHROUGH) -> None:
+                 tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
+                 passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
+                 settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
         self.priority = registry.parse_priority(priority)
         self.strict = strict
+        self.settings = _checked_settings(settings or {})
+        self.monitor = monitor
+        # (backend name, signature) -> why the monitor took it off this signature.
+        self._demoted: dict[tuple[str, CallSignature], str] = {}
         self.passthrough = passthrough
+        self._cost_model = cost_model
+        self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
         self._auto_table = auto_table if auto_table is not None else load_table()
         if tuner is None and registry.AUTO_TUNED in self.priority:
             tuner = Tuner()
         self.tuner = tuner
+        self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
-        self._retired: list[Plan] = []  # plans replaced after a failure, kept for the counters
+        self._prepared: dict[tuple[str, CallSignature, tuple[str, ...]], Prepared] = {}
+        self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
+        self._planning = threading.Lock()
+        # The handle a compiled graph calls this dispatcher by (standalone use; ComfyUI's
+        # override registers its own target).
+        self.handle = register_target(self)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                  mask: Optional[torch.Tensor] = None, *, skip_reshape: bool = False,
@@ -158,28 +275,47 @@ class Dispatcher:
         """Attention for one call in ComfyUI's form (see attention.call).
 
         `fallback` serves calls no candidate can (ComfyUI's own function, from the
-        override); without one such a call raises NoBackendError.
+        override); without one such a call raises NoBackendError. Under torch.compile
+        the call is recorded as one opaque op that comes back here when the graph runs
+        (without `fallback`: a compiled standalone call no backend serves raises).
         """
+        if is_compiling():
+            return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
+                                      skip_output_reshape=skip_output_reshape, scale=scale,
+                                      attn_precision=attn_precision, low_precision=low_precision)
+        mask_class = None
+        if mask is not None:
+            if skip_reshape:
+                mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
-               None if mask is None else (mask.dtype, mask.shape), attn_precision, low_precision, scale is None)
+               None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
+               scale is None)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(key, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+            plan = self._plan(key, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
                               attn_precision, low_precision)
-        plan.calls += 1
+        next(plan.counter)
         if plan.run is None:
             if fallback is None or self.strict:
-                plan.calls -= 1
                 plan.refused += 1
                 raise plan.error
             return fallback()
         try:
             return plan.run(q, k, v, mask, scale)
         except Exception as error:
-            plan.calls -= 1
             self._record_failure(key, plan, error)
             return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                         scale=scale, attn_precision=attn_precision, low_precision=low_precision, fallback=fallback)
+
+    def serve_compiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                       heads: int, *, skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],
+                       attn_precision: Optional[torch.dtype], low_precision: bool, enable_gqa: bool, where: str,
+                       func: str) -> torch.Tensor:
+        """A call from a compiled graph (compiled.py), served as an eager call."""
+        return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                    scale=scale, attn_precision=attn_precision, low_precision=low_precision)
 
     def candidates(self, call: CallSignature) -> list[Candidate]:
         """The priority list for this call, `auto` expanded, duplicates dropped.
@@ -190,7 +326,7 @@ class Dispatcher:
         for name in self.priority:
             static_auto: Iterable[Candidate] = (
                 Candidate(e.backend, e.rule, False)
-                for e in auto_entries(call.device_type, call.compute_capability, self._auto_table))
+                for e in self.auto_entries(call))
             if name == registry.AUTO:
                 expanded: Iterable[Candidate] = static_auto
             elif name == registry.AUTO_TUNED:
@@ -202,6 +338,33 @@ class Dispatcher:
                     seen.add(candidate.name)
                     result.append(candidate)
         return result
+
+    def prepared(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Prepared:
+        """`backend` ready for `call`, made once per dispatcher (`rest`: the priority after it)."""
+        key = (backend.name, call, rest)
+        ready = self._prepared.get(key)
+        if ready is None:
+            if len(self._prepared) >= 4 * MAX_PLANS:
+                self._prepared.clear()
+            ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name), rest)
+        return ready
+
+    def _after(self, name: str) -> tuple[str, ...]:
+        """The priority names after `name` for a backend that binds to them (empty for
+        the others, and when `auto` brought it in)."""
+        if registry.get(name).bind is None or name not in self.priority:
+            return ()
+        return tuple(self.priority[self.priority.index(name) + 1:])
+
+    def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
+        """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
+        model, or by the rule table (cost_store.py says which applies)."""
+        model, saved = self._cost_model, None
+        if not self._table_decides:
+            saved = cost_store.saved_choice(call)
+            if model is None:
+                model = cost_store.model_for(call.device_type, call.compute_capability)
+        return auto_entries_for(call, self._auto_table, model, saved)
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
@@ -224,17 +387,25 @@ class Dispatcher:
                 rejected.append(Rejection(candidate.name, availability.reasons, UNAVAILABLE, candidate.explicit))
                 continue
             reasons = backend.call_reasons(call)
-            failure = _failures.get((candidate.name, call))
+            failure = _blocking_failure(candidate.name, call)
             if failure is not None:
-                rejected.append(Rejection(candidate.name, tuple(reasons) + (failure,), FAILED, candidate.explicit))
+                rejected.append(Rejection(candidate.name, tuple(reasons) + (failure.reason,), FAILED,
+                                          candidate.explicit))
                 continue
-            if not reasons and tensors is not None:
-                reasons = _runtime_reasons(backend, call, tensors)
+            demoted = self._demoted.get((candidate.name, call))
+            if demoted is not None:
+                rejected.append(Rejection(candidate.name, (demoted,), QUALITY, candidate.explicit))
+                continue
+            prepared = (self.prepared(backend, call, self._after(candidate.name))
+                        if not reasons and tensors is not None else None)
+            if prepared is not None:
+                reasons = prepared.runtime_reasons(tensors)
             if reasons:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
-            run = _prepare(backend, call) if tensors is not None else None
-            return Plan(backend, call, tuple(rejected), run)
+            return Plan(backend, call, tuple(rejected), None if prepared is None else prepared.run,
+                        passthrough=self.passthrough, settings=self.settings.get(candidate.name,
+                                                                                 backend.default_settings))
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
 
@@ -244,71 +415,164 @@ class Dispatcher:
         for backend in registry.all_backends():
             if not backend.tunable or not backend.availability().available or backend.call_reasons(call):
                 continue
-            if (backend.name, call) in _failures or _runtime_reasons(backend, call, tensors):
+            if _blocking_failure(backend.name, call) is not None:
                 continue
-            runs[backend.name] = _prepare(backend, call)
+            prepared = self.prepared(backend, call)
+            if not prepared.runtime_reasons(tensors):
+                runs[backend.name] = prepared.run
         return runs
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
         runs = self.eligible(call, tensors)
-        static = [e.backend for e in auto_entries(call.device_type, call.compute_capability, self._auto_table)
-                  if e.rule.reason(call) is None]
+        static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
             return None
-        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision)
+        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
+                    passthrough=self.passthrough)
 
     def plans(self) -> list[Plan]:
-        """Every plan made so far (including ones replaced after a kernel failure)."""
+        """Every plan of this run (including ones replaced after a failure or evicted)."""
         return self._retired + list(self._plans.values())
 
     def counters(self) -> UsageCounters:
         """Calls served per backend and fallbacks by reason, since the last reset."""
         return summarize(self.plans())
 
-    def reset_counters(self) -> None:
-        self._retired.clear()
-        for plan in self._plans.values():
-            plan.calls = 0
-            plan.refused = 0
+    def begin_run(self) -> None:
+        """Zero the counters for a new run; signatures that fell back because a kernel
+        failed earlier are planned again (that kernel is retried)."""
+        _new_generation()
+        self.masks.reset_count()
+        with self._planning:
+            self._retired.clear()
+            for key in [key for key, plan in self._plans.items() if plan.retry]:
+                del self._plans[key]
+            for plan in self._plans.values():
+                plan.reset()
+
+    reset_counters = begin_run
 
     def clear(self) -> None:
-        """Forget every decision (the next call of each signature plans again)."""
-        self._plans.clear()
-        self._retired.clear()
+        """Forget every decision (the next call of each signature plans again), and
+        every demotion."""
+        with self._planning:
+            self._plans.clear()
+            self._prepared.clear()
+            self._retired.clear()
+            self._demoted.clear()
 
-    def _plan(self, key: tuple, q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale,
+    def demote(self, plan: Plan, reason: str, tensors: Tensors) -> Plan:
+        """Take `plan`'s backend off its signature (a monitor found its error over
+        budget): plan the signature again on `tensors` without it, and count the call in
+        flight, which the replacement now serves, for the replacement. The old plan is
+        kept for the counters of the calls it served."""
+        with self._planning:
+            key = next((key for key, current in self._plans.items() if current is plan), None)
+            if key is None:
+                raise ValueError(f"{plan!r} is not a current plan of this dispatcher")
+            self._demoted[(plan.name, plan.signature)] = reason
+            replacement = self.plan_for(plan.signature, tensors)
+            plan.failed_calls += 1
+            next(replacement.counter)
+            self._retired.append(plan)
+            self._plans[key] = replacement
+        return replacement
+
+    def _plan(self, key: tuple, q, k, v, heads, mask, mask_class, skip_reshape, skip_output_reshape, scale,
               attn_precision, low_precision) -> Plan:
-        call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
-                             skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
-                             low_precision_ok=low_precision, custom_scale=scale is not None)
-        plan = self.plan_for(call, (q, k, v, mask, scale))
-        if plan.is_fallback:
-            causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
-            if plan.run is not None:
-                served = f"served by {plan.name}"
-            elif self.strict:
-                served = "refused (strict)"
-            else:
-                served = "passed on to the caller's attention"
-            log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
-        self._plans[key] = plan
+        with self._planning:
+            plan = self._plans.get(key)  # another thread may have planned it meanwhile
+            if plan is not None:
+                return plan
+            call = describe_call(q, k, v, heads, mask, skip_reshape=skip_reshape,
+                                 skip_output_reshape=skip_output_reshape, attn_precision=attn_precision,
+                                 low_precision_ok=low_precision, custom_scale=scale is not None)
+            plan = None
+            if mask_class is not None and mask_class.kind != GENERAL:
+                plan = self._plan_without_mask(call, mask_class, (q, k, v, mask, scale))
+            if plan is None:
+                plan = self.plan_for(call, (q, k, v, mask, scale))
+                if mask is not None:
+                    plan.mask_service = KEPT
+            if self.monitor is not None and plan.run is not None:
+                self.monitor.watch(self, plan, (q, k, v, mask, scale))
+            if plan.is_fallback:
+                causes = "; ".join(f"{name}: {why}" for name, why in plan.fallback_reasons())
+                if plan.run is not None:
+                    served = f"served by {plan.name}"
+                elif self.strict:
+                    served = "refused (strict)"
+                else:
+                    served = f"passed on to {plan.name}"
+                log.info("attention backends: %s %s (%s)", call.describe(), served, causes)
+            if len(self._plans) >= MAX_PLANS:
+                self._evict()
+            self._plans[key] = plan
+            return plan
+
+    def _plan_without_mask(self, call: CallSignature, mask_class: MaskClass, tensors: Tensors) -> Optional[Plan]:
+        """A plan serving a no-op or key-padding mask on the mask-less call it equals
+        (mask_serving.py); None where the mask had better stay."""
+        q, k, v, _, scale = tensors
+        plan = self.plan_for(served_signature(call, mask_class), served_tensors(call, mask_class, q, k, v)
+                             + (None, scale))
+        if plan.run is None or plan.backend.sparse:
+            # A sparse kernel never serves a masked call, even one whose mask is a no-op:
+            # its quality protections assume the calls the user pointed it at.
+            return None
+        chosen = serving_run(mask_class, call, plan.backend, plan.run, q.device)
+        if chosen is None:
+            return None
+        plan.mask_service, plan.run = chosen
+        plan.masked_call = call
         return plan
+
+    def _evict(self) -> None:
+        """Drop the oldest plan (dicts keep insertion order); a plan that served calls
+        this run stays counted until the run ends."""
+        key, oldest = next(iter(self._plans.items()))
+        del self._plans[key]
+        if oldest.calls:
+            self._retired.append(oldest)
 
     def _record_failure(self, key: tuple, plan: Plan, error: Exception) -> None:
         reason = "raised " + describe_exception(error)
         with _failures_lock:
-            first_time = (plan.name, plan.signature) not in _failures
-            _failures[(plan.name, plan.signature)] = reason
+            earlier = _failures.get((plan.name, plan.signature))
+            count = 1 if earlier is None else earlier.count + 1
+            _failures[(plan.name, plan.signature)] = Failure(reason, count, _current_generation)
         if self.strict:
             plan.refused += 1
             rejected = plan.rejected + (Rejection(plan.name, (reason,), FAILED, True),)
             raise NoBackendError(plan.signature, rejected, True) from error
-        if first_time:
-            log.warning("attention backends: %s %s on %s; using the next backend for such calls",
-                        plan.name, reason, plan.signature.describe())
-        self._retired.append(self._plans.pop(key))
+        plan.failed_calls += 1
+        if earlier is None or count == RETRY_LIMIT:
+            log.warning("attention backends: %s %s on %s; using the next backend for such calls %s",
+                        plan.name, reason, plan.signature.describe(),
+                        "for the rest of this run" if count < RETRY_LIMIT
+                        else f"until the failures are cleared ({count} failures)")
+        with self._planning:
+            if self._plans.get(key) is plan:
+                self._retired.append(self._plans.pop(key))
 
 
-__all__ = ["Dispatcher", "Plan", "Candidate", "PASSTHROUGH", "forget_failures", "remembered_failures",
-           "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE", "FAILED"]
+def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by backend name, each for a backend that takes settings of its type,
+    each without problems (ValueError naming them otherwise)."""
+    for name, value in settings.items():
+        backend = registry.get(name)
+        if backend.configure is None:
+            raise ValueError(f"backend {name!r} takes no settings")
+        if not isinstance(value, type(backend.default_settings)):
+            raise ValueError(f"settings for {name!r} must be {type(backend.default_settings).__name__}, "
+                             f"not {type(value).__name__}")
+        problems = value.problems()
+        if problems:
+            raise ValueError(f"settings for {name!r}: " + "; ".join(problems))
+    return dict(settings)
+
+
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+           "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
+           "FAILED", "QUALITY"]

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Optional, TextIO
 
+from .parallel.status import render as render_parallel
 from .status import machine_status
 
 
@@ -27,12 +28,22 @@ def format_install(install: Optional[dict]) -> str:
     return install["command"] or install["note"]
 
 
+def _source_line(source: dict) -> str:
+    kind = source.get("source", "rules")
+    if kind == "calibrated":
+        return f"auto decides by this GPU's calibration (python -m attention calibrate; {source['files'][0]})"
+    if kind == "default":
+        return (f"auto decides by the cost model shipped for this GPU class (fitted on {source['gpu']}); "
+                "`python -m attention calibrate` fits this GPU's own")
+    return "auto decides by the rule table above (no cost model for this device class)"
+
+
 def render(status: dict) -> str:
     lines = [f"torch {status['torch']}  CUDA {status['cuda'] or '-'}  cuDNN {status['cudnn'] or '-'}", ""]
     width = max(len(row["name"]) for row in status["backends"])
     lines.append(f"{'backend':<{width}}  {'kind':<9}  {'ready':<5}  {'version':<18}  why not")
     for row in status["backends"]:
-        kind = "quantized" if row["quantized"] else "exact"
+        kind = "sparse" if row["sparse"] else "quantized" if row["quantized"] else "exact"
         ready = "yes" if row["available"] else "no"
         version = row["version"] or "-"
         reasons = "; ".join(row["reasons"])
@@ -46,9 +57,13 @@ def render(status: dict) -> str:
         for position, entry in enumerate(device["auto_order"], 1):
             state = "" if entry["available"] else "   [not available: " + "; ".join(entry["reasons"]) + "]"
             lines.append(f"  {position}. {entry['backend']:<30} {_format_rule(entry['rule'])}{state}")
+        lines.append("  " + _source_line(device.get("auto_source", {})))
         lines.append("  typical calls:")
         for choice in device["typical"]:
-            lines.append(f"    {choice['shape']:<24} -> {choice['backend']}")
+            predicted = ", ".join(f"{name} {us:.0f}" for name, us in choice.get("predicted_us", {}).items())
+            line = f"    {choice['shape']:<24} -> {choice['backend']}"
+            lines.append(f"{line:<62} predicted µs: {predicted}" if predicted else line)
+    lines += render_parallel(status["parallel"])
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ RULE = "rule"                # auto's shape rule prefers another kernel here (no
 UNAVAILABLE = "unavailable"  # cannot run on this machine at all
 UNSUPPORTED = "unsupported"  # cannot serve this call (mask, head dim, dtype, ...)
 FAILED = "failed"            # raised on this signature earlier; remembered
+QUALITY = "quality"          # over its node's error budget on this signature, for the rest of the run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ Evidence:
   README marks them as such; `auto_tuned` (issue 6) replaces guesses with measurements.
 
 Override: set ATTENTION_BACKENDS_AUTO to a JSON file with the same structure as
-`AUTO_TABLE` (device class -> list of entries).
+`AUTO_TABLE` (device class -> list of entries). It is read once per change of the file;
+a file that cannot be used is named in one warning and the built-in table serves.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Optional
+import threading
+from typing import Any, Optional
 
 from .call import CallSignature
+from .cost_model import SAFEST, CostModel, allowed_by_accuracy, auto_order
 from .registry import get
 
 log = logging.getLogger(__name__)
+
+ENV_TABLE = "ATTENTION_BACKENDS_AUTO"
 
 # Below this many query and key tokens no quantized kernel paid off on the H200.
 VIDEO_TOKENS = 16384
@@ -131,33 +136,140 @@ def device_class(device_type: str, capability: Optional[tuple[int, int]]) -> str
     return "default"
 
 
-def _entries_from_json(data: dict) -> dict[str, tuple[AutoEntry, ...]]:
+class InvalidAutoTable(ValueError):
+    """An auto table file that cannot be used, and why."""
+
+
+def _entry_from_json(device: str, row: Any) -> AutoEntry:
+    where = f"{device!r} entry {row!r}"
+    if not isinstance(row, dict) or not isinstance(row.get("backend"), str):
+        raise InvalidAutoTable(f"{where} is not an object with a \"backend\" name")
+    try:
+        backend = get(row["backend"])
+    except ValueError as error:  # an unknown name, with suggestions
+        raise InvalidAutoTable(str(error)) from None
+    if backend.sparse:
+        raise InvalidAutoTable(f"{row['backend']!r} is a sparse backend: auto never chooses one (name it on the "
+                               f"Attention Backend (Sparse) node instead)")
+    min_tokens = row.get("min_tokens", 0)
+    head_dims = row.get("head_dims")
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+        raise InvalidAutoTable(f"{where}: min_tokens must be a whole number >= 0")
+    if head_dims is not None and not (isinstance(head_dims, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in head_dims)):
+        raise InvalidAutoTable(f"{where}: head_dims must be a list of positive whole numbers")
+    evidence = row.get("evidence", "user override")
+    return AutoEntry(row["backend"], Rule(min_tokens, frozenset(head_dims) if head_dims else None),
+                     evidence if isinstance(evidence, str) else "user override")
+
+
+def _entries_from_json(data: Any) -> dict[str, tuple[AutoEntry, ...]]:
+    if not isinstance(data, dict):
+        raise InvalidAutoTable("the top level must be an object: device class -> list of entries")
     table: dict[str, tuple[AutoEntry, ...]] = {}
     for device, rows in data.items():
-        entries = []
-        for row in rows:
-            get(row["backend"])  # unknown names fail loudly, with suggestions
-            head_dims = row.get("head_dims")
-            rule = Rule(int(row.get("min_tokens", 0)), frozenset(head_dims) if head_dims else None)
-            entries.append(AutoEntry(row["backend"], rule, row.get("evidence", "user override")))
+        if not isinstance(rows, list):
+            raise InvalidAutoTable(f"the entries of {device!r} must be a list")
+        entries = [_entry_from_json(device, row) for row in rows]
         if not entries or entries[-1].backend != "sdpa" or entries[-1].rule != _ALWAYS:
             entries.append(AutoEntry("sdpa", _ALWAYS))
         table[device] = tuple(entries)
     return table
 
 
+def read_table(path: str) -> dict[str, tuple[AutoEntry, ...]]:
+    """AUTO_TABLE with the device classes of the JSON file `path` replaced; raises OSError
+    or InvalidAutoTable."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        override = _entries_from_json(json.loads(raw.decode("utf-8-sig")))
+    except UnicodeDecodeError as error:
+        raise InvalidAutoTable(f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except RecursionError:
+        raise InvalidAutoTable("JSON nested too deeply") from None
+    except InvalidAutoTable:
+        raise
+    except ValueError as error:
+        raise InvalidAutoTable(f"not JSON ({error})") from None
+    return {**AUTO_TABLE, **override}
+
+
+# The table last loaded from ATTENTION_BACKENDS_AUTO: (path, its mtime and size) -> table.
+# Every node execution and status request asks for the table; the file is read again
+# only when it changes, and a bad file is warned about once per change.
+_loaded: dict[str, Any] = {"key": None, "table": None}
+_loaded_lock = threading.Lock()
+
+
 def load_table(path: Optional[str] = None) -> dict[str, tuple[AutoEntry, ...]]:
-    """AUTO_TABLE, with device classes replaced from a JSON override file if one is set."""
-    path = path or os.environ.get("ATTENTION_BACKENDS_AUTO")
+    """AUTO_TABLE, with device classes replaced from the file ATTENTION_BACKENDS_AUTO
+    (or `path`) names. A file that cannot be used leaves AUTO_TABLE, with one warning."""
+    path = path or os.environ.get(ENV_TABLE)
     if not path:
         return dict(AUTO_TABLE)
-    with open(path, encoding="utf-8") as handle:
-        override = _entries_from_json(json.load(handle))
-    log.info("attention backends: auto table for %s from %s", ", ".join(override), path)
-    return {**AUTO_TABLE, **override}
+    try:
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = (path, None, None)
+    with _loaded_lock:
+        if _loaded["key"] != key:
+            _loaded["key"], _loaded["table"] = key, _load(path)
+        return dict(_loaded["table"])
+
+
+def _load(path: str) -> dict[str, tuple[AutoEntry, ...]]:
+    try:
+        table = read_table(path)
+    except (OSError, InvalidAutoTable) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        log.warning("attention backends: %s=%s cannot be used (%s); auto uses its built-in table. Fix the file "
+                    "or unset %s.", ENV_TABLE, path, reason, ENV_TABLE)
+        return dict(AUTO_TABLE)
+    log.info("attention backends: auto table from %s (%s=%s)", path, ENV_TABLE, path)
+    return table
+
+
+def forget_loaded_table() -> None:
+    """Read the file again on the next `load_table` (tests)."""
+    with _loaded_lock:
+        _loaded["key"] = _loaded["table"] = None
 
 
 def auto_entries(device_type: str, capability: Optional[tuple[int, int]],
                  table: Optional[dict[str, tuple[AutoEntry, ...]]] = None) -> tuple[AutoEntry, ...]:
     table = table if table is not None else load_table()
     return table.get(device_class(device_type, capability), table["default"])
+
+
+def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call from a cost model: the kernels that can serve it here,
+    by predicted time, none predicted slower than SDPA (cost_model.auto_order)."""
+    names, copying = [], set()
+    for name in model.kernels:
+        backend = get(name)
+        if not backend.availability().available or backend.call_reasons(call):
+            continue
+        if not allowed_by_accuracy(name, backend.quantized, call):
+            continue
+        names.append(name)
+        if backend.contiguous:
+            copying.add(name)
+    predicted = model.predictions(call, names, frozenset(copying))
+    base = predicted.get(SAFEST)
+    return tuple(AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
+                           + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
+                 for name in auto_order(predicted, model.margin))
+
+
+def auto_entries_for(call: CallSignature, table: dict[str, tuple[AutoEntry, ...]], model: Optional[CostModel],
+                     saved: Optional[str] = None) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call: `auto_tuned`'s saved decision for it first (measured on
+    this machine), then the cost model's order when there is a model, else the table's."""
+    entries = auto_entries(call.device_type, call.compute_capability, table) if model is None else model_entries(
+        call, model)
+    if saved is None:
+        return entries
+    return (AutoEntry(saved, _ALWAYS, "auto_tuned's decision, measured on this machine"),) + tuple(
+        e for e in entries if e.backend != saved)

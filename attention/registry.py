@@ -26,6 +26,11 @@ def names() -> list[str]:
     return list(_BY_NAME)
 
 
+def sparse_names() -> list[str]:
+    """The sparse backends, in listing order: approximate by design, run only where named."""
+    return [name for name, backend in _BY_NAME.items() if backend.sparse]
+
+
 def get(name: str) -> Backend:
     """The backend called `name`; raises UnknownBackendError with close matches."""
     try:

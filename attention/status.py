@@ -8,10 +8,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import registry
+from . import cost_store, registry
 from .backend import Availability, Backend
 from .contract import install_hint
+from .cost_model import CostModel
 from .dispatch import Dispatcher
+from .parallel.status import parallel_status
 from .priority import auto_entries, device_class
 from .shapes import MODEL_SHAPES, ModelShape
 
@@ -44,6 +46,7 @@ def backend_row(backend: Backend, availability: Availability) -> dict:
         "family": backend.family,
         "description": backend.description,
         "quantized": backend.quantized,
+        "sparse": backend.sparse,
         "available": availability.available,
         "version": availability.version,
         "reasons": reasons,
@@ -57,9 +60,14 @@ def backend_rows() -> list[dict]:
 
 
 def _typical_choice(dispatcher: Dispatcher, shape: ModelShape, device_type: str,
-                    capability: Optional[tuple[int, int]], dtype: torch.dtype) -> dict:
-    plan = dispatcher.plan_for(shape.signature(device_type, capability, dtype))
+                    capability: Optional[tuple[int, int]], dtype: torch.dtype, model: Optional[CostModel]) -> dict:
+    call = shape.signature(device_type, capability, dtype)
+    plan = dispatcher.plan_for(call)
+    # Every fitted kernel that could serve the call, installed here or not: what it would cost.
+    servable = [name for name in (model.kernels if model else ()) if not registry.get(name).call_reasons(call)]
+    predicted = model.predictions(call, servable) if model else {}
     return {"shape": shape.label, "key": shape.key, "backend": plan.name,
+            "predicted_us": {name: round(us, 1) for name, us in sorted(predicted.items(), key=lambda x: x[1])},
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected]}
 
@@ -87,12 +95,16 @@ def device_rows(devices: Optional[Sequence[Device]] = None) -> list[dict]:
             reasons, install = reasons_and_install(backend, availability)
             order.append({"backend": entry.backend, "rule": entry.rule.to_json(), "evidence": entry.evidence,
                           "available": availability.available, "reasons": reasons, "install": install})
+        model = cost_store.model_for(device_type, capability)
         rows.append({
             "type": device_type, "index": index, "name": name,
             "capability": None if capability is None else "%d.%d" % capability,
             "class": device_class(device_type, capability),
             "auto_order": order,
-            "typical": [_typical_choice(dispatcher, s, device_type, capability, dtype) for s in MODEL_SHAPES],
+            # "calibrated" (this GPU, `python -m attention calibrate`), "default" (the model
+            # shipped for the class) or "rules" (the table above decides).
+            "auto_source": cost_store.describe(device_type, capability),
+            "typical": [_typical_choice(dispatcher, s, device_type, capability, dtype, model) for s in MODEL_SHAPES],
         })
     return rows
 
@@ -104,4 +116,5 @@ def machine_status(devices: Optional[Sequence[Device]] = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "backends": backend_rows(),
         "devices": device_rows(devices),
+        "parallel": parallel_status(),
     }

@@ -5,7 +5,8 @@ user's own: the first time a call signature appears, it runs every eligible back
 on the real tensors, compares each output with an exact backend's output for the same
 call, times the ones inside the error budget in interleaved rounds (measure.py), and
 keeps the fastest. Decisions are saved per machine fingerprint (tuning_store.py), so
-a later run reuses them without timing anything.
+a later run reuses them without timing anything; the file is written once, after the
+sampler run (`Tuner.flush`), never inside it.
 
 Bounded: a signature gets at most `Limits.signature_s` of tuning and a sampler run at
 most `Limits.run_s`; signatures met after the run's budget is spent use the static
@@ -53,6 +54,8 @@ COMPARED_ROWS = 4096
 CONTENDER_RATIO = 1.25
 # Reference preference: PyTorch's own choice first (ComfyUI's default).
 _REFERENCES = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+
+_REPEAT = "reference (repeat)"
 
 MEASURED = "measured"
 SAVED = "saved"
@@ -132,6 +135,7 @@ class Measurement:
     ms: Optional[float] = None
     error: Optional[dict] = None
     failure: Optional[str] = None
+    repeat_ms: Optional[float] = None  # the reference only: timed a second time in the same rounds
 
 
 @dataclasses.dataclass
@@ -147,16 +151,21 @@ class Decision:
     candidates: dict[str, dict]
     complete: bool = True  # every eligible candidate was measured
     tuned_at: str = ""
+    # |1 - ratio| of the reference timed twice in the same rounds: time ratios between
+    # candidates closer to 1 than this are noise. None when no rounds were run.
+    noise_floor: Optional[float] = None
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "reference": self.reference, "tuning_ms": self.tuning_ms,
-                "budget": self.budget, "candidates": self.candidates, "tuned_at": self.tuned_at}
+                "budget": self.budget, "candidates": self.candidates, "tuned_at": self.tuned_at,
+                "noise_floor": self.noise_floor}
 
     @classmethod
     def from_saved(cls, key: str, saved: dict) -> "Decision":
         return cls(key=key, backend=saved["backend"], source=SAVED, reference=saved["reference"],
                    tuning_ms=saved.get("tuning_ms") or 0.0, budget=saved.get("budget") or {},
-                   candidates=saved["candidates"], tuned_at=saved.get("tuned_at", ""))
+                   candidates=saved["candidates"], tuned_at=saved.get("tuned_at", ""),
+                   noise_floor=saved.get("noise_floor"))
 
 
 def decide(measured: dict[str, Measurement], budget: ErrorBudget) -> tuple[Optional[str], dict[str, dict]]:
@@ -193,6 +202,12 @@ def _finite(value: Optional[float]) -> Optional[float]:
     """JSON (and the saved file's checks) hold finite numbers: a NaN error is kept as null,
     its verdict already says why."""
     return value if value is None or math.isfinite(value) else None
+
+
+def _noise_floor(reference: Optional[Measurement]) -> Optional[float]:
+    if reference is None or reference.ms is None or reference.repeat_ms is None:
+        return None
+    return _finite(abs(1.0 - reference.repeat_ms / reference.ms))
 
 
 def _rows(out: torch.Tensor, layout: str) -> torch.Tensor:
@@ -240,8 +255,11 @@ def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run
                       for name, ms in timed.items() if ms <= CONTENDER_RATIO * best}
         left = deadline - clock()
         if len(contenders) > 1 and left > 0:
+            if reference in contenders:  # the noise floor: the reference twice in the same rounds
+                contenders[_REPEAT] = contenders[reference]
             medians = interleaved_median_ms(contenders, device, warmup=0, reps=limits.reps, min_reps=1,
                                             budget_s=left)
+            results[reference].repeat_ms = medians.pop(_REPEAT, None)
             for name, ms in medians.items():
                 results[name].ms = ms
     return results
@@ -267,6 +285,7 @@ class Tuner:
         self._measure = measure
         self._clock = clock
         self._store_for = store or functools.partial(store_for, self.path)
+        self._stores: dict[int, TuningStore] = {}  # the stores this tuner has used, to flush
         self._cleared = not retune
         self.begin_run()
 
@@ -277,7 +296,20 @@ class Tuner:
         self.over_budget: list[str] = []  # signatures left to static auto this run
 
     def store(self, device: torch.device) -> TuningStore:
-        return self._store_for(device)
+        store = self._store_for(device)
+        self._stores.setdefault(id(store), store)
+        return store
+
+    def flush(self) -> None:
+        """Write the decisions of this run to the file (at the end of a sampler run: the
+        file is read and rewritten once, outside sampling). A file that cannot be written
+        is logged; its decisions still serve this process."""
+        for store in list(self._stores.values()):
+            try:
+                store.flush()
+            except OSError as error:  # a read-only user directory must not end the run
+                log.warning("attention backends: cannot save tuning decisions to %s (%s); they serve this "
+                            "process only", store.path, error)
 
     def summary(self, in_use: Iterable[Decision] = ()) -> dict[str, Any]:
         """This run's tuning, for the run report.
@@ -346,15 +378,11 @@ class Tuner:
         complete = all(m.failure is None or not m.failure.startswith("not measured") for m in measured.values())
         decision = Decision(key=key, backend=chosen, source=MEASURED, reference=reference,
                             tuning_ms=round(spent * 1e3, 3), budget=budget.to_json(), candidates=table,
-                            complete=complete,
+                            complete=complete, noise_floor=_noise_floor(measured.get(reference)),
                             tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         self.decisions.append(decision)
         if complete:
-            try:
-                store.put(key, decision.to_json())
-            except OSError as error:  # a read-only user directory must not end the run
-                log.warning("attention backends: cannot save tuning decisions to %s (%s); they serve this run only",
-                            store.path, error)
+            store.put(key, decision.to_json())  # written by flush(), after the run
         log.info("attention backends: tuned %s -> %s in %.0f ms%s", call.describe(), chosen, spent * 1e3,
                  "" if complete else " (partial: raise " + ENV_SIGNATURE_S + " to measure every candidate)")
         return decision

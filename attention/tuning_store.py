@@ -3,13 +3,19 @@
 A decision is only worth reusing on the machine that measured it, so decisions are
 filed under a fingerprint: GPU name and capability, driver, torch with its CUDA and
 cuDNN, and the version of every kernel package installed. A file is data and nothing
-else: it is parsed as JSON, checked field by field, and a file that fails any check
-(damaged, hand-edited wrongly, written by something else) is ignored with a warning
-and moved aside on the next save, never partly trusted.
+else: it is read as UTF-8 JSON, checked field by field, and a file that fails any check
+(damaged, not UTF-8, nested too deeply, hand-edited wrongly, written by something else)
+is ignored with one warning and moved aside on the next save, never partly trusted.
+
+Bounded: each fingerprint keeps its MAX_DECISIONS newest decisions and the file keeps
+MAX_MACHINES fingerprints (this machine's and the most recently tuned others); older
+ones are dropped when the file is written. Written once per sampler run: `put` only
+remembers a decision, `flush` (called at the end of the run) writes the file, atomically.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -32,6 +38,14 @@ ENV_FILE = "ATTENTION_BACKENDS_TUNING_FILE"
 # Keys in a decision's measurement of one candidate, all numbers or null.
 _MEASURED_NUMBERS = ("ms", "rel_l1", "cosine", "max_abs", "nonfinite")
 _SIGNATURE_KEY = re.compile(r"[A-Za-z0-9_.,:|*=+\-]{1,300}")
+# Decisions kept per fingerprint: a workflow meets a few call shapes per model and
+# resolution, so a thousand covers many of both; beyond it the oldest go first.
+MAX_DECISIONS = 1000
+# Fingerprints kept in a file: every driver, torch or kernel upgrade starts a new one.
+MAX_MACHINES = 8
+# A file larger than this is not one the bounds above let the pack write (about 1.5 kB a
+# decision): it is ignored rather than read into memory.
+MAX_FILE_BYTES = 64 << 20
 
 
 class InvalidTuningFile(ValueError):
@@ -113,6 +127,7 @@ def _check_decision(key: Any, value: Any) -> None:
     _check(isinstance(value, dict), f"decision for {key} is not an object")
     _check(value.get("backend") in registry.names(), f"decision for {key} names no known backend")
     _check_number(value.get("tuning_ms"), f"tuning_ms of {key}")
+    _check_number(value.get("noise_floor"), f"noise_floor of {key}")
     _check(isinstance(value.get("reference"), str) and value["reference"] in registry.names(),
            f"decision for {key} names no known reference backend")
     budget = value.get("budget", {})
@@ -130,17 +145,32 @@ def _check_decision(key: Any, value: Any) -> None:
         _check(isinstance(measured.get("verdict"), str), f"verdict of {name} for {key} is not a string")
 
 
-def parse(text: str) -> list[dict[str, Any]]:
-    """The machines of a tuning file, each {"fingerprint", "decisions"}; raises
-    InvalidTuningFile with the first problem found."""
+def _decode(data: bytes | str) -> str:
+    if isinstance(data, str):
+        return data
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidTuningFile(f"larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
-        data = json.loads(text)
+        return data.decode("utf-8-sig")  # a byte order mark some Windows editors add is no damage
+    except UnicodeDecodeError as error:
+        # Notepad's "Unicode" is UTF-16: say what the file is, not just which byte failed.
+        raise InvalidTuningFile(f"not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def parse(data: bytes | str) -> list[dict[str, Any]]:
+    """The machines of a tuning file (its bytes, or its text), each {"fingerprint",
+    "decisions"}; raises InvalidTuningFile with the first problem found."""
+    text = _decode(data)
+    try:
+        parsed = json.loads(text)
     except ValueError as error:
         raise InvalidTuningFile(f"not JSON ({error})") from None
-    _check(isinstance(data, dict), "the top level is not an object")
-    _check(data.get("format") == FORMAT, f"format is {data.get('format')!r}, not {FORMAT!r}")
-    _check(data.get("version") == VERSION, f"version is {data.get('version')!r}, not {VERSION}")
-    machines = data.get("machines")
+    except RecursionError:
+        raise InvalidTuningFile("not a tuning file: JSON nested too deeply") from None
+    _check(isinstance(parsed, dict), "the top level is not an object")
+    _check(parsed.get("format") == FORMAT, f"format is {parsed.get('format')!r}, not {FORMAT!r}")
+    _check(parsed.get("version") == VERSION, f"version is {parsed.get('version')!r}, not {VERSION}")
+    machines = parsed.get("machines")
     _check(isinstance(machines, list), "machines is not a list")
     for machine in machines:
         _check(isinstance(machine, dict), "a machine is not an object")
@@ -152,26 +182,50 @@ def parse(text: str) -> list[dict[str, Any]]:
     return machines
 
 
+def _age(item: tuple[str, dict[str, Any]]) -> tuple[str, str]:
+    """Sort key of a (signature, decision) pair, oldest first (tuned_at is UTC ISO 8601;
+    a decision without one counts as oldest)."""
+    key, decision = item
+    return decision.get("tuned_at") or "", key
+
+
+def _newest(decisions: dict[str, dict[str, Any]], limit: int) -> dict[str, dict[str, Any]]:
+    """The `limit` most recently tuned of `decisions`."""
+    if len(decisions) <= limit:
+        return dict(decisions)
+    return dict(sorted(decisions.items(), key=_age)[len(decisions) - limit:])
+
+
+def _read(path: str) -> bytes:
+    """The file's bytes, at most one more than MAX_FILE_BYTES (enough to refuse it)."""
+    with open(path, "rb") as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
 class TuningStore:
-    """The decisions of one file for one machine fingerprint, loaded once, saved on change.
+    """The decisions of one file for one machine fingerprint: loaded once, changed in
+    memory, written by `flush`.
 
     Decisions of other fingerprints in the file (another GPU, an older torch) are kept
-    untouched when saving: the file is read again just before each write, so machines
-    sharing a user directory, and the GPUs of one machine, do not erase each other.
+    when writing: the file is read again just before each write, so machines sharing a
+    user directory, and the GPUs of one machine, do not erase each other.
     """
 
-    def __init__(self, path: str, machine: dict[str, Any]) -> None:
+    def __init__(self, path: str, machine: dict[str, Any], *, max_decisions: int = MAX_DECISIONS,
+                 max_machines: int = MAX_MACHINES) -> None:
         self.path = path
         self.machine = machine
+        self.max_decisions = max_decisions
+        self.max_machines = max_machines
         self._lock = threading.Lock()
         self._decisions: dict[str, dict[str, Any]] = {}
+        self._dirty = False  # changed since the file was read or written
         self.problem: Optional[str] = None  # why the file on disk was ignored, for the status route
         self._load()
 
     def _load(self) -> None:
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                text = handle.read()
+            data = _read(self.path)
         except FileNotFoundError:
             return
         except OSError as error:
@@ -179,7 +233,7 @@ class TuningStore:
             log.warning("attention backends: cannot read tuning file %s (%s); tuning afresh", self.path, error)
             return
         try:
-            machines = parse(text)
+            machines = parse(data)
         except InvalidTuningFile as error:
             self.problem = str(error)
             log.warning("attention backends: ignoring tuning file %s: %s. Nothing in it is used; it will be "
@@ -187,7 +241,11 @@ class TuningStore:
             return
         for machine in machines:
             if machine["fingerprint"] == self.machine:
-                self._decisions = dict(machine["decisions"])
+                self._decisions = _newest(machine["decisions"], self.max_decisions)
+                if len(self._decisions) < len(machine["decisions"]):
+                    self._dirty = True  # the next write leaves the file within its bound
+                    log.info("attention backends: tuning file %s holds %d decisions for this machine; using the "
+                             "%d newest", self.path, len(machine["decisions"]), self.max_decisions)
 
     def get(self, key: str) -> Optional[dict[str, Any]]:
         return self._decisions.get(key)
@@ -195,35 +253,64 @@ class TuningStore:
     def decisions(self) -> dict[str, dict[str, Any]]:
         return dict(self._decisions)
 
+    def newest(self, limit: int) -> dict[str, dict[str, Any]]:
+        """The `limit` most recently tuned decisions."""
+        with self._lock:
+            return _newest(self._decisions, limit)
+
+    def __len__(self) -> int:
+        return len(self._decisions)
+
     def put(self, key: str, decision: dict[str, Any]) -> None:
-        """Remember a decision and write the file (atomically: a crash leaves the old file)."""
+        """Remember a decision (written by the next `flush`); past `max_decisions`, the
+        oldest is forgotten."""
         _check_decision(key, decision)
         with self._lock:
             self._decisions[key] = decision
-            self._save()
+            if len(self._decisions) > self.max_decisions:
+                del self._decisions[min(self._decisions.items(), key=_age)[0]]
+            self._dirty = True
 
     def clear(self) -> int:
-        """Forget this machine's decisions (other machines' stay); returns how many."""
+        """Forget this machine's decisions (other machines' stay; written by the next
+        `flush`); returns how many."""
         with self._lock:
             count = len(self._decisions)
             self._decisions.clear()
-            self._save()
+            self._dirty = True
         return count
+
+    def flush(self) -> bool:
+        """Write the file if anything changed since it was read or written; True if written.
+        Raises OSError when it cannot be (the decisions stay in memory)."""
+        with self._lock:
+            if not self._dirty:
+                return False
+            self._write()
+            self._dirty = False
+            self.problem = None  # a file that was ignored has been moved aside and replaced
+            return True
 
     def _other_machines(self) -> list[dict[str, Any]]:
         """The other fingerprints' entries as the file holds them now; a file that fails
         the checks is moved aside (kept for the user to inspect), never merged."""
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                machines = parse(handle.read())
+            machines = parse(_read(self.path))
         except FileNotFoundError:
             return []
-        except InvalidTuningFile:
+        except InvalidTuningFile as error:
             os.replace(self.path, self.path + ".ignored")
+            log.warning("attention backends: moved the unusable tuning file %s to %s.ignored (%s)", self.path,
+                        self.path, error)
             return []
-        return [machine for machine in machines if machine["fingerprint"] != self.machine]
+        others = [{"fingerprint": machine["fingerprint"],
+                   "decisions": _newest(machine["decisions"], self.max_decisions)}
+                  for machine in machines if machine["fingerprint"] != self.machine and machine["decisions"]]
+        # The most recently tuned fingerprints stay; an old driver's or torch's go first.
+        others.sort(key=lambda machine: max(_age(item) for item in machine["decisions"].items()), reverse=True)
+        return others[:self.max_machines - 1]
 
-    def _save(self) -> None:
+    def _write(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         machines = self._other_machines() + ([{"fingerprint": self.machine, "decisions": self._decisions}]
@@ -234,6 +321,8 @@ class TuningStore:
         try:
             with handle:
                 json.dump(payload, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())  # the new file is complete before it replaces the old one
             os.replace(handle.name, self.path)
         except BaseException:
             os.unlink(handle.name)
@@ -258,6 +347,22 @@ def store_for(path: str, device: torch.device,
 
 
 def forget_loaded_stores() -> None:
-    """Drop the per-process cache (tests; after editing the file by hand)."""
+    """Drop the per-process cache, unwritten decisions included (tests; after editing the
+    file by hand)."""
     with _stores_lock:
         _stores.clear()
+
+
+def flush_loaded_stores() -> None:
+    """Write what the loaded stores hold unwritten. Runs at exit, for decisions made where
+    no sampler run ends (a script driving a Dispatcher); ComfyUI writes after each run."""
+    with _stores_lock:
+        stores = list(_stores.values())
+    for store in stores:
+        try:
+            store.flush()
+        except OSError as error:
+            log.warning("attention backends: cannot save tuning decisions to %s (%s)", store.path, error)
+
+
+atexit.register(flush_loaded_stores)

@@ -44,7 +44,13 @@ ratio (the issue's target: `auto` within 5% of its prediction).
 
 Usage:
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/end_to_end.py [--models flux,wan,sdxl]
-        [--backends sdpa,sage,...] [--steps 4] [--repeats 3] [--tiny] [--out DIR]
+        [--backends sdpa,sage,...] [--sparse sol,sparge] [--steps 4] [--repeats 3] [--tiny] [--out DIR]
+
+`--sparse sol` adds a variant patched as the Attention Backend (Sparse) node does with
+its defaults: sol's default settings, dense outside 0.2-0.9 of the schedule and in the
+first and last block (3 Wan layers: only the middle one is sparse), cross-attention
+dense, and the quality monitor sampling (its checks are part of the measured time).
+Sparse backends are never in the default list.
 
 Without `--backends`: every backend available here, except `sdpa_math` and `flex` at
 full size (the math kernel materialises the score matrix: 40 x 32760^2 per batch
@@ -110,11 +116,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from compile_support import InductorGroup, compile_model, dynamo_counts, graph_break_reasons
 from overhead import PACK, load_pack
 
 log = logging.getLogger("end_to_end")
 
 DEFAULT = "default"  # the variant name for ComfyUI's own attention (the MODEL unpatched)
+COMPILED = "compiled"  # the default through TorchCompileModel; "compiled+NAME" with the node on NAME
 SAMPLER = "euler"
 SCHEDULER = "normal"
 
@@ -275,6 +283,8 @@ class Variant:
     output: Optional[torch.Tensor] = None
     tuning: Optional[dict] = None  # auto_tuned's summary of the warm-up, where it measured
     error: Optional[str] = None
+    compiled_from: Optional[str] = None  # compiled variants: the eager variant with the same attention
+    dynamo: Optional[dict] = None  # compiled variants: graph breaks and frames at warm-up, and after
 
 
 class Budget:
@@ -439,16 +449,40 @@ class Sampler:
             for shape, times in sorted(by_shape.items(), key=lambda item: -sum(item[1]))]
 
 
-def make_variants(pack: Any, base: Any, backends: list[str]) -> list[Variant]:
+def sparse_variant(name: str) -> str:
+    return f"{name} (sparse node defaults)"
+
+
+def make_variants(pack: Any, base: Any, backends: list[str], compiled: list[str],
+                  sparse: list[str] = ()) -> list[Variant]:
     """The default (the MODEL as loaded) and one clone per backend, patched exactly as
-    the Attention Backend node does with on_unsupported='fall back'."""
-    patch = pack.nodes.patch
+    the Attention Backend node does with on_unsupported='fall back'; with `compiled`,
+    the default compiled as TorchCompileModel does (`compiled`) and each named backend
+    patched, then compiled (`compiled+NAME`), the node variants sharing one dynamo
+    cache (compile_support.py); then one clone per `sparse` backend, patched as the
+    Attention Backend (Sparse) node does with its default settings, step window, block
+    filters and quality monitor."""
+    patch, nodes_sparse = pack.nodes.patch, pack.nodes.sparse
+
+    def patched(name: str, model: Any) -> tuple[Any, Any]:
+        priority, strict = patch.resolve_priority([name], patch.FALL_BACK)
+        return patch.patch_model(model, priority=priority, strict=strict, selection=name,
+                                 node_id=f"end_to_end.{name}", node_type="AttentionBackend")
+
     variants = [Variant(DEFAULT, base)]
     for name in backends:
-        priority, strict = patch.resolve_priority([name], patch.FALL_BACK)
-        patched, state = patch.patch_model(base, priority=priority, strict=strict, selection=name,
-                                           node_id=f"end_to_end.{name}", node_type="AttentionBackend")
-        variants.append(Variant(name, patched, state))
+        variants.append(Variant(name, *patched(name, base)))
+    if compiled:
+        plain, with_node = InductorGroup("without the node"), InductorGroup("with the node")
+        variants.append(Variant(COMPILED, compile_model(base, plain), compiled_from=DEFAULT))
+        for name in compiled:
+            model, state = patched(name, base)
+            variants.append(Variant(f"{COMPILED}+{name}", compile_model(model, with_node), state, compiled_from=name))
+    for name in sparse:
+        rules = nodes_sparse.DEFAULT_RULES
+        variants.append(Variant(sparse_variant(name), *nodes_sparse.patch_sparse(
+            base, backend=name, settings=pack.attention.registry.get(name).default_settings, rules=rules,
+            policy=nodes_sparse.policy_for(rules), node_id=f"end_to_end.{name}.sparse")))
     return variants
 
 
@@ -467,14 +501,22 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, pack: Any, backends: li
     result.update(info)
     result["build_s"] = round(time.perf_counter() - build_start, 2)
     sampler = Sampler(spec, args.steps, args.seed, clock)
-    variants = make_variants(pack, base, backends)
+    variants = make_variants(pack, base, backends, [] if args.compile is None else args.compile.split(","),
+                             args.sparse_backends)
     override_key = pack.nodes.compat.OVERRIDE_KEY
     describe_call = pack.attention.describe_call
     notes: list[str] = []
 
     def warm_up(variant: Variant) -> None:
         started = time.perf_counter()
+        before = dynamo_counts()
         variant.output = sampler.run(variant.patcher)  # kernel loads, compiles, plans, auto_tuned's tuning
+        if variant.compiled_from is not None:
+            # A second sample: compiled code that changes between runs would show here.
+            sampler.run(variant.patcher)
+            after = dynamo_counts()
+            variant.dynamo = {"warm_up_s": round(time.perf_counter() - started, 1),
+                              **{f"{key}_at_warm_up": after[key] - before[key] for key in after}}
         log.info("%s: %s warmed up in %.1f s", spec.key, variant.name, time.perf_counter() - started)
         if variant.state is not None and variant.state.last_report is not None:
             variant.tuning = variant.state.last_report.get("tuning")
@@ -490,16 +532,23 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, pack: Any, backends: li
     if not live or live[0].name != DEFAULT:
         notes.append("the default did not run: nothing to compare against")
         live = []
+    after_warm_up = dynamo_counts()
     for round_index in range(args.repeats):
         if live and budget.spent(f"{spec.key}: timed rounds {round_index + 1}-{args.repeats}"):
             break
         live = [variant for variant in live if _attempt(spec.key, variant, sampler.timed)]
+    result["dynamo_during_timed_rounds"] = {key: value - after_warm_up[key] for key, value in dynamo_counts().items()}
     for variant in live:
+        if variant.compiled_from is not None:
+            continue  # a timing override would be traced into the graph: the eager twin's attention time is used
         if budget.spent(f"{spec.key}: attention timing of {variant.name} and later variants"):
             break
         _attempt(spec.key, variant, lambda v: sampler.instrumented(v, override_key, describe_call))
 
-    result["variants"] = [_variant_result(variant, variants[0], args.steps) for variant in variants]
+    by_name = {variant.name: variant for variant in variants}
+    result["variants"] = [_variant_result(variant, variants[0], args.steps, by_name) for variant in variants]
+    if args.compile is not None:
+        result["graph_break_reasons"] = graph_break_reasons()
     result["notes"] = notes
     if clock.cuda:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -523,15 +572,23 @@ def _attempt(model_key: str, variant: Variant, action: Callable[[Variant], None]
     return True
 
 
-def _variant_result(variant: Variant, default: Variant, steps: int) -> dict:
+def _variant_result(variant: Variant, default: Variant, steps: int,
+                    by_name: Optional[dict[str, Variant]] = None) -> dict:
     row: dict[str, Any] = {"name": variant.name}
     if variant.error is not None:
         row["error"] = variant.error
+    if variant.dynamo is not None:
+        row["dynamo"] = variant.dynamo
+    if variant.compiled_from is not None:
+        _compiled_rows(row, variant, by_name or {}, steps)
     if variant.state is not None and variant.state.last_report is not None:
         report = variant.state.last_report
         row["served"] = report["shares"]
         row["fallbacks"] = report["fallbacks"]
         row["plans"] = [{key: plan[key] for key in ("signature", "backend", "calls")} for plan in report["plans"]]
+        if report.get("quality") is not None:
+            row["quality"] = report["quality"]
+            row["routing"] = report["routing"]
     if variant.tuning is not None:
         row["tuning"] = variant.tuning
     if variant.output is not None:
@@ -563,6 +620,23 @@ def _variant_result(variant: Variant, default: Variant, steps: int) -> dict:
     return row
 
 
+def _compiled_rows(row: dict, variant: Variant, by_name: dict[str, Variant], steps: int) -> None:
+    """A compiled variant against the compiled default, predicted from the eager twins'
+    attention times (the kernels are the same; a timing override cannot run inside a
+    compiled graph without breaking it)."""
+    base = by_name.get(COMPILED)
+    if base is None or not base.sample_ms or not variant.sample_ms:
+        return
+    step = statistics.median(variant.sample_ms) / steps
+    base_step = statistics.median(base.sample_ms) / steps
+    row["speedup_vs_compiled"] = base_step / step
+    eager_default, eager_twin = by_name.get(DEFAULT), by_name.get(variant.compiled_from)
+    if eager_default is not None and eager_twin is not None and eager_default.attention_ms and eager_twin.attention_ms:
+        predicted = _predicted(base_step, eager_default.attention_ms / steps, eager_twin.attention_ms / steps)
+        row["predicted_vs_compiled"] = predicted
+        row["measured_over_predicted_vs_compiled"] = row["speedup_vs_compiled"] / predicted
+
+
 def _predicted(step: float, attention: float, variant_attention: float) -> float:
     """The step speedup if only the attention time changed: T / (T - T_a + T_a')."""
     return step / (step - attention + variant_attention)
@@ -583,8 +657,12 @@ def choose_backends(pack: Any, requested: Optional[str], tiny: bool) -> tuple[li
         except registry.UnknownBackendError as error:
             raise SystemExit(f"--backends: {error}") from None
         automatic = [name for name in automatic if name in names or name == registry.AUTO]
+        sparse = [name for name in names if name in table and registry.get(name).sparse]
+        if sparse:
+            raise SystemExit(f"--backends: {', '.join(sparse)} are sparse: name them with --sparse, which runs them "
+                             f"through the Attention Backend (Sparse) node")
     else:
-        names = list(table)
+        names = [name for name in table if not registry.get(name).sparse]
     run, skipped = [], []
     for name in names:
         if name not in table:
@@ -597,6 +675,21 @@ def choose_backends(pack: Any, requested: Optional[str], tiny: bool) -> tuple[li
         else:
             run.append(name)
     return run + automatic, skipped
+
+
+def choose_sparse(pack: Any, requested: str) -> tuple[list[str], list[dict]]:
+    """(sparse backends to run through the Sparse node, [{backend, reason}] skipped)."""
+    registry = pack.attention.registry
+    run, skipped = [], []
+    for name in filter(None, (part.strip() for part in requested.split(","))):
+        if name not in registry.sparse_names():
+            raise SystemExit(f"--sparse: {name!r} is not a sparse backend ({', '.join(registry.sparse_names())})")
+        availability = registry.get(name).availability()
+        if availability.available:
+            run.append(name)
+        else:
+            skipped.append({"backend": name, "reason": "; ".join(availability.reasons)})
+    return run, skipped
 
 
 def environment(pack: Any, device: torch.device) -> dict:
@@ -691,11 +784,43 @@ def markdown(results: dict) -> str:
     ]
     for key, model in results["models"].items():
         lines.extend(_table_row(key, row, env["comfyui_default_attention"]) for row in model.get("variants", []))
+    lines.extend(_compiled_table(results))
     lines.append("")
     lines.extend(_model_line(key, model) for key, model in results["models"].items())
     lines.extend(f"- skipped `{entry['backend']}`: {entry['reason']}" for entry in results["skipped_backends"])
     lines.extend(f"- {note}" for note in results["notes"])
     return "\n".join(lines) + "\n"
+
+
+COMPILED_COLUMNS = ("model", "variant", "served by", "step ms", "vs compiled default", "predicted",
+                    "measured/predicted", "graph breaks (warm-up)", "frames (warm-up)", "warm-up s")
+
+
+def _compiled_table(results: dict) -> list[str]:
+    """Compiled variants against the compiled default; dynamo's counts per variant."""
+    rows = [(key, row) for key, model in results["models"].items() for row in model.get("variants", [])
+            if row["name"].startswith(COMPILED)]
+    if not rows:
+        return []
+    lines = ["", "Compiled (TorchCompileModel, inductor): each variant against the compiled default in the same "
+             "rounds; predicted from the eager twins' attention times. Graph breaks and frames are dynamo's counts "
+             "over the variant's two warm-up samples (the node's variants share one cache, so only the first "
+             "compiles).", "", "| " + " | ".join(COMPILED_COLUMNS) + " |", "|" + "---|" * len(COMPILED_COLUMNS)]
+    for key, row in rows:
+        dynamo = row.get("dynamo", {})
+        cells = [key, row["name"], _served(row, "compiled default") if "error" not in row else "error",
+                 _fmt(row.get("step_ms"))]
+        cells += [_fmt(row.get(name), 3) for name in ("speedup_vs_compiled", "predicted_vs_compiled",
+                                                      "measured_over_predicted_vs_compiled")]
+        cells += [str(dynamo.get("graph_breaks_at_warm_up", "–")), str(dynamo.get("frames_at_warm_up", "–")),
+                  str(dynamo.get("warm_up_s", "–"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    for key, model in results["models"].items():
+        during = model.get("dynamo_during_timed_rounds")
+        if during is not None:
+            lines.append(f"- {key}: during the timed rounds dynamo compiled {during['frames']} new frames and broke "
+                         f"{during['graph_breaks']} graphs")
+    return lines
 
 
 def write(results: dict, out: Path) -> str:
@@ -713,6 +838,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends and automatic selections (default: every backend "
                              "available here, auto and auto_tuned; auto always runs)")
+    parser.add_argument("--sparse", default="",
+                        help="comma-separated sparse backends (sol, sparge), each run through the Attention Backend "
+                             "(Sparse) node with its defaults: settings, step window 0.2-0.9, first and last block "
+                             "dense, quality monitor")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny dims in fp32: the same path on a CPU in seconds")
@@ -723,6 +852,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="weight and compute dtype (default: ComfyUI's own choice for the model and device)")
     parser.add_argument("--flux-blocks", default="4,8", help="double,single Flux blocks (the real model: 19,38)")
     parser.add_argument("--wan-layers", type=int, default=3, help="Wan blocks (the real 14B model: 40)")
+    parser.add_argument("--compile", default=None, metavar="BACKENDS",
+                        help="also TorchCompileModel (inductor): the default compiled, and the node on each of "
+                             "these comma-separated backends, compiled (e.g. auto,flash4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--verbose", action="store_true", help="ComfyUI's and the pack's INFO logs too")
@@ -758,6 +890,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: list[str] = []
     budget = Budget(args.time_budget, notes)
     backends, skipped = choose_backends(pack, args.backends, args.tiny)
+    args.sparse_backends, skipped_sparse = choose_sparse(pack, args.sparse)
+    skipped += skipped_sparse
     for entry in skipped:
         log.info("skipped %s: %s", entry["backend"], entry["reason"])
     double, single = (int(n) for n in args.flux_blocks.split(","))
@@ -772,7 +906,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv, "tiny": args.tiny, "steps": args.steps, "repeats": args.repeats,
         "sampler": SAMPLER, "scheduler": SCHEDULER, "pack_module": PACK,
-        "environment": environment(pack, device), "variants": [DEFAULT] + backends,
+        "environment": environment(pack, device),
+        "variants": [DEFAULT] + backends + [sparse_variant(name) for name in args.sparse_backends],
         "skipped_backends": skipped, "notes": notes, "models": {},
     }
     log.info("variants: %s", ", ".join(results["variants"]))

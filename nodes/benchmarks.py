@@ -16,14 +16,29 @@ log = logging.getLogger(__name__)
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 CHART_ROUTE = "/attention_backends/benchmarks/{name}/chart.png"
-# Names are folder names that also travel in URLs: nothing that could mean a path.
+# Names are folder names that also travel in URLs: nothing that could mean a path, and
+# short (file systems refuse components over 255 bytes; no run needs more than this).
+MAX_NAME_LENGTH = 64
 _NAME = re.compile(r"[a-z0-9_-]+")
 
 
+def _plain_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None and len(name) <= MAX_NAME_LENGTH
+
+
+def shown_name(name: str) -> str:
+    """A requested name as an error message quotes it: cut short, whatever was sent."""
+    return repr(name if len(name) <= MAX_NAME_LENGTH else name[:MAX_NAME_LENGTH] + "...")
+
+
 def _file_inside(path: Path, root: Path) -> Optional[Path]:
-    """`path` with every symlink followed, when that is a file under `root`; else None."""
-    resolved = path.resolve()
-    return resolved if resolved.is_relative_to(root.resolve()) and resolved.is_file() else None
+    """`path` with every symlink followed, when that is a file under `root`; else None
+    (also when the system refuses to look the path up: too long, a loop of links)."""
+    try:
+        resolved = path.resolve()
+        return resolved if resolved.is_relative_to(root.resolve()) and resolved.is_file() else None
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return None
 
 
 def _title(kernels: Path, name: str) -> str:
@@ -51,13 +66,14 @@ def _title(kernels: Path, name: str) -> str:
 
 def chart_path(name: str, root: Path = RESULTS_DIR) -> Optional[Path]:
     """The chart of run `name` (a file inside `root`), or None when there is no such run
-    (a folder with a kernels.json, as `list_benchmarks` lists) or it has no chart.
+    (a folder with a kernels.json, as `list_benchmarks` lists; never one of more than
+    MAX_NAME_LENGTH characters) or it has no chart.
 
     Raises ValueError for a name that is not a plain folder name (`..`, `a/b`, capitals).
     """
     if not _NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not a benchmark name (lowercase letters, digits, '-' and '_')")
-    if _file_inside(root / name / "kernels.json", root) is None:
+        raise ValueError(f"{shown_name(name)} is not a benchmark name (lowercase letters, digits, '-' and '_')")
+    if len(name) > MAX_NAME_LENGTH or _file_inside(root / name / "kernels.json", root) is None:
         return None
     return _file_inside(root / name / "chart.png", root)
 
@@ -70,7 +86,7 @@ def list_benchmarks(root: Path = RESULTS_DIR) -> list[dict[str, Any]]:
         return []
     runs = []
     for folder in sorted(root.iterdir()):
-        if not _NAME.fullmatch(folder.name):
+        if not _plain_name(folder.name):
             continue
         kernels = _file_inside(folder / "kernels.json", root)
         if kernels is None:

@@ -25,16 +25,16 @@ def guard_wrapper(state: PatchState) -> Callable:
         output = executor(*args, **kwargs)
         if _finite(output):
             return output
-        state.nonfinite_model_calls += 1
+        next(state.nonfinite_model_calls)
         if state.pinned:
             # Attention was exact already: the cause is elsewhere, re-running cannot help.
-            state.nonfinite_exact += 1
+            next(state.nonfinite_exact)
             return output
         state.pinned = True
-        state.reruns += 1
+        next(state.reruns)
         output = executor(*args, **kwargs)
         if not _finite(output):
-            state.nonfinite_exact += 1
+            next(state.nonfinite_exact)
         return output
 
     return wrapper

@@ -7,6 +7,12 @@ object, and with it the dispatcher's plans and counters.
 
 Hot path: unpack the call, pick a dispatcher, call it. No logging, no synchronisation;
 the only allocation is the fallback lambda.
+
+Under torch.compile (TorchCompileModel) the override is traced, not run: it records
+one opaque op (compiled.py) whose real implementation, when the graph runs, serves
+the call through the node whose run is active, by the same `serve` as an eager call.
+Nothing the trace reads depends on this node's settings, so a graph made with one node
+(or none) stays correct for every other.
 """
 
 from __future__ import annotations
@@ -16,16 +22,23 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import Dispatcher
+from ..attention.compiled import compiled_attention, is_compiling
+from .compiled import COMFY_TARGET, block_where
 from .state import PatchState
 
-# (q, k, v, heads, options) -> the dispatcher that serves this call.
+# (q, k, skip_reshape, options) -> the dispatcher that serves this call.
 Route = Callable[[torch.Tensor, torch.Tensor, bool, dict], Dispatcher]
 Override = Callable[..., torch.Tensor]
+# (func, q, k, v, heads, options, args, kwargs) -> output: one call served by a node.
+Serve = Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor, int, dict, tuple, dict], torch.Tensor]
 
 # The positional order of ComfyUI's attention functions: (q, k, v, heads, mask=None,
 # attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs).
 _POSITIONAL = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 _REQUIRED = _POSITIONAL[:4]
+# Keywords a compiled call can carry through the op; anything else is passed on as traced.
+_CARRIED = frozenset(_POSITIONAL) | {"scale", "enable_gqa", "low_precision_attention", "transformer_options",
+                                     "_inside_attn_wrapper"}
 
 
 def _bind(args: tuple, kwargs: dict) -> Optional[dict]:
@@ -49,6 +62,21 @@ def _pass_on(previous: Optional[Override]) -> Callable[[Callable, tuple, dict], 
     return lambda func, args, kwargs: previous(func, *args, **kwargs)
 
 
+def _compiled_call(func: Callable, args: tuple, kwargs: dict, pass_on: Callable) -> torch.Tensor:
+    """What the trace records for one call: the opaque op, or (for a call it cannot
+    carry) the function the call would have reached without this node."""
+    options = kwargs if len(args) == 4 else _bind(args, kwargs)
+    if options is None or any(key not in _CARRIED for key, value in options.items() if value is not None):
+        return pass_on(func, args, kwargs)
+    q, k, v, heads = args if len(args) == 4 else (options["q"], options["k"], options["v"], options["heads"])
+    return compiled_attention(
+        COMFY_TARGET.handle, q, k, v, heads, options.get("mask"), skip_reshape=options.get("skip_reshape", False),
+        skip_output_reshape=options.get("skip_output_reshape", False), scale=options.get("scale"),
+        attn_precision=options.get("attn_precision"),
+        low_precision=options.get("low_precision_attention", True), enable_gqa=options.get("enable_gqa", False),
+        where=block_where(options.get("transformer_options")), func=getattr(func, "__name__", ""))
+
+
 def build_override(state: PatchState, previous: Optional[Override] = None,
                    route: Optional[Route] = None) -> Override:
     """The override for one patched MODEL.
@@ -60,16 +88,9 @@ def build_override(state: PatchState, previous: Optional[Override] = None,
     main = state.main
     pass_on = _pass_on(previous)
 
-    def override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if len(args) == 4:
-            q, k, v, heads = args
-            options = kwargs
-        else:
-            options = _bind(args, kwargs)
-            if options is None:
-                state.unknown_form += 1
-                return pass_on(func, args, kwargs)
-            q, k, v, heads = options["q"], options["k"], options["v"], options["heads"]
+    def serve(func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, options: dict,
+              args: tuple, kwargs: dict) -> torch.Tensor:
+        state.invoked = True
         skip_reshape = options.get("skip_reshape", False)
         dispatcher = main if route is None else route(q, k, skip_reshape, options)
         return dispatcher(q, k, v, heads, options.get("mask"), skip_reshape=skip_reshape,
@@ -78,4 +99,19 @@ def build_override(state: PatchState, previous: Optional[Override] = None,
                           low_precision=options.get("low_precision_attention", True),
                           fallback=lambda: pass_on(func, args, kwargs))
 
+    def override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if is_compiling():
+            return _compiled_call(func, args, kwargs, pass_on)
+        if len(args) == 4:
+            q, k, v, heads = args
+            options = kwargs
+        else:
+            options = _bind(args, kwargs)
+            if options is None:
+                next(state.unknown_form)
+                return pass_on(func, args, kwargs)
+            q, k, v, heads = options["q"], options["k"], options["v"], options["heads"]
+        return serve(func, q, k, v, heads, options, args, kwargs)
+
+    state.serve = serve
     return override

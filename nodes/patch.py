@@ -6,8 +6,12 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from ..attention import AUTO, Dispatcher
+from ..attention.masks import MaskCache
+from ..attention.quality import QualityMonitor
 from .compat import OVERRIDE_KEY, require_override
+from .compiled import compile_watch_wrapper
 from .guard import guard_wrapper
+from .mask_boundary import mask_boundary_wrapper
 from .override import build_override
 from .report import passthrough_name, run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
@@ -40,12 +44,15 @@ def resolve_priority(names: Sequence[str], on_unsupported: str) -> tuple[list[st
 def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection: str,
                 node_id: Optional[str] = None, node_type: str = "AttentionBackend",
                 rules: Optional[RoutingRules] = None, guard: bool = False,
-                tuning: str = REUSE) -> tuple[Any, PatchState]:
+                tuning: str = REUSE, main: Optional[Dispatcher] = None, exact: Optional[Dispatcher] = None,
+                monitor: Optional[QualityMonitor] = None) -> tuple[Any, PatchState]:
     """A clone of `model` whose attention calls go through a Dispatcher for `priority`.
 
     The original MODEL is not touched. `rules` and `guard` (Advanced node) add an exact
     dispatcher and the hooks that route calls to it. `tuning` (nodes.tuning) says
-    whether `auto_tuned` reuses saved decisions or measures again.
+    whether `auto_tuned` reuses saved decisions or measures again. The Sparse node
+    brings its own dispatchers (`main`: the sparse backend with its settings; `exact`:
+    where routed calls go) and a quality `monitor`, told every model call's position.
     """
     require_override()
     import comfy.patcher_extension as extension
@@ -56,20 +63,33 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
     passed_on_to = passthrough_name(previous)
+    masks = MaskCache()  # one read of each mask tensor per model call, whichever dispatcher serves it
+    if main is None:
+        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning), mask_cache=masks,
+                          passthrough=passed_on_to)
+    if exact is None and advanced:
+        exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks, passthrough=passed_on_to)
+    # The Sparse node's own dispatchers report passed-on calls by where they went too.
+    for dispatcher in (main, exact):
+        if dispatcher is not None:
+            dispatcher.passthrough = passed_on_to
     state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
-                       main=Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning),
-                                       passthrough=passed_on_to),
-                       exact=Dispatcher(list(EXACT_PRIORITY), passthrough=passed_on_to) if advanced else None)
+                       main=main, exact=exact, monitor=monitor)
     # A key of its own, so a second Attention Backend node downstream adds its hooks beside ours.
     key = f"attention_backends.{uuid.uuid4().hex}"
 
     route = None
     if guard or rules.has_step_window or rules.has_block_filter or rules.cross_max_keys:
         route = build_route(state, rules, BlockLayout(patched.model.diffusion_model))
-    if rules.has_step_window:
-        patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, step_window_wrapper(state, rules))
+    if rules.has_step_window or monitor is not None:
+        patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, step_window_wrapper(
+            state, rules, None if monitor is None else monitor.model_call))
     if guard:
         patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, guard_wrapper(state))
+    patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, mask_boundary_wrapper(state))
+    # Innermost of ours (wrappers run in the order added): it may re-run a model call of a
+    # compiled model, and the hooks above must see that call once.
+    patched.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, key, compile_watch_wrapper(state))
     patched.add_wrapper_with_key(extension.WrappersMP.OUTER_SAMPLE, key, run_wrapper(state))
 
     state.override = build_override(state, previous, route)

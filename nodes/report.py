@@ -27,6 +27,7 @@ from ..attention.contract import decision_json, signature_fields
 from .compat import OVERRIDE_KEY, prompt_server
 from .coverage import BypassProbe, Coverage, ReplacedLayers, function_label, function_origin, run_coverage
 from .executing import report_node
+from .compiled import ACTIVE_RUNS, begin_compiled_run
 from .state import PatchState
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,14 @@ def run_wrapper(state: PatchState) -> Callable:
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         state.begin_run()
         guider = getattr(executor, "class_obj", None)
+        model_options = getattr(guider, "model_options", {})
+        installed = model_options.get("transformer_options", {}).get(OVERRIDE_KEY) is state.override
+        begin_compiled_run(state, model_options, installed)
         probe = _start_probe(state, guider)
         try:
             return executor(*args, **kwargs)
         finally:
+            ACTIVE_RUNS.end(state)
             _finish(state, guider, probe)
 
     return wrapper
@@ -102,8 +107,8 @@ def _run_coverage(probe: Optional[BypassProbe], guider: Any) -> Optional[Coverag
 
 def _received(state: PatchState) -> int:
     """Calls the override has had this run (served, passed on, refused, or of unknown form)."""
-    return state.unknown_form + sum(plan.calls + plan.refused for _, dispatcher in state.dispatchers()
-                                    for plan in dispatcher.plans())
+    return state.count("unknown_form") + sum(plan.calls + plan.refused for _, dispatcher in state.dispatchers()
+                                             for plan in dispatcher.plans())
 
 
 def _finish(state: PatchState, guider: Any, probe: Optional[BypassProbe]) -> None:
@@ -113,12 +118,20 @@ def _finish(state: PatchState, guider: Any, probe: Optional[BypassProbe]) -> Non
             probe.remove()
         options = getattr(guider, "model_options", {}).get("transformer_options", {})
         model = getattr(getattr(guider, "model_patcher", None), "model", None)
+        # The group's summary, then its cached memory on the other GPUs handed back.
+        head_parallel = state.head_group.end_run() if state.head_group is not None else None
         report = build_report(state, still_installed=options.get(OVERRIDE_KEY) is state.override,
                               model_name=_model_name(model), coverage=_run_coverage(probe, guider),
-                              filed_under=report_node(state))
+                              filed_under=report_node(state), head_parallel=head_parallel)
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
+    # auto_tuned's decisions of this run: written once, here, never inside sampling.
+    if state.tuner is not None:
+        try:
+            state.tuner.flush()
+        except Exception:
+            log.exception("attention backends: could not save the tuning decisions")
 
 
 def _model_name(model: Any) -> str:
@@ -127,25 +140,30 @@ def _model_name(model: Any) -> str:
 
 
 def build_report(state: PatchState, *, still_installed: bool, model_name: str,
-                 coverage: Optional[Coverage] = None, filed_under: Optional[dict] = None) -> dict:
+                 coverage: Optional[Coverage] = None, filed_under: Optional[dict] = None,
+                 head_parallel: Optional[dict] = None) -> dict:
     """The report of the run that just ended, from the dispatchers' counters and plans.
 
     coverage: the model's attention layers and replaced forwards (None: not known).
     filed_under: node_id, sampler_node_id and prompt_id (report_node); None: the state's node.
+    head_parallel: head_parallel's group summary, when the selection names it.
     """
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    masked: dict[str, Counter[str]] = {}
     plans = []
     refused = 0
     for route, dispatcher in state.dispatchers():
         counters = dispatcher.counters()
         served.update(counters.served)
         refused += counters.refused
+        for backend, services in counters.masked.items():
+            masked.setdefault(backend, Counter()).update(services)
         for fallback in counters.fallbacks:
             fallbacks[(fallback.wanted, fallback.served_by, fallback.reason)] += fallback.calls
         plans.extend(_plan_row(route, plan) for plan in dispatcher.plans() if plan.calls or plan.refused)
     total = sum(served.values())
-    received = total + state.unknown_form + refused
+    received = total + state.count("unknown_form") + refused
     filed_under = filed_under or {"node_id": state.node_id, "sampler_node_id": None, "prompt_id": None}
     passed_on_to = state.main.passthrough
     return {
@@ -168,12 +186,22 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         "shares": {name: round(calls / received, 4) for name, calls in served.most_common()},
         "fallbacks": [{"wanted": wanted, "served_by": served_by, "reason": reason, "calls": calls}
                       for (wanted, served_by, reason), calls in fallbacks.most_common()],
-        "routing": {"exact_by_step_window": state.routed_step, "exact_by_block_filter": state.routed_block,
-                    "exact_by_cross_rule": state.routed_cross},
-        "guard": {"nonfinite_model_calls": state.nonfinite_model_calls, "reruns": state.reruns,
+        "masked": {backend: dict(services.most_common()) for backend, services in masked.items()},
+        "masks_read": state.main.masks.classifications,
+        "routing": {"exact_by_step_window": state.count("routed_step"),
+                    "exact_by_block_filter": state.count("routed_block"),
+                    "exact_by_cross_rule": state.count("routed_cross")},
+        "guard": {"nonfinite_model_calls": state.count("nonfinite_model_calls"), "reruns": state.count("reruns"),
                   "pinned_exact": state.pinned},
+        # Under compile a call outside ComfyUI's form is traced into the graph as it is,
+        # uncounted: the report says so rather than give 0.
+        "compiled": {"model_compiled": state.compiled, "calls_through_graph": state.count("compiled_calls"),
+                     "recompiled_stale_graphs": state.recompiled_stale,
+                     "unknown_form_calls_counted": not state.compiled},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": _tuning(state),
+        "quality": state.monitor.summary() if state.monitor is not None else None,
+        "head_parallel": head_parallel,
         "warnings": _warnings(state, received, still_installed, coverage, served, refused),
     }
 
@@ -193,7 +221,9 @@ def _plan_row(route: str, plan: Any) -> dict:
             "refused": plan.refused, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
-            "tuned": None if plan.tuning is None else plan.tuning.source}
+            "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
+            "masked_call": None if plan.masked_call is None else plan.masked_call.describe(),
+            "settings": None if plan.settings is None else plan.settings.describe()}
 
 
 def _layers(group: ReplacedLayers, coverage: Coverage) -> str:
@@ -238,23 +268,26 @@ def _warnings(state: PatchState, received: int, still_installed: bool, coverage:
     if refused:
         warnings.append(_refused_warning(state, refused))
     earlier = state.main.passthrough
-    if earlier != PASSTHROUGH and received and not (refused or state.unknown_form or served.get(earlier)):
+    if earlier != PASSTHROUGH and received and not (refused or state.count("unknown_form") or served.get(earlier)):
         warnings.append(f"The attention override installed before this node, {earlier}, was shadowed: this node "
                         f"served every call itself, so that override never ran. If both were meant to work, "
                         f"remove one of the two nodes.")
-    if state.unknown_form:
+    if state.count("unknown_form"):
         target = "ComfyUI's own function" if earlier == PASSTHROUGH else earlier
-        warnings.append(f"{state.unknown_form} calls were not in ComfyUI's attention form and went to "
+        warnings.append(f"{state.count('unknown_form')} calls were not in ComfyUI's attention form and went to "
                         f"{target} unchanged.")
-    if state.block_unknown:
-        warnings.append(f"The block filter could not apply to {state.block_unknown} calls: this model (or this "
+    if state.count("block_unknown"):
+        warnings.append(f"The block filter could not apply to {state.count('block_unknown')} calls: this model "
+                        f"(or this "
                         f"ComfyUI version; Flux reports its blocks from ComfyUI 0.8.0) does not say which block "
                         f"an attention call belongs to.")
-    if state.step_unknown:
-        warnings.append(f"The step window could not apply to {state.step_unknown} model calls: the sampler "
+    if state.count("step_unknown"):
+        warnings.append(f"The step window could not apply to {state.count('step_unknown')} model calls: the sampler "
                         f"gave no schedule (sample_sigmas).")
-    if state.nonfinite_exact:
-        warnings.append(f"{state.nonfinite_exact} model calls were not finite even with exact attention: "
+    if state.monitor is not None:
+        warnings.extend(state.monitor.warnings())
+    if state.count("nonfinite_exact"):
+        warnings.append(f"{state.count('nonfinite_exact')} model calls were not finite even with exact attention: "
                         f"the cause is not the attention backend.")
     return warnings
 
@@ -284,6 +317,11 @@ def summary(report: dict) -> str:
     for fallback in report["fallbacks"]:
         target = "ComfyUI's function" if fallback["served_by"] == PASSTHROUGH else fallback["served_by"]
         parts.append(f"{fallback['calls']} fell back from {fallback['wanted']} to {target}: {fallback['reason']}")
+    masked = report.get("masked") or {}
+    if masked:
+        parts.append("masked calls: " + ", ".join(
+            f"{backend} " + " + ".join(f"{calls} {service.replace('_', ' ')}" for service, calls in services.items())
+            for backend, services in masked.items()) + f" ({report['masks_read']} masks read)")
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
@@ -294,8 +332,34 @@ def summary(report: dict) -> str:
                      + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
                      + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
                         if tuning["left_to_auto"] else ""))
+    quality = report.get("quality")
+    if quality and quality["signatures"]:
+        worst = [row["worst_rel_l1"] for row in quality["signatures"] if row["worst_rel_l1"] is not None]
+        over = sum(row["over_budget"] for row in quality["signatures"])
+        parts.append(f"quality: {quality['sampled_calls']} sampled calls on {len(quality['signatures'])} signatures"
+                     + (f", worst rel. L1 {max(worst):.4f}" if worst else "")
+                     + f" (budget {quality['budget_rel_l1']:g})"
+                     + (f", {over} over budget and served dense" if over else ""))
+    split = report.get("head_parallel")
+    if split and (split["split_calls"] or split["local_calls"] or split["busy_calls"]):
+        parts.append(_head_parallel_line(split))
     guard = report["guard"]
     if guard["nonfinite_model_calls"]:
         parts.append(f"guard: {guard['nonfinite_model_calls']} non-finite model calls, {guard['reruns']} re-run "
                      f"with exact attention")
     return "; ".join(parts) + f" ({report['duration_s']:.2f}s)"
+
+
+def _head_parallel_line(split: dict) -> str:
+    shares = ", ".join(f"{d['device']} {d['work_share']:.0%}" + (
+        f" ({d['transfer_ms_per_call']:.2f} ms/call on links)" if d["transfer_ms_per_call"] is not None else "")
+        for d in split["per_device"])
+    line = f"head_parallel: {split['split_calls']} calls split"
+    if shares:
+        line += f" ({shares})"
+    line += f", {split['local_calls']} kept on their GPU"
+    if split["busy_calls"]:
+        line += f", {split['busy_calls']} while another split was in flight"
+    if split["dropped"]:
+        line += "; dropped: " + ", ".join(f"{device} ({why})" for device, why in split["dropped"].items())
+    return line

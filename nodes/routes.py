@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..attention import AUTO, AUTO_TUNED, names
+from ..attention import AUTO, AUTO_TUNED, names, sparse_names
 from ..attention.contract import decision_json
 from ..attention.status import machine_status
-from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks
+from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
+from .raw_inputs import mark_non_boolean_inputs
 from .report import last_reports
-from .tuning import tuning_status
+from .tuning import register_user_folder, tuning_status
 
 
 def selectable() -> list[str]:
-    """What the Attention Backend node's combo offers: always the full list."""
-    return [AUTO, AUTO_TUNED] + names()
+    """What the Attention Backend node's combo offers: always the full list of dense
+    backends (the sparse ones are the Sparse node's, with its quality checks)."""
+    sparse = set(sparse_names())
+    return [AUTO, AUTO_TUNED] + [name for name in names() if name not in sparse]
 
 
 def structured_tuning(tuning: dict) -> dict:
@@ -27,13 +30,17 @@ def structured_tuning(tuning: dict) -> dict:
 
 
 def status() -> dict:
-    return {**machine_status(), "nodes": {"selectable": selectable()}, "benchmarks": list_benchmarks(),
-            "tuning": structured_tuning(tuning_status())}
+    return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
+            "benchmarks": list_benchmarks(), "tuning": structured_tuning(tuning_status())}
 
 
 def register(server: Any) -> None:
     """Add the routes to ComfyUI's route table (mirrored under /api by ComfyUI)."""
     from aiohttp import web
+
+    register_user_folder()
+    # Not a route: posted boolean inputs are checked before ComfyUI converts them (raw_inputs.py).
+    server.add_on_prompt_handler(mark_non_boolean_inputs)
 
     @server.routes.get("/attention_backends/status")
     async def get_status(request: web.Request) -> web.Response:
@@ -64,7 +71,8 @@ def register(server: Any) -> None:
             return no_chart(str(error), 400)
         if path is None:
             published = [run["name"] for run in list_benchmarks() if run["chart"]]
-            return no_chart(f"no benchmark chart named {name!r}; published: {', '.join(published) or 'none'} "
+            return no_chart(f"no benchmark chart named {shown_name(name)}; published: "
+                            f"{', '.join(published) or 'none'} "
                             "(GET /attention_backends/status lists them under 'benchmarks')", 404)
         # Revalidated on every load (answered 304 through the ETag/Last-Modified that
         # FileResponse sets): the chart changes with the pack, and ComfyUI's cache

@@ -109,20 +109,20 @@ def build_route(state: PatchState, rules: RoutingRules, layout: BlockLayout) -> 
         if state.pinned:
             return exact
         if state.step_exact:
-            state.routed_step += 1
+            next(state.routed_step)
             return exact
         if blocks:
             where = layout.position(options.get("transformer_options") or {})
             if where is None:
-                state.block_unknown += 1
+                next(state.block_unknown)
             elif where[0] < first or where[0] >= where[1] - last:
-                state.routed_block += 1
+                next(state.routed_block)
                 return exact
         if max_keys:
             axis = 2 if skip_reshape else 1  # token axis of (B, H, N, D) / (B, N, H*D)
             keys = k.shape[axis]
             if keys <= max_keys and keys != q.shape[axis]:
-                state.routed_cross += 1
+                next(state.routed_cross)
                 return exact
         return main
 
@@ -149,8 +149,10 @@ def step_position(transformer_options: dict, schedule_cache: list) -> Optional[f
     return min(max(at_or_above - 1, 0), steps - 1) / steps
 
 
-def step_window_wrapper(state: PatchState, rules: RoutingRules) -> Callable:
-    """APPLY_MODEL wrapper: decide, once per model call, whether it is outside the window."""
+def step_window_wrapper(state: PatchState, rules: RoutingRules,
+                        on_position: Optional[Callable[[Optional[float]], None]] = None) -> Callable:
+    """APPLY_MODEL wrapper: decide, once per model call, whether it is outside the window.
+    `on_position` is told each model call's schedule position (the quality monitor)."""
     schedule_cache: list = [None, []]
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -158,10 +160,12 @@ def step_window_wrapper(state: PatchState, rules: RoutingRules) -> Callable:
         options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
         position = step_position(options, schedule_cache)
         if position is None:
-            state.step_unknown += 1
+            next(state.step_unknown)
             state.step_exact = False
         else:
             state.step_exact = not rules.step_start <= position < rules.step_end
+        if on_position is not None:
+            on_position(position)
         return executor(*args, **kwargs)
 
     return wrapper

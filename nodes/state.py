@@ -3,22 +3,28 @@ hooks and its run report."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, Optional
 
 from ..attention import Dispatcher
+from ..attention.counters import count_value
+from ..attention.parallel.heads import HEAD_PARALLEL, HeadGroup, default_group
+from ..attention.quality import QualityMonitor
 from ..attention.tuning import Tuner
 
 
 class PatchState:
     """One patched MODEL's dispatchers, per-model-call flags and per-run counters.
 
-    Counters are plain integers bumped on the hot path: ComfyUI samples one prompt at a
-    time, so no lock is needed and reading them costs nothing until the report.
+    Counters are `itertools.count` objects advanced on the hot path (one C call each):
+    ComfyUI 0.28's multi-GPU sampling calls one override from a thread per device, and
+    a plain `+= 1` could lose counts there. `count(name)` reads one.
     """
 
     def __init__(self, *, node_id: Optional[str], node_type: str, selection: str, strict: bool,
-                 main: Dispatcher, exact: Optional[Dispatcher] = None) -> None:
+                 main: Dispatcher, exact: Optional[Dispatcher] = None,
+                 monitor: Optional[QualityMonitor] = None) -> None:
         self.node_id = node_id
         self.node_type = node_type
         self.selection = selection
@@ -26,7 +32,12 @@ class PatchState:
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
+        self.monitor = monitor  # checks sparse plans' error (Sparse node only)
+        # Splits calls across GPUs when the priority names head_parallel; reports its run.
+        self.head_group: Optional[HeadGroup] = default_group() if HEAD_PARALLEL in main.priority else None
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
+        # The override's serving path, for calls that come back from a compiled graph (compiled.py).
+        self.serve: Optional[Callable] = None
         self.last_report: Optional[dict] = None
         self.begin_run()
 
@@ -43,19 +54,33 @@ class PatchState:
             dispatcher.reset_counters()
         if self.tuner is not None:
             self.tuner.begin_run()
+        if self.monitor is not None:
+            self.monitor.begin_run()
+        if self.head_group is not None:
+            self.head_group.begin_run()
         self.started_at = time.time()
         # Set once per model call by the step-window and guard hooks, read per attention call.
         self.step_exact = False
         self.pinned = False
+        # Set by every call the override serves; read by the compiled-model watch (compiled.py).
+        self.invoked = False
+        # Whether this run's model is compiled (TorchCompileModel), and what that changed.
+        self.compiled = False
+        self.compiled_calls = itertools.count()
+        self.recompiled_stale = 0
         # Calls the override passed on unread because their form was not ComfyUI's.
-        self.unknown_form = 0
+        self.unknown_form = itertools.count()
         # Routing: calls sent to the exact dispatcher, by rule, and calls a rule could not judge.
-        self.routed_step = 0
-        self.routed_block = 0
-        self.routed_cross = 0
-        self.block_unknown = 0
-        self.step_unknown = 0
+        self.routed_step = itertools.count()
+        self.routed_block = itertools.count()
+        self.routed_cross = itertools.count()
+        self.block_unknown = itertools.count()
+        self.step_unknown = itertools.count()
         # Non-finite guard.
-        self.nonfinite_model_calls = 0
-        self.reruns = 0
-        self.nonfinite_exact = 0
+        self.nonfinite_model_calls = itertools.count()
+        self.reruns = itertools.count()
+        self.nonfinite_exact = itertools.count()
+
+    def count(self, name: str) -> int:
+        """The value of one of the counters above."""
+        return count_value(getattr(self, name))

@@ -3,14 +3,23 @@ what the status route shows of them."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 
 from ..attention import AUTO_TUNED
+from ..attention import cost_store
+from ..attention.errors import describe_exception
 from ..attention.tuning import Tuner
 from ..attention.tuning_store import store_for
+
+log = logging.getLogger(__name__)
+
+# Decisions the status route lists per GPU, the newest first chosen: the sidebar shows
+# what was tuned lately, and a file with a thousand decisions stays a small response.
+STATUS_DECISIONS = 50
 
 REUSE = "reuse saved"
 RETUNE = "re-tune"
@@ -24,6 +33,12 @@ def tuning_file() -> str:
     return os.path.join(folder_paths.get_user_directory(), "attention_backends", "tuning.json")
 
 
+def register_user_folder() -> None:
+    """`auto` reads this machine's calibration and auto_tuned's saved decisions from the
+    user directory too (cost_store.py); `python -m attention calibrate --file` writes there."""
+    cost_store.register_folder(os.path.dirname(tuning_file()))
+
+
 def make_tuner(priority: list[str], mode: str) -> Tuner | None:
     """A tuner for a node whose priority names auto_tuned; None otherwise."""
     if mode not in TUNING_MODES:
@@ -34,17 +49,25 @@ def make_tuner(priority: list[str], mode: str) -> Tuner | None:
 
 
 def tuning_status() -> dict[str, Any]:
-    """The saved decisions for each visible GPU, with the measurements behind them."""
+    """The saved decisions for each visible GPU, with the measurements behind them: how
+    many there are (`count`) and the STATUS_DECISIONS newest, sorted by signature."""
     path = tuning_file()
     if torch.cuda.is_available():
         targets = [(index, torch.device("cuda", index)) for index in range(torch.cuda.device_count())]
     else:
         targets = [(None, torch.device("cpu"))]  # auto_tuned tunes on the CPU too
-    devices = []
-    for index, device in targets:
+    return {"file": path, "exists": os.path.exists(path), "listed_at_most": STATUS_DECISIONS,
+            "devices": [_device_status(path, index, device) for index, device in targets]}
+
+
+def _device_status(path: str, index: int | None, device: torch.device) -> dict[str, Any]:
+    row: dict[str, Any] = {"index": index, "type": device.type}
+    try:
         store = store_for(path, device)
-        devices.append({"index": index, "type": device.type, "fingerprint": store.machine,
-                        "ignored_file_problem": store.problem,
-                        "decisions": [{"signature": key, **decision}
-                                      for key, decision in sorted(store.decisions().items())]})
-    return {"file": path, "exists": os.path.exists(path), "devices": devices}
+    except Exception as error:  # the status route answers whatever the file or the GPU does
+        log.exception("attention backends: cannot load the tuning decisions of %s from %s", device, path)
+        return {**row, "fingerprint": None, "ignored_file_problem": f"cannot load: {describe_exception(error)}",
+                "count": 0, "decisions": []}
+    listed = store.newest(STATUS_DECISIONS)
+    return {**row, "fingerprint": store.machine, "ignored_file_problem": store.problem, "count": len(store),
+            "decisions": [{"signature": key, **decision} for key, decision in sorted(listed.items())]}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import json
 import sys
 import types
@@ -31,6 +32,7 @@ H200_TUNING = ROOT / "benchmarks" / "results" / "h200" / "tuning.json"
 PACKAGE = "attention_backends_fixtures"
 # Where the fixtures say the tuning file is (the ComfyUI user directory of a made-up user).
 SHOWN_TUNING_FILE = "/home/me/ComfyUI/user/attention_backends/tuning.json"
+SHOWN_CALIBRATION_FILE = "<ComfyUI user directory>/attention_backends/calibration.json"
 STARTED_AT = 1763700000.0
 
 CPU = dict(torch="2.13.0+cpu", cuda=None, cudnn=None, devices=[("cpu", "CPU", None, None)], available={})
@@ -84,7 +86,25 @@ def simulated_machine(torch: str, cuda: Optional[str], cudnn: Optional[int], dev
         stack.enter_context(mock.patch.object(torch_module.version, "cuda", cuda))
         stack.enter_context(mock.patch.object(torch_module.backends.cudnn, "is_available", lambda: cudnn is not None))
         stack.enter_context(mock.patch.object(torch_module.backends.cudnn, "version", lambda: cudnn))
+        stack.enter_context(mock.patch.object(torch_module.cuda, "get_device_capability",
+                                              lambda index=0: devices[index][2]))
         stack.enter_context(mock.patch.object(status_module, "visible_devices", lambda: list(devices)))
+        # The GPUs as PyTorch would list them, all peers, no nvidia-smi, no link timed yet.
+        parallel, heads = module("attention.parallel.status"), module("attention.parallel.heads")
+        gpus = [{"index": index, "name": name, "memory_gib": 139.8, "capability": "%d.%d" % capability}
+                for kind, name, capability, index in devices if kind == "cuda"]
+        stack.enter_context(mock.patch.object(parallel, "visible_gpus", lambda: gpus))
+        stack.enter_context(mock.patch.object(parallel, "peer_matrix", lambda: [[True] * len(gpus)] * len(gpus)))
+        stack.enter_context(mock.patch.object(parallel, "topology_links", dict))
+        stack.enter_context(mock.patch.object(parallel, "nvidia_smi_topology", lambda: None))
+        stack.enter_context(mock.patch.object(parallel, "measured_links", list))
+        stack.enter_context(mock.patch.object(parallel, "default_group", lambda: heads.HeadGroup(
+            [f"cuda:{gpu['index']}" for gpu in gpus], measure_links=False)))
+        # No calibration on the simulated machine: auto decides by the cost model shipped
+        # for the GPU class (or the rule table where none is shipped).
+        cost_store = module("attention.cost_store")
+        stack.enter_context(mock.patch.object(cost_store, "calibrated_model", lambda device_type, capability: None))
+        stack.enter_context(mock.patch.object(cost_store, "_calibration_files", lambda: [SHOWN_CALIBRATION_FILE]))
         stack.enter_context(mock.patch.object(
             tuning_store, "fingerprint",
             lambda device: fingerprint if device.type == "cuda" else _cpu_fingerprint(torch)))
@@ -145,7 +165,10 @@ def _serve(state: Any, call: Any, calls: int, decision: Any = None) -> None:
     if decision is not None:
         plan = module("attention.dispatch").Plan(module("attention.registry").get(decision.backend), call, (),
                                                   None, tuning=decision)
-    plan.calls = calls
+    plan.counter = itertools.count(calls)
+    mask_serving = module("attention.mask_serving")
+    if call.mask_kind != module("attention.call").MASK_NONE:
+        plan.mask_service = mask_serving.KEPT  # a mask the classifier cannot drop goes to the kernel
     dispatcher._plans[(call,)] = plan
 
 

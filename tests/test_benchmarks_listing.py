@@ -118,3 +118,25 @@ def test_symlinks_inside_the_results_folder_are_followed(tmp_path: Path):
     linked.symlink_to(real, target_is_directory=True)
     assert benchmarks.chart_path("latest", linked) == (target / "chart.png").resolve()
     assert [run["name"] for run in benchmarks.list_benchmarks(linked)] == ["h200", "latest"]
+
+
+@pytest.mark.parametrize("length", [65, 255, 256, 300, 5000])
+def test_chart_path_of_a_long_plain_name_is_no_chart_not_an_error(results: Path, length: int):
+    # A 256-character name made Path.is_file() raise ENAMETOOLONG: the route answered 500.
+    assert benchmarks.chart_path("a" * length, results) is None
+    assert benchmarks.chart_path("a" * (length - 1) + "-", results) is None
+
+
+def test_chart_path_serves_names_up_to_the_bound(results: Path):
+    name = "r" * benchmarks.MAX_NAME_LENGTH
+    _run(results, name, {"environment": ENVIRONMENT})
+    assert benchmarks.chart_path(name, results) == (results / name / "chart.png").resolve()
+    assert [run["name"] for run in benchmarks.list_benchmarks(results)] == [name]
+
+
+def test_a_chart_path_the_system_refuses_is_no_chart(results: Path, monkeypatch: pytest.MonkeyPatch):
+    def refuse(self):
+        raise OSError(36, "File name too long")
+
+    monkeypatch.setattr(Path, "resolve", refuse)
+    assert benchmarks.chart_path("h200", results) is None

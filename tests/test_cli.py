@@ -33,11 +33,13 @@ def run_module(cwd, *args, timeout=300):
 def test_doctor_lists_every_backend_and_the_auto_order(hyphenated_checkout):
     result = run_module(hyphenated_checkout, "doctor")
     assert result.returncode == 0, result.stderr
-    for name in ("sdpa", "sage_qk_int8_pv_fp8_cuda_sm90", "flash4", "xformers", "kitchen_int8"):
+    for name in ("sdpa", "sage_qk_int8_pv_fp8_cuda_sm90", "flash4", "xformers", "kitchen_int8", "sol", "sparge"):
         assert name in result.stdout
     assert "auto on" in result.stdout and "typical calls" in result.stdout
     status = json.loads(run_module(hyphenated_checkout, "doctor", "--json").stdout)
-    assert len(status["backends"]) == 17
+    assert len(status["backends"]) == 20
+    assert [row["name"] for row in status["backends"] if row["sparse"]] == ["sol", "sparge"]
+    assert status["parallel"]["head_parallel"]["problems"]
     assert all(row["available"] or row["reasons"] for row in status["backends"])
 
 

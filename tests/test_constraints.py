@@ -14,7 +14,9 @@ import torch
 import attention
 from attention import CallSignature, Dispatcher, registry
 from attention.call import MASK_ADDITIVE, MASK_BOOL
+from attention import cost_store
 from attention.errors import UNAVAILABLE
+from attention.priority import load_table
 from attention.shapes import by_key
 from library_support import ROOT
 
@@ -34,7 +36,8 @@ def test_every_backend_is_listed_with_a_stable_name():
     assert registry.names() == [
         "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex", "sage",
         "sage_qk_int8_pv_fp16_triton", "sage_qk_int8_pv_fp16_cuda", "sage_qk_int8_pv_fp8_cuda",
-        "sage_qk_int8_pv_fp8_cuda_sm90", "sage3", "flash", "flash3", "flash4", "xformers", "kitchen_int8"]
+        "sage_qk_int8_pv_fp8_cuda_sm90", "sage3", "flash", "flash3", "flash4", "xformers", "kitchen_int8",
+        "sol", "sparge", "head_parallel"]
 
 
 def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():
@@ -42,6 +45,9 @@ def test_every_backend_on_a_plain_hopper_call_has_no_per_call_reasons():
     for backend in registry.all_backends():
         if backend.name == "sage3":
             assert reasons("sage3", call) == ["built for sm10x, sm12x only, this GPU is sm90"]
+        elif backend.sparse:  # 4608 tokens: too short for sparse attention (tests/test_sparse.py)
+            assert reasons(backend.name, call) == [
+                "4608 tokens: sparse attention serves calls from 12288 tokens (shorter ones stay dense)"]
         else:
             assert backend.call_reasons(call) == [], backend.name
 
@@ -117,8 +123,13 @@ def test_every_reason_is_collected_not_just_the_first():
     assert len(reasons("sage", call)) == 5
 
 
+def table_auto(priority: object = "auto") -> Dispatcher:
+    """`auto` by the rule table, whatever cost model ships for the class."""
+    return Dispatcher(priority, auto_table=load_table())
+
+
 class TestAutoOnSyntheticCalls:
-    """`auto` on an H200 as seen from here: pretend every kernel is installed."""
+    """`auto`'s rule table on an H200 as seen from here: pretend every kernel is installed."""
 
     @pytest.fixture(autouse=True)
     def everything_available(self, monkeypatch):
@@ -130,14 +141,14 @@ class TestAutoOnSyntheticCalls:
         ("sdxl_cross", "sdpa"), ("flux_1024", "flash4"), ("qwen_1328", "flash4"),
         ("wan_480p", "sage_qk_int8_pv_fp8_cuda_sm90"), ("wan_720p", "sage_qk_int8_pv_fp8_cuda_sm90")])
     def test_hopper_choices_follow_the_measurements(self, key, expected):
-        plan = Dispatcher("auto").plan_for(by_key(key).signature())
+        plan = table_auto().plan_for(by_key(key).signature())
         assert plan.name == expected
         assert not plan.is_fallback
 
     def test_video_call_with_a_mask_falls_back_with_the_reason(self):
         call = dataclasses.replace(by_key("wan_480p").signature(), mask_kind=MASK_ADDITIVE,
                                    mask_shape=(2, 1, 1, 32760))
-        plan = Dispatcher("auto").plan_for(call)
+        plan = table_auto().plan_for(call)
         assert plan.name == "sdpa"
         assert plan.is_fallback
         assert [name for name, _ in plan.fallback_reasons()] == [
@@ -145,10 +156,10 @@ class TestAutoOnSyntheticCalls:
 
     def test_precision_request_skips_quantized_kernel_for_an_exact_one(self):
         call = dataclasses.replace(by_key("wan_480p").signature(), low_precision_ok=False)
-        assert Dispatcher("auto").plan_for(call).name == "flash4"
+        assert table_auto().plan_for(call).name == "flash4"
 
     def test_explicit_choice_then_auto(self):
-        dispatcher = Dispatcher(["kitchen_int8", "auto"])
+        dispatcher = table_auto(["kitchen_int8", "auto"])
         assert dispatcher.plan_for(by_key("sdxl_l2").signature()).name == "kitchen_int8"
         plan = dispatcher.plan_for(dataclasses.replace(by_key("sdxl_l2").signature(), low_precision_ok=False))
         assert plan.name == "sdpa" and plan.is_fallback
@@ -161,8 +172,32 @@ class TestAutoOnSyntheticCalls:
         assert ("flash4", "sdxl_l2") in slower  # the table is the one the rules were written from
         for row in table["rows"]:
             if row["backend"] == "sdpa":
-                chosen = Dispatcher("auto").plan_for(by_key(row["shape"]).signature()).name
+                chosen = table_auto().plan_for(by_key(row["shape"]).signature()).name
                 assert (chosen, row["shape"]) not in slower
+
+
+@pytest.mark.skipif(cost_store.shipped_model("sm90") is None, reason="no cost model shipped for sm90 yet")
+class TestShippedModelOnTheKernelTable:
+    """The shipped H200 model on the 11 shapes of the committed kernel table: never a kernel
+    measured slower than SDPA there, and within 3% of the fastest accurate kernel."""
+
+    @pytest.fixture(autouse=True)
+    def everything_available(self, monkeypatch):
+        for backend in registry.all_backends():
+            monkeypatch.setattr(backend, "_availability", attention.Availability(True, "test", ()))
+
+    def test_auto_by_the_model_does_no_worse_than_the_table(self):
+        from attention.tuning import DEFAULT_BUDGET
+        table = json.loads((Path(ROOT) / "benchmarks" / "results" / "h200" / "kernels.json").read_text())
+        model = cost_store.shipped_model("sm90")
+        for shape in {row["shape"] for row in table["rows"]}:
+            rows = {row["backend"]: row for row in table["rows"] if row["shape"] == shape and row["ms"]
+                    and row["backend"] in registry.names()
+                    and row["error"] and DEFAULT_BUDGET.problem(row["error"]) is None}
+            chosen = Dispatcher("auto", cost_model=model).plan_for(by_key(shape).signature()).name
+            assert chosen in rows, (shape, chosen)
+            assert rows[chosen]["ms"] <= rows["sdpa"]["ms"] * 1.02, (shape, chosen)
+            assert rows[chosen]["ms"] <= 1.03 * min(r["ms"] for r in rows.values()), (shape, chosen)
 
 
 def test_unavailable_auto_candidates_are_not_fallbacks_but_named_ones_are(monkeypatch):
@@ -171,10 +206,10 @@ def test_unavailable_auto_candidates_are_not_fallbacks_but_named_ones_are(monkey
     for name in ("sage_qk_int8_pv_fp8_cuda_sm90", "flash3"):
         monkeypatch.setattr(registry.get(name), "_availability", attention.Availability(False, None, ("nope",)))
     hopper = by_key("wan_480p").signature()
-    plan = Dispatcher("auto").plan_for(hopper)
+    plan = table_auto().plan_for(hopper)
     assert plan.name == "sdpa" and not plan.is_fallback
     assert [r.kind for r in plan.rejected] == [UNAVAILABLE] * 3
-    named = Dispatcher(["flash4", "auto"]).plan_for(hopper)
+    named = table_auto(["flash4", "auto"]).plan_for(hopper)
     assert named.is_fallback
     assert named.fallback_reasons() == [("flash4", "not installed")]
 

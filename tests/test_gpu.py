@@ -148,8 +148,42 @@ def test_auto_tuned_chooses_inside_the_budget_and_reuses_it(tmp_path):
         assert decision.candidates[decision.backend]["verdict"] == "chosen"
         assert _rel_l1(out.float(), _reference(q, k, v, shape)) <= DEFAULT_BUDGET.rel_l1, shape.key
         assert torch.isfinite(out).all()
+        dispatcher.tuner.flush()  # the end of a run: the decision is written
     forget_loaded_stores()
     again = Dispatcher("auto_tuned", tuner=Tuner(path))
     q, k, v, args = _inputs(SHAPES[2], True, seed=3)
     again(q, k, v, SHAPES[2].heads, **args)
     assert again.plans()[-1].tuning.source == SAVED
+
+
+@pytest.mark.parametrize("name", [n for n in _backend_names() if n not in ("flex", "sdpa_math")])
+def test_backend_inside_torch_compile(name):
+    """Each kernel under torch.compile (inductor): one opaque op, no graph break, the
+    eager output, every call counted."""
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    backend = registry.get(name)
+    if not backend.availability().available:
+        pytest.skip(f"{name} not available here: {'; '.join(backend.availability().reasons)}")
+    shape = SHAPES[2]
+    q, k, v, form = _inputs(shape, False, seed=11)
+    if backend.call_reasons(__import__("attention").describe_call(q, k, v, shape.heads, **form)):
+        pytest.skip(f"{name} cannot serve {shape.label}")
+    dispatcher = Dispatcher(name, strict=True)
+
+    def block(q, k, v):
+        # Tensor work on both sides of the call, for inductor to fuse around the op.
+        return torch.nn.functional.silu(dispatcher(q * 0.5, k, v, shape.heads, **form)) + 1.0
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        eager = block(q, k, v)
+        outs = [compiled(q, k, v) for _ in range(3)]
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for out in outs:
+        assert _rel_l1(out.float(), eager.float()) < 1e-3, name
+    assert dispatcher.counters().served == {name: 4}

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 
 import pytest
 import torch
 
-from attention import Dispatcher, registry
+from attention import Dispatcher, registry, tuning
 from attention.call import FLAT, CallSignature
 from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
                               budget_for, decide, measure_on_device, signature_key)
@@ -127,8 +126,10 @@ def tuner(path, fake, machine=MACHINE_A, **kwargs) -> Tuner:
 def test_first_run_measures_and_saves_later_runs_reuse(tmp_path):
     path = tmp_path / "tuning.json"
     fake = FakeMeasure(RESULTS)
-    first = tuner(path, fake).choose(CALL, tensors(), RUNS)
+    first_tuner = tuner(path, fake)
+    first = first_tuner.choose(CALL, tensors(), RUNS)
     assert (first.backend, first.source, fake.calls) == ("flash4", MEASURED, 1)
+    first_tuner.flush()  # the end of the sampler run
     assert first.candidates["sage"]["verdict"].startswith("over the error budget")
     saved = json.loads(path.read_text())
     assert saved["format"] == FORMAT and saved["machines"][0]["fingerprint"] == MACHINE_A
@@ -150,11 +151,15 @@ def test_retune_forgets_this_machines_decisions_and_measures_once_more(tmp_path)
     first = tuner(path, fake)
     first.choose(CALL, tensors(), RUNS)
     first.choose(other_shape, tensors(), RUNS)
-    tuner(path, fake, machine=MACHINE_B).choose(CALL, tensors(), RUNS)
+    first.flush()
+    on_b = tuner(path, fake, machine=MACHINE_B)
+    on_b.choose(CALL, tensors(), RUNS)
+    on_b.flush()
     fake.results = dict(RESULTS, sdpa=Measurement(ms=0.5, error=good(0.0)))  # e.g. a new cuDNN
     retuner = tuner(path, fake, retune=True)
     assert retuner.choose(CALL, tensors(), RUNS).backend == "sdpa"
     assert retuner.choose(CALL, tensors(), RUNS).source == SAVED  # once per signature, not per call
+    retuner.flush()
     assert fake.calls == 4
     machines = {m["fingerprint"]["gpu"]: m["decisions"] for m in json.loads(path.read_text())["machines"]}
     assert list(machines["GPU A"]) == [signature_key(CALL)]  # the other shape was forgotten
@@ -173,9 +178,13 @@ def test_a_saved_choice_that_cannot_run_now_is_measured_again(tmp_path):
 def test_other_machines_decisions_are_kept_but_not_used(tmp_path):
     path = tmp_path / "tuning.json"
     fake = FakeMeasure(RESULTS)
-    tuner(path, fake, machine=MACHINE_A).choose(CALL, tensors(), RUNS)
+    on_a = tuner(path, fake, machine=MACHINE_A)
+    on_a.choose(CALL, tensors(), RUNS)
+    on_a.flush()
     fake.results = dict(RESULTS, sdpa=Measurement(ms=0.1, error=good(0.0)))
-    on_b = tuner(path, fake, machine=MACHINE_B).choose(CALL, tensors(), RUNS)
+    b_tuner = tuner(path, fake, machine=MACHINE_B)
+    on_b = b_tuner.choose(CALL, tensors(), RUNS)
+    b_tuner.flush()
     assert (on_b.backend, on_b.source, fake.calls) == ("sdpa", MEASURED, 2)
     machines = json.loads(path.read_text())["machines"]
     assert sorted(m["fingerprint"]["gpu"] for m in machines) == ["GPU A", "GPU B"]
@@ -197,7 +206,9 @@ def test_run_budget_leaves_later_signatures_to_static_auto(tmp_path):
 def test_partial_measurements_are_used_but_not_saved(tmp_path):
     path = tmp_path / "t.json"
     results = dict(RESULTS, sage=Measurement(failure="not measured: the signature's tuning time was spent"))
-    decision = tuner(path, FakeMeasure(results)).choose(CALL, tensors(), RUNS)
+    partial = tuner(path, FakeMeasure(results))
+    decision = partial.choose(CALL, tensors(), RUNS)
+    partial.flush()
     assert decision.backend == "flash4" and not decision.complete
     assert not path.exists()
 
@@ -205,9 +216,12 @@ def test_partial_measurements_are_used_but_not_saved(tmp_path):
 def test_an_unwritable_file_does_not_end_the_run(tmp_path, caplog):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
+    unwritable = tuner(blocked / "tuning.json", FakeMeasure(RESULTS))
     with caplog.at_level(logging.WARNING):
-        decision = tuner(blocked / "tuning.json", FakeMeasure(RESULTS)).choose(CALL, tensors(), RUNS)
+        decision = unwritable.choose(CALL, tensors(), RUNS)
+        unwritable.flush()
     assert decision.backend == "flash4" and "cannot save tuning decisions" in caplog.text
+    assert unwritable.choose(CALL, tensors(), RUNS).source == SAVED  # still serves this process
 
 
 def test_no_exact_reference_means_no_tuning(tmp_path):
@@ -239,6 +253,8 @@ DAMAGED = {
     "fingerprint not object": json.dumps(dict(valid_file(), machines=[{"fingerprint": 3, "decisions": {}}])),
     "budget not numbers": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                      budget={"rel_l1": "<img src=x>"}))),
+    "noise floor not a number": json.dumps(valid_file(dict(
+        valid_file()["machines"][0]["decisions"][signature_key(CALL)], noise_floor="1%"))),
     "tuned_at not text": json.dumps(valid_file(dict(valid_file()["machines"][0]["decisions"][signature_key(CALL)],
                                                     tuned_at=["x"]))),
 }
@@ -256,7 +272,9 @@ def test_damaged_or_foreign_files_are_ignored_with_a_warning(tmp_path, caplog, c
         parse(DAMAGED[case])
     fake = FakeMeasure(RESULTS)
     with caplog.at_level(logging.WARNING):
-        decision = tuner(path, fake).choose(CALL, tensors(), RUNS)
+        damaged = tuner(path, fake)
+        decision = damaged.choose(CALL, tensors(), RUNS)
+        damaged.flush()
     assert "ignoring tuning file" in caplog.text
     assert decision.source == MEASURED and fake.calls == 1  # nothing in it was trusted
     assert (tmp_path / "tuning.json.ignored").read_text() == DAMAGED[case]  # kept for the user to inspect
@@ -269,12 +287,32 @@ def sdpa_run(q, k, v, mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def test_measure_on_device_times_real_calls_and_checks_errors():
+class VirtualClock:
+    """Time that passes only when a kernel says so: measurements independent of the load
+    on the machine running the tests."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, ms: float) -> None:
+        self.now += ms * 1e-3
+
+
+def test_measure_on_device_times_real_calls_and_checks_errors(monkeypatch):
+    from attention import measure
+
+    clock = VirtualClock()
+    monkeypatch.setattr(measure, "time", clock)  # the timer measure.time_ms reads on a CPU
     q, k, v = (torch.randn(1, 4, 256, 32) for _ in range(3))
 
-    def slow(q, k, v, mask, scale):  # exact, but 3 ms slower
-        time.sleep(0.003)
-        return sdpa_run(q, k, v, mask, scale)
+    def costing(ms, kernel):
+        def run(q, k, v, mask, scale):
+            clock.spend(ms)
+            return kernel(q, k, v, mask, scale)
+        return run
 
     def noisy(q, k, v, mask, scale):  # fastest, but 10% off
         out = sdpa_run(q, k, v, mask, scale)
@@ -283,18 +321,91 @@ def test_measure_on_device_times_real_calls_and_checks_errors():
     def broken(q, k, v, mask, scale):
         raise RuntimeError("no kernel image for this GPU")
 
-    runs = {"sdpa": lambda q, k, v, m, s: (time.sleep(0.001), sdpa_run(q, k, v, m, s))[1],
-            "sdpa_efficient": slow, "kitchen_int8": noisy, "flash4": broken}
+    runs = {"sdpa": costing(1.0, sdpa_run), "sdpa_efficient": costing(4.0, sdpa_run),  # exact, 4x slower
+            "sdpa_flash": costing(1.1, sdpa_run),  # exact, a contender: timed in interleaved rounds
+            "kitchen_int8": costing(0.5, noisy), "flash4": broken}
     call = CallSignature(device_type="cpu", compute_capability=None, dtype=torch.float32, batch=1, heads_q=4,
                          heads_kv=4, seq_q=256, seq_k=256, head_dim=32, head_dim_v=32, layout_in="B,H,N,D",
                          layout_out="B,H,N,D")
-    measured = measure_on_device(call, (q, k, v, None, None), runs, "sdpa", Limits(reps=5), 10.0)
+    measured = measure_on_device(call, (q, k, v, None, None), runs, "sdpa", Limits(reps=5), 10.0,
+                                 clock=clock.perf_counter)
     assert measured["sdpa"].error["rel_l1"] == 0.0
     assert measured["kitchen_int8"].error["rel_l1"] > 0.05 and measured["kitchen_int8"].ms is None
     assert measured["flash4"].failure.startswith("raised RuntimeError: no kernel image")
-    assert measured["sdpa_efficient"].ms > measured["sdpa"].ms + 1.0
-    chosen, _ = decide(measured, budget_for(call))
+    assert measured["sdpa"].ms == pytest.approx(1.0)
+    assert measured["sdpa_flash"].ms == pytest.approx(1.1)
+    assert measured["sdpa_efficient"].ms == pytest.approx(4.0)
+    chosen, table = decide(measured, budget_for(call))
     assert chosen == "sdpa"
+    assert table["sdpa_efficient"]["verdict"] == "slower: 4.000x the chosen time"
+
+
+def test_measure_on_device_stops_at_the_signature_deadline(monkeypatch):
+    from attention import measure
+
+    clock = VirtualClock()
+    monkeypatch.setattr(measure, "time", clock)
+    q = torch.randn(1, 2, 16, 8)
+
+    def costing(ms):
+        def run(q, k, v, mask, scale):
+            clock.spend(ms)
+            return sdpa_run(q, k, v, mask, scale)
+        return run
+
+    runs = {"sdpa": costing(300.0), "sdpa_flash": costing(300.0), "sdpa_efficient": costing(300.0)}
+    call = CallSignature(device_type="cpu", compute_capability=None, dtype=torch.float32, batch=1, heads_q=2,
+                         heads_kv=2, seq_q=16, seq_k=16, head_dim=8, head_dim_v=8, layout_in="B,H,N,D",
+                         layout_out="B,H,N,D")
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=5), 1.0,
+                                 clock=clock.perf_counter)
+    # The reference output, sdpa's check run and its two timed calls take 1.2 s of the 1 s:
+    # the others are not started.
+    assert measured["sdpa"].ms == pytest.approx(300.0)
+    for name in ("sdpa_flash", "sdpa_efficient"):
+        assert measured[name].failure == "not measured: the signature's tuning time was spent"
+
+
+def test_the_reference_is_timed_twice_with_the_contenders(monkeypatch):
+    """The noise floor: with a rival within CONTENDER_RATIO, the reference runs twice in the
+    same rounds; alone, no rounds and no floor. Timings are faked (no wall clock)."""
+    rounds = []
+
+    def fake_timing(fns, device, **kwargs):
+        rounds.append(sorted(fns))
+        return {name: {"sdpa": 1.0, "sdpa_cudnn": 1.1, "sdpa_efficient": 3.0}.get(name, 1.02) for name in fns}
+
+    monkeypatch.setattr(tuning, "interleaved_median_ms", fake_timing)
+    q = torch.randn(1, 2, 64, 16)
+    call = CallSignature("cpu", None, torch.float32, 1, 2, 2, 64, 64, 16, 16, layout_in="B,H,N,D", layout_out="B,H,N,D")
+    runs = {name: sdpa_run for name in ("sdpa", "sdpa_cudnn", "sdpa_efficient")}
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0)
+    assert rounds[-1] == ["reference (repeat)", "sdpa", "sdpa_cudnn"]
+    assert measured["sdpa"].repeat_ms == 1.02 and measured["sdpa_cudnn"].repeat_ms is None
+    rounds.clear()
+    alone = {"sdpa": sdpa_run, "sdpa_efficient": sdpa_run}
+    measured = measure_on_device(call, (q, q, q, None, None), alone, "sdpa", Limits(reps=3), 10.0)
+    assert measured["sdpa"].repeat_ms is None and all(len(r) == 1 for r in rounds)
+
+
+def test_decisions_carry_the_noise_floor_into_the_file(tmp_path):
+    path = tmp_path / "tuning.json"
+    results = dict(RESULTS, sdpa=Measurement(ms=1.0, error=good(0.0), repeat_ms=1.02))
+
+    class WithRepeat(FakeMeasure):
+        def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+            out = super().__call__(call, tensors, runs, reference, limits, seconds_left)
+            out[reference].repeat_ms = self.results[reference].repeat_ms
+            return out
+
+    measuring = tuner(path, WithRepeat(results))
+    decision = measuring.choose(CALL, tensors(), RUNS)
+    assert decision.noise_floor == pytest.approx(0.02)
+    measuring.flush()  # written at the end of the run
+    saved = json.loads(path.read_text())["machines"][0]["decisions"][signature_key(CALL)]
+    assert saved["noise_floor"] == pytest.approx(0.02)
+    forget_loaded_stores()
+    assert tuner(path, FakeMeasure(RESULTS)).choose(CALL, tensors(), RUNS).noise_floor == pytest.approx(0.02)
 
 
 def test_dispatcher_auto_tuned_measures_once_then_serves_from_the_plan(tmp_path, monkeypatch):
@@ -311,6 +422,7 @@ def test_dispatcher_auto_tuned_measures_once_then_serves_from_the_plan(tmp_path,
     for _ in range(3):
         dispatcher(q, k, v, 4)
     assert plan.calls == 4 and len(dispatcher.tuner.decisions) == 1
+    dispatcher.tuner.flush()
     saved = json.loads((tmp_path / "tuning.json").read_text())
     assert saved["machines"][0]["fingerprint"]["gpu"] == "cpu"
 
@@ -338,7 +450,9 @@ def test_synthetic_plans_answer_with_the_static_order():
 def test_non_finite_measurements_are_saved_as_null(tmp_path):
     nan_error = {"rel_l1": math.nan, "cosine": math.nan, "max_abs": math.inf, "nonfinite": 4096}
     fake = FakeMeasure(dict(RESULTS, sage=Measurement(ms=math.inf, error=nan_error)))
-    decision = tuner(tmp_path / "t.json", fake).choose(CALL, tensors(), RUNS)
+    nan_tuner = tuner(tmp_path / "t.json", fake)
+    decision = nan_tuner.choose(CALL, tensors(), RUNS)
+    nan_tuner.flush()
     assert decision.backend == "flash4"
     saved = parse((tmp_path / "t.json").read_text())[0]["decisions"][signature_key(CALL)]
     assert saved["candidates"]["sage"] == {"ms": None, "rel_l1": None, "cosine": None, "max_abs": None,

@@ -7,8 +7,9 @@ is not a priority. Priorities live in `attention.priority`.
 from __future__ import annotations
 
 from ..backend import Backend
-from . import flash, flex, kitchen, sage, sdpa, xformers
+from . import flash, flex, kitchen, parallel, sage, sdpa, sparse, xformers
 
 ALL: tuple[Backend, ...] = (
     sdpa.BACKENDS + flex.BACKENDS + sage.BACKENDS + flash.BACKENDS + xformers.BACKENDS + kitchen.BACKENDS
+    + sparse.BACKENDS + parallel.BACKENDS
 )

@@ -9,6 +9,17 @@ Installing FA4 turns `flash_attn` into a namespace package, so "import flash_att
 works" says nothing about FA2. Availability here is decided by installed
 distributions first (`flash-attn` for FA2), then by the function being there.
 All three take (B, N, H, D) with a contiguous last dim, which ComfyUI's flat form is.
+
+Variable-length entries (for key-padding masks whose rows differ, mask_serving.py),
+always called by keyword (FA4's signature put `qv` fourth):
+- FA2 `flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+  max_seqlen_k, dropout_p, softmax_scale, causal, ...)` returns out;
+- FA3 `flash_attn_interface.flash_attn_varlen_func(...)` the same names (plus seqused_q/k)
+  and returns out or (out, lse) by version;
+- FA4 `flash_attn.cute.flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None,
+  cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, ..., seqused_k=None, ...)`
+  returns (out, lse) and also takes padded (B, N, H, D) k and v with `seqused_k` (int32,
+  (B,)), which serves prefix padding without packing the keys.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import importlib
 
 import torch
 
-from ..backend import BNHD, Backend, Kernel, Package
+from ..backend import BNHD, Backend, Kernel, Package, Varlen
 from ..constraints import (CapabilityFamilies, ComputeCapability, DeviceTypes, DTypes, HeadDims, KeyHeads,
                            NoMask, OnCapabilityMajor)
 from ..probes import cuda_probe
@@ -64,6 +75,31 @@ def _load_fa4() -> Kernel:
     return kernel
 
 
+def _packed(function):
+    def packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+        return _first(function(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=scale,
+                               causal=False))
+    return packed
+
+
+def _load_fa2_varlen() -> Varlen:
+    return Varlen(_packed(_function("flash_attn", "flash_attn_varlen_func", "a FlashAttention 2 without varlen")))
+
+
+def _load_fa3_varlen() -> Varlen:
+    return Varlen(_packed(_function("flash_attn_interface", "flash_attn_varlen_func",
+                                    "a FlashAttention 3 build without varlen")))
+
+
+def _load_fa4_varlen() -> Varlen:
+    function = _function("flash_attn.cute", "flash_attn_varlen_func", "a FlashAttention 4 build without varlen")
+
+    def key_lengths(q, k, v, used_k, scale):
+        return _first(function(q, k, v, seqused_k=used_k, softmax_scale=scale, causal=False))
+    return Varlen(_packed(function), key_lengths)
+
+
 BACKENDS = (
     Backend(
         name="flash",
@@ -73,6 +109,7 @@ BACKENDS = (
         layouts=(BNHD,),
         constraints=_COMMON + (ComputeCapability((8, 0)), HeadDims(maximum=256, equal_v=True)),
         load=_load_fa2,
+        load_varlen=_load_fa2_varlen,
         package=Package("flash_attn", "flash-attn", "2.0.0",
                         "pip install flash-attn (builds from source unless a wheel matches your torch/CUDA)"),
         probe=cuda_probe(BNHD, (8, 0)),
@@ -86,6 +123,7 @@ BACKENDS = (
         constraints=_COMMON + (CapabilityFamilies(frozenset({9})),
                                HeadDims(minimum=8, maximum=256, multiple_of=8, equal_v=True)),
         load=_load_fa3,
+        load_varlen=_load_fa3_varlen,
         package=Package("flash_attn_interface", "flash_attn_3", None,
                         "FlashAttention 3 is built from source (hopper/ in the flash-attention repository)"),
         probe=cuda_probe(BNHD, (9, 0), frozenset({9})),
@@ -102,6 +140,7 @@ BACKENDS = (
             OnCapabilityMajor(frozenset({10, 11}), HeadDims(minimum=8, maximum=128, multiple_of=8)),
         ),
         load=_load_fa4,
+        load_varlen=_load_fa4_varlen,
         package=Package("flash_attn.cute", "flash-attn-4", "4.0.0b1", "pip install --pre flash-attn-4"),
         probe=cuda_probe(BNHD, (9, 0), frozenset({9, 10, 11})),
     ),

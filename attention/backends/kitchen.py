@@ -8,6 +8,8 @@ without declaring it, so a missing `packaging` is reported with its fix.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from ..backend import BHND, Backend, Kernel, Package
@@ -16,7 +18,8 @@ from ..constraints import ComputeCapability, DeviceTypes, DTypes, Exactness, Hea
 from ..probes import cuda_probe
 
 
-def _load() -> Kernel:
+def import_comfy_kitchen() -> ModuleType:
+    """comfy_kitchen, or an ImportError that says how to fix a missing `packaging`."""
     try:
         import comfy_kitchen
     except ModuleNotFoundError as error:
@@ -24,6 +27,11 @@ def _load() -> Kernel:
             raise ImportError("comfy-kitchen needs 'packaging', which it does not declare: pip install packaging") \
                 from error
         raise
+    return comfy_kitchen
+
+
+def _load() -> Kernel:
+    comfy_kitchen = import_comfy_kitchen()
     function = getattr(comfy_kitchen, "int8_attention", None)
     if function is None:
         raise ImportError("this comfy-kitchen has no int8_attention: pip install -U comfy-kitchen")

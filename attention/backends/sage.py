@@ -9,6 +9,12 @@ Quirks handled here (DESIGN §4):
   mask support, so a masked call never reaches one.
 - FP16 accumulation of P·V is a known source of black images; the CUDA variants are
   called with FP32 accumulation.
+- `sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  is_causal, sm_scale, smooth_k)` (2.x) is the Triton INT8 Q·K / FP16 P·V kernel on packed
+  rows, so it is the variable-length entry of `sage_qk_int8_pv_fp16_triton` only. It
+  sizes its scale buffers from `cu_seqlens` on the host: one synchronisation per call,
+  inside SageAttention. Its key smoothing subtracts one mean from every packed key,
+  which leaves each row's softmax unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..backend import BHND, BNHD, Backend, Kernel, Package, installed_version
+from ..backend import BHND, BNHD, Backend, Kernel, Package, Varlen, installed_version
 from ..constraints import (CapabilityFamilies, ComputeCapability, DefaultScale, DeviceTypes, DTypes, Exactness, HeadDims,
                            KeyBlockPadding, KeyHeads, NoMask)
 from ..probes import cuda_probe
@@ -79,15 +85,25 @@ def _load_sage3() -> Kernel:
     return kernel
 
 
+def _load_triton_varlen() -> Varlen:
+    from sageattention import sageattn_varlen
+
+    def packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+        return sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=False,
+                               sm_scale=scale)
+    return Varlen(packed)
+
+
 def _variant(name: str, description: str, function_name: str, capability: tuple[int, int],
-             majors: Optional[frozenset[int]] = None, **fixed) -> Backend:
+             majors: Optional[frozenset[int]] = None, load_varlen: Optional[Callable[[], Varlen]] = None,
+             **fixed) -> Backend:
     constraints = _COMMON + (ComputeCapability(capability), _SAGE2_HEAD_DIMS)
     if majors is not None:
         constraints += (CapabilityFamilies(majors),)
     return Backend(
         name=name, family="sage", description=description, quantized=True, layouts=(BNHD, BHND),
         constraints=constraints, load=_load_variant(function_name, **fixed), package=_SAGE2,
-        probe=cuda_probe(BHND, capability, majors),
+        probe=cuda_probe(BHND, capability, majors), load_varlen=load_varlen,
     )
 
 
@@ -105,7 +121,7 @@ BACKENDS = (
         copies="1.x: one copy of k (key-mean subtraction done out of place; the kernel would do it in place)",
     ),
     _variant("sage_qk_int8_pv_fp16_triton", "SageAttention 2 Triton kernel: INT8 Q·K, FP16 P·V",
-             "sageattn_qk_int8_pv_fp16_triton", (8, 0)),
+             "sageattn_qk_int8_pv_fp16_triton", (8, 0), load_varlen=_load_triton_varlen),
     _variant("sage_qk_int8_pv_fp16_cuda", "SageAttention 2 CUDA kernel: INT8 Q·K, FP16 P·V (FP32 accumulation)",
              "sageattn_qk_int8_pv_fp16_cuda", (8, 0), pv_accum_dtype="fp32"),
     _variant("sage_qk_int8_pv_fp8_cuda", "SageAttention 2 CUDA kernel: INT8 Q·K, FP8 P·V (Ada and newer)",

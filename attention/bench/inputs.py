@@ -62,3 +62,56 @@ def as_bhnd(out: torch.Tensor, shape: ModelShape) -> torch.Tensor:
     if shape.layout == FLAT:
         return out.view(out.shape[0], out.shape[1], shape.heads, -1).transpose(1, 2)
     return out
+
+
+# Video-like inputs for the sparse benchmark (benchmarks/sparse.py) and the sparse GPU tests.
+VIDEO_CHANNELS = 16
+VIDEO_CORRELATION = (3, 6, 6)  # frames, rows, columns over which the latent field varies slowly
+VIDEO_NOISE = 0.5  # std of independent per-token noise, against a unit-std smooth signal
+VIDEO_KEY_ALIGNMENT = 0.5  # std of the part of a head's key projection that its query projection lacks
+
+
+def video_qkv(batch: int, heads: int, head_dim: int, grid: tuple[int, int, int], device: torch.device,
+              dtype: torch.dtype, *, text_tokens: int = 0, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v in (B, H, N, D) (a view of token-major memory, as ComfyUI's DiTs pass them)
+    for N = text_tokens + frames * rows * columns, with video-like locality.
+
+    The input model: a smooth latent field of VIDEO_CHANNELS channels over the (frames,
+    rows, columns) grid (a random coarse grid, one point per VIDEO_CORRELATION cell,
+    trilinearly upsampled, each channel normalised to unit std), so that tokens near each
+    other in space and time carry similar latents. Each head projects the field with a
+    random matrix for queries and a correlated one for keys (query projection plus
+    VIDEO_KEY_ALIGNMENT noise), and an independent one for values; every token then gets
+    independent noise (std VIDEO_NOISE) and q, k, v are rescaled to unit std, as a
+    QK-normalised DiT's are. A query's largest scores are thus with keys nearby, yet the
+    far keys are many and keep a share of the softmax: the structure sparse kernels
+    exploit, without any trained weights behind it. Text tokens (first, as ComfyUI's joint
+    attention places them) are plain Gaussian: no locality. No per-channel outliers.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    frames, rows, columns = grid
+    coarse = torch.randn(batch, VIDEO_CHANNELS, *(-(-size // cell) + 1 for size, cell in zip(grid, VIDEO_CORRELATION)),
+                         device=device, generator=generator)
+    field = torch.nn.functional.interpolate(coarse, size=grid, mode="trilinear", align_corners=True)
+    field = field.flatten(2).transpose(1, 2)  # (B, frames * rows * columns, C)
+    field = (field - field.mean(dim=1, keepdim=True)) / field.std(dim=1, keepdim=True)
+
+    def projection() -> torch.Tensor:
+        return torch.randn(heads, VIDEO_CHANNELS, head_dim, device=device, generator=generator) / VIDEO_CHANNELS ** 0.5
+
+    query_projection = projection()
+    key_projection = (query_projection + VIDEO_KEY_ALIGNMENT * projection()) / (1 + VIDEO_KEY_ALIGNMENT ** 2) ** 0.5
+    tokens = text_tokens + field.shape[1]
+
+    def tensor(weights: torch.Tensor) -> torch.Tensor:
+        video = torch.einsum("bnc,hcd->bnhd", field, weights)
+        video = (video + VIDEO_NOISE * torch.randn(video.shape, device=device, generator=generator)) \
+            / (1 + VIDEO_NOISE ** 2) ** 0.5
+        out = torch.empty(batch, tokens, heads, head_dim, device=device, dtype=dtype)
+        out[:, text_tokens:] = video.to(dtype)
+        if text_tokens:
+            out[:, :text_tokens] = torch.randn(batch, text_tokens, heads, head_dim, device=device,
+                                               generator=generator).to(dtype)
+        return out.transpose(1, 2)
+
+    return tensor(query_projection), tensor(key_projection), tensor(projection())

@@ -18,7 +18,7 @@ from .runner import AUTO_ROW, AUTO_ROWS, Row, auto_verdicts
 log = logging.getLogger(__name__)
 
 _PACKAGES = ("torch", "triton", "sageattention", "flash-attn", "flash_attn_3", "flash-attn-4", "nvidia-cutlass-dsl",
-             "xformers", "comfy-kitchen")
+             "xformers", "comfy-kitchen", "spas_sage_attn")
 
 
 def environment() -> dict:
@@ -54,16 +54,32 @@ def _label(key: str) -> str:
     return next((s.label for s in MODEL_SHAPES if s.key == key), key)
 
 
+def within_noise(ratio: Optional[float], noise: Optional[float]) -> bool:
+    """Whether a ratio is closer to 1 than two timings of one kernel in the same rounds."""
+    return ratio is not None and noise is not None and abs(1.0 - ratio) <= noise
+
+
+def _marked(text: str, ratio: Optional[float], noise: Optional[float]) -> str:
+    return text + " ~" if within_noise(ratio, noise) else text
+
+
+NOISE_NOTE = ("`noise floor`: |1 - ratio| of SDPA timed twice in the same rounds; `~` marks ratios closer to 1 "
+              "than that (no measurable difference).")
+
+
 def markdown(rows: list[Row]) -> str:
-    """One table of speed relative to SDPA default (time in ms for SDPA), one for auto."""
+    """One table of speed relative to SDPA default (time in ms for SDPA), one for auto;
+    each shape with its noise floor, and ratios inside it marked `~`."""
     shapes = list(dict.fromkeys(r.shape for r in rows))
     backends = list(dict.fromkeys(r.backend for r in rows))
     cell = {(r.shape, r.backend): r for r in rows}
-    header = "| shape | SDPA ms | " + " | ".join(b for b in backends if b != "sdpa") + " |"
-    lines = [header, "|" + "---|" * (len(backends) + 1)]
+    header = "| shape | SDPA ms | noise floor | " + " | ".join(b for b in backends if b != "sdpa") + " |"
+    lines = [NOISE_NOTE, "", header, "|" + "---|" * (len(backends) + 2)]
     for shape in shapes:
         base = cell.get((shape, "sdpa"))
-        parts = [_label(shape), f"{base.ms:.3f}" if base and base.ms else "–"]
+        noise = base.noise_floor if base else None
+        parts = [_label(shape), f"{base.ms:.3f}" if base and base.ms else "–",
+                 f"{noise:.3f}" if noise is not None else "–"]
         for backend in backends:
             if backend == "sdpa":
                 continue
@@ -73,12 +89,13 @@ def markdown(rows: list[Row]) -> str:
             elif r.status == "failed":
                 parts.append("failed")
             else:
-                text = f"{r.speedup:.2f}" if r.speedup else f"{r.ms:.3f} ms"
+                text = _marked(f"{r.speedup:.2f}", r.speedup, noise) if r.speedup else f"{r.ms:.3f} ms"
                 if backend in AUTO_ROWS and r.chose:
                     text += f" ({r.chose})"
                 parts.append(text)
         lines.append("| " + " | ".join(parts) + " |")
-    lines += _verdict_lines(auto_verdicts(rows))
+    noise_by_shape = {r.shape: r.noise_floor for r in rows if r.backend == "sdpa"}
+    lines += _verdict_lines(auto_verdicts(rows), noise_by_shape)
     errors = [r for r in rows if r.error and r.backend not in AUTO_ROWS]
     if errors:
         lines += ["", "| shape | backend | rel. L1 | cosine | max abs | non-finite | extra MiB | TFLOP/s |",
@@ -90,27 +107,33 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ratio(value: Optional[float], backend: Optional[str]) -> str:
-    return f"{value:.3f} ({backend})" if value is not None and backend else "–"
+def _ratio(value: Optional[float], backend: Optional[str], noise: Optional[float] = None) -> str:
+    return _marked(f"{value:.3f}", value, noise) + f" ({backend})" if value is not None and backend else "–"
 
 
-def _verdict_lines(verdicts: dict) -> list[str]:
-    """auto and auto_tuned per shape: choice, ratios to the fastest rows, tuning cost."""
+def _verdict_lines(verdicts: dict, noise_by_shape: Optional[dict] = None) -> list[str]:
+    """auto and auto_tuned per shape: choice, ratios to the fastest rows (marked `~` inside
+    the shape's noise floor), tuning cost."""
     if not verdicts:
         return []
-    lines = ["", "| shape | row | chose | vs fastest | its choice's row vs fastest | vs fastest exact | "
+    lines = ["", "| shape | row | chose | noise floor | vs fastest | its choice's row vs fastest | vs fastest exact | "
                  "vs fastest eligible | vs SDPA | tuning ms (cold) | error in budget |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, v in verdicts.items():
+        noise = (noise_by_shape or {}).get(shape)
         for row_name in AUTO_ROWS:
             a = v.get(row_name)
             if a is None:
                 continue
             tuning = f"{a['tuning_ms']:.0f}" if a["tuning_ms"] is not None else "–"
-            choice = f"{a['choice_vs_fastest']:.3f}" if a.get("choice_vs_fastest") is not None else "–"
-            lines.append(f"| {_label(shape)} | {row_name} | {a['chose']} | {_ratio(a['vs_fastest'], v['fastest'])} | "
-                         f"{choice} | {_ratio(a['vs_fastest_exact'], v['fastest_exact'])} | "
-                         f"{_ratio(a['vs_fastest_eligible'], v['fastest_eligible'])} | {a['vs_sdpa']:.3f} | "
+            choice = (_marked(f"{a['choice_vs_fastest']:.3f}", a["choice_vs_fastest"], noise)
+                      if a.get("choice_vs_fastest") is not None else "–")
+            floor = f"{noise:.3f}" if noise is not None else "–"
+            lines.append(f"| {_label(shape)} | {row_name} | {a['chose']} | {floor} | "
+                         f"{_ratio(a['vs_fastest'], v['fastest'], noise)} | "
+                         f"{choice} | {_ratio(a['vs_fastest_exact'], v['fastest_exact'], noise)} | "
+                         f"{_ratio(a['vs_fastest_eligible'], v['fastest_eligible'], noise)} | "
+                         f"{_marked(format(a['vs_sdpa'], '.3f'), a['vs_sdpa'], noise)} | "
                          f"{tuning} | {'yes' if a['error_within_budget'] else 'NO'} |")
     return lines
 

@@ -34,6 +34,8 @@ AUTO_ROW = "auto"
 TUNED_ROW = registry.AUTO_TUNED
 AUTO_ROWS = (AUTO_ROW, TUNED_ROW)
 BASELINE = "sdpa"
+# SDPA timed a second time in the same rounds: the noise floor of the shape's ratios.
+REPEAT = "sdpa (repeat)"
 REFERENCE_ROWS = 2048
 
 
@@ -52,6 +54,9 @@ class Row:
     chose: Optional[str] = None  # for the auto rows
     exact: Optional[bool] = None
     tuning_ms: Optional[float] = None  # auto_tuned: what measuring this shape cost, cold
+    # |1 - ratio| of SDPA's two timings in the same rounds (same for every row of a shape):
+    # ratios closer to 1 than this are noise.
+    noise_floor: Optional[float] = None
 
 
 def _progress(items: list, label: str):
@@ -114,9 +119,14 @@ def bench_shape(shape: ModelShape, names: Iterable[str], device: torch.device, d
         rows.append(row)
     fns = {name: pair[0] for name, pair in timed.items()}
     fns.update({f"{name} direct": pair[1] for name, pair in timed.items()})
+    if BASELINE in timed:
+        repeat = Dispatcher(BASELINE, strict=True)
+        fns[REPEAT] = lambda: repeat(q, k, v, shape.heads, **args)  # noqa: E731
     medians = interleaved_median_ms(fns, device, reps=reps, budget_s=budget_s)
     baseline = medians.get(BASELINE)
+    noise = abs(1.0 - medians[REPEAT] / baseline) if baseline and REPEAT in medians else None
     for row in rows:
+        row.noise_floor = noise
         if row.backend in timed:
             row.ms, row.direct_ms = medians[row.backend], medians[f"{row.backend} direct"]
             row.tflops = shape.flops / (row.ms * 1e-3) / 1e12
@@ -167,11 +177,12 @@ def auto_verdicts(rows: list[Row]) -> dict:
 def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         backends: Optional[list[str]] = None, reps: int = 20, budget_s: float = 10.0,
         tuning_file: Optional[str] = None) -> list[Row]:
-    """Benchmark `backends` (default: every backend available here), auto and auto_tuned
+    """Benchmark `backends` (default: every dense backend available here; the sparse ones
+    have their own benchmark, benchmarks/sparse.py), auto and auto_tuned
     on `shapes`. auto_tuned measures every shape afresh and saves to `tuning_file`
     (default: a temporary file), which then holds the tuned table with its evidence."""
     if backends is None:
-        backends = [b.name for b, a in registry.availability_table() if a.available]
+        backends = [b.name for b, a in registry.availability_table() if a.available and not b.sparse]
     names = [BASELINE] + [b for b in backends if b != BASELINE] + list(AUTO_ROWS)
     if tuning_file is None:
         tuning_file = os.path.join(tempfile.mkdtemp(prefix="attention-bench-"), "tuning.json")
@@ -181,4 +192,5 @@ def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tuner.flush()  # the tuned table, written once the timing is over
     return rows

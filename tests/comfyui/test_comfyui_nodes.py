@@ -13,12 +13,13 @@ def _inputs(node_class) -> dict:
     return {entry.id: entry for entry in node_class.GET_SCHEMA().inputs}
 
 
-def test_both_nodes_are_registered_with_the_full_backend_list(pack):
+def test_both_nodes_are_registered_with_the_full_dense_backend_list(pack):
     basic, basic_name = _node("AttentionBackend")
     advanced, advanced_name = _node("AttentionBackendAdvanced")
     assert (basic_name, advanced_name) == ("Attention Backend", "Attention Backend (Advanced)")
     inputs = _inputs(basic)
-    assert inputs["backend"].options == ["auto", "auto_tuned"] + pack.attention.names()
+    dense = [name for name in pack.attention.names() if name not in pack.attention.sparse_names()]
+    assert inputs["backend"].options == ["auto", "auto_tuned"] + dense
     assert inputs["on_unsupported"].options == ["fall back", "stop"]
     for node_class in (basic, advanced):
         schema = node_class.GET_SCHEMA()

@@ -146,7 +146,7 @@ def test_call_forms_heads_keyword_positional_mask_and_unknown(pack, flux, patch)
     # A form that is not ComfyUI's goes to ComfyUI's function untouched, with its keywords.
     assert state.override(comfy_function, q, q, **common, unknown_keyword=1) == "comfy"
     assert passed_on[0][1]["unknown_keyword"] == 1
-    assert state.unknown_form == 1
+    assert state.count("unknown_form") == 1
     assert state.main.counters().served == {"sdpa": 2}
 
 

@@ -237,7 +237,10 @@ def test_status_route(server):
     assert rows["sage"]["available"] is False and rows["sage"]["reasons"]
     assert [device["type"] for device in status["devices"]] == ["cpu"]
     assert status["devices"][0]["auto_order"][-1]["backend"] == "sdpa"
-    assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + list(rows)
+    assert status["nodes"]["selectable"] == ["auto", "auto_tuned"] + [name for name in rows
+                                                                      if name not in ("sol", "sparge")]
+    assert status["nodes"]["sparse"] == ["sol", "sparge"]
+    assert status["parallel"]["gpus"] == [] and status["parallel"]["head_parallel"]["problems"]
     assert status["tuning"]["file"].endswith("attention_backends/tuning.json")
     assert [(d["type"], d["fingerprint"]["gpu"]) for d in status["tuning"]["devices"]] == [("cpu", "cpu")]
     assert {"name": "h200", "title": "NVIDIA H200 · torch 2.11.0 · CUDA 13.0",
@@ -294,7 +297,7 @@ def test_example_workflows_use_registered_nodes_and_valid_links(server, pack_roo
         for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
             assert nodes[source]["outputs"][source_slot]["type"] == kind
             assert nodes[target]["inputs"][target_slot]["link"] == link_id
-    assert {"AttentionBackend", "AttentionBackendAdvanced"} <= used
+    assert {"AttentionBackend", "AttentionBackendAdvanced", "AttentionBackendSparse"} <= used
 
 
 def _combo_options(spec: list) -> list:

@@ -85,3 +85,71 @@ def test_nodes_offer_auto_tuned_and_the_tuning_choice(pack):
         assert inputs["tuning"].options == ["reuse saved", "re-tune"] and inputs["tuning"].optional
     basic = {i.id: i for i in nodes.NODE_CLASS_MAPPINGS["AttentionBackend"].define_schema().inputs}
     assert "auto_tuned" in basic["backend"].options
+
+
+# --- the file: damaged, written once per run, bounded in the status route ---------------
+
+DAMAGED_FILES = {
+    "utf-16": "{}".encode("utf-16"),
+    "random bytes": bytes(range(256)) * 8,
+    "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_FILES))
+def test_a_damaged_file_leaves_status_and_runs_working_and_is_moved_aside(pack, tiny, flux, patch, user_directory,
+                                                                          case):
+    path = user_directory / "attention_backends" / "tuning.json"
+    path.parent.mkdir()
+    path.write_bytes(DAMAGED_FILES[case])
+    [device] = pack.nodes.routes.status()["tuning"]["devices"]
+    assert device["ignored_file_problem"] and device["count"] == 0 and device["decisions"] == []
+    patched, state = patch(flux, "auto_tuned")
+    out = tiny.sample(patched)
+    assert torch.isfinite(out).all() and state.last_report["tuning"]["measured"] >= 1
+    assert path.with_name("tuning.json.ignored").read_bytes() == DAMAGED_FILES[case]
+    saved = json.loads(path.read_text())["machines"][0]["decisions"]
+    assert len(saved) == state.last_report["tuning"]["measured"]
+
+
+def test_decisions_are_written_once_after_the_sampler_run(pack, tiny, flux, sd15, patch, user_directory,
+                                                          monkeypatch):
+    import os
+
+    path = str(user_directory / "attention_backends" / "tuning.json")
+    patched, state = patch(sd15, "auto_tuned")
+    writes = []
+    real_replace = os.replace
+
+    def record(src, dst):  # which file, and how many attention calls had been served by then
+        writes.append((dst, sum(sum(d.counters().served.values()) for _, d in state.dispatchers())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", record)
+    tiny.sample(patched)
+    measured = state.last_report["tuning"]["measured"]
+    assert measured >= 2  # self- and cross-attention shapes of the UNet
+    # One write for the whole run, after its last attention call.
+    assert writes == [(path, state.last_report["total_calls"])]
+    tiny.sample(patched)  # nothing new: nothing written
+    assert len(writes) == 1
+
+
+def test_status_lists_a_bounded_number_of_decisions(pack, user_directory):
+    store_module = pack.attention.tuning_store
+    machine = store_module.fingerprint(torch.device("cpu"))
+    decision = {"backend": "sdpa", "reference": "sdpa", "tuning_ms": 1.0, "budget": {},
+                "candidates": {"sdpa": {"ms": 1.0, "rel_l1": 0.0, "cosine": 1.0, "max_abs": 0.0, "nonfinite": 0,
+                                        "verdict": "chosen"}}}
+    decisions = {f"float32|B1|H2|Hkv2|Nq{n}|Nk{n}|D64": dict(decision, tuned_at=f"2026-01-01T00:00:{n % 60:02d}+00:00")
+                 for n in range(3000)}
+    path = user_directory / "attention_backends" / "tuning.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": store_module.FORMAT, "version": store_module.VERSION,
+                                "machines": [{"fingerprint": machine, "decisions": decisions}]}))
+    tuning = pack.nodes.routes.status()["tuning"]
+    [device] = tuning["devices"]
+    assert device["count"] == store_module.MAX_DECISIONS
+    assert len(device["decisions"]) == tuning["listed_at_most"] == pack.nodes.tuning.STATUS_DECISIONS
+    assert all(d["tuned_at"].endswith(":59+00:00") for d in device["decisions"])  # the newest
+    assert len(json.dumps(tuning)) < 64 * 1024

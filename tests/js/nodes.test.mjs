@@ -23,6 +23,11 @@ const root = new Graph([node(1, "CheckpointLoaderSimple"), top, adv, subgraphNod
 test("node kinds", () => {
   assert.equal(nodeKind("AttentionBackend"), NODE_KINDS.AttentionBackend);
   assert.equal(nodeKind("AttentionBackendAdvanced").kind, "advanced");
+  assert.equal(nodeKind("AttentionBackendSparse").kind, "sparse");
+  const sparse = node(8, "AttentionBackendSparse", [combo("backend", "sol", ["sol", "sparge"])]);
+  assert.equal(nodeSelection(sparse), "sol");
+  assert.equal(nodePolicy(sparse), null);
+  assert.equal(nodeTuning(sparse), null);
   // Other types that merely start with the name (e.g. test fixtures) are not ours.
   assert.equal(nodeKind("AttentionBackendsTestTinyFlux"), null);
   assert.equal(nodeKind("toString"), null);

@@ -1,8 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  REPORT_EVENT, fallbackLines, planLines, formatCount, formatDuration, formatShare, noteLines, oneLine, reportsFromResponse,
-  shareRows, summariseReport,
+  REPORT_EVENT, fallbackLines, planLines, formatCount, formatDuration, formatShare, noteLines, oneLine, qualityLines,
+  reportsFromResponse, shareRows, summariseReport,
 } from "../../web/lib/report.js";
 import { fixture } from "./helpers.mjs";
 
@@ -115,4 +115,27 @@ test("calls passed on to an earlier override show under its name", () => {
                     shares: { "attention_sage (ComfyUI-KJNodes)": 0.0526, flash4: 0.9474 },
                     passed_on_to: "attention_sage (ComfyUI-KJNodes)" };
   assert.equal(oneLine(chained), "flash4 94.7% · attention_sage (ComfyUI-KJNodes) 5.3%");
+});
+
+test("the sparse node's quality lines", () => {
+  const report = {
+    ...flux, node_type: "AttentionBackendSparse", selection: "sol",
+    quality: {
+      budget_rel_l1: 0.1, rows: 256, calls_per_check: 4, checkpoints: [0.375, 0.55, 0.725], sampled_calls: 9,
+      signatures: [
+        { signature: "B=1 H=40 Nq=75600 Nk=75600 D=128 bfloat16 cuda sm90", backend: "sol", settings: "tau 0.5",
+          checks: [{ check: 0, calls: 4 }, { check: 1, calls: 4 }], worst_rel_l1: 0.0312, over_budget: false,
+          served_instead: null },
+        { signature: "B=1 H=40 Nq=32760 Nk=32760 D=128 bfloat16 cuda sm90", backend: "sol", settings: "tau 0.5",
+          checks: [{ check: 0, calls: 1 }], worst_rel_l1: 0.2, over_budget: true, served_instead: "sdpa" },
+      ],
+    },
+  };
+  assert.deepEqual(qualityLines(report), [
+    "sol · B=1 H=40 Nq=75600 Nk=75600 D=128 bfloat16 cuda sm90: worst rel. L1 0.031 in 8 sampled calls (budget 0.1)",
+    "sol · B=1 H=40 Nq=32760 Nk=32760 D=128 bfloat16 cuda sm90: worst rel. L1 0.200 in 1 sampled call (budget 0.1)" +
+      "; over budget, sdpa from then on",
+  ]);
+  assert.deepEqual(summariseReport(report, { currentSelection: "sol" }).notes, qualityLines(report));
+  assert.deepEqual(qualityLines(flux), []);
 });

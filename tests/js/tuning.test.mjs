@@ -90,6 +90,9 @@ test("the runner-up is the fastest other candidate inside the error budget", () 
   // Nothing else inside the budget, or nothing at all.
   assert.equal(runnerUp({ backend: "sdpa", candidates: { sdpa: { ms: 1, verdict: v("chosen", "chosen") } } }), null);
   assert.equal(runnerUpText({ backend: "sdpa", candidates: {} }), "no runner-up inside the error budget");
+  // A ratio closer to 1 than the reference's two timings is marked as noise.
+  assert.equal(runnerUpText({ ...flux, noise_floor: 0.07 }), "runner-up sdpa 1.06× (inside the noise floor)");
+  assert.equal(runnerUpText({ ...flux, noise_floor: 0.02 }), "runner-up sdpa 1.06×");
   assert.equal(runnerUp({}), null);
 });
 
@@ -232,15 +235,29 @@ test("Tuned on this GPU: nothing, no GPU, several GPUs", () => {
   const none = tunedOnThisMachine({ tuning: { file: "/u/attention_backends/tuning.json", exists: false, devices: [] } });
   assert.equal(none.exists, false);
   assert.match(none.note, /No CUDA GPU is visible/);
-  const fresh = tunedOnThisMachine({ tuning: { ...h200, devices: [{ ...h200.devices[0], decisions: [] }] } });
+  const fresh = tunedOnThisMachine({ tuning: { ...h200, devices: [{ ...h200.devices[0], count: 0, decisions: [] }] } });
   assert.equal(fresh.devices[0].count, 0);
   assert.match(fresh.devices[0].countText, /No decisions saved for this GPU yet/);
   const two = tunedOnThisMachine({ tuning: { ...h200, devices: [h200.devices[0], { ...h200.devices[0], index: 1 }] } });
   assert.deepEqual(two.devices.map((d) => d.label), ["GPU 0: ", "GPU 1: "]);
 });
 
+test("a long list: the server's count, and the newest decisions it lists", () => {
+  const many = { ...h200, devices: [{ ...h200.devices[0], count: 1000, decisions: h200.devices[0].decisions.slice(0, 3) }] };
+  const [device] = tunedOnThisMachine({ tuning: many }).devices;
+  assert.equal(device.count, 1000);
+  assert.equal(device.countText, "1000 saved decisions (the 3 newest listed)");
+  assert.equal(device.decisions.length, 3);
+  const view = describeSelection({ ...gpu, tuning: many }, "auto_tuned");
+  assert.ok(view.lines.some((l) => /1000 call shapes tuned and saved/.test(l.text)), JSON.stringify(view.lines));
+  // A server that sends no count listed every decision.
+  const all = tunedOnThisMachine({ tuning: h200 }).devices[0];
+  assert.equal(all.count, h200.devices[0].decisions.length);
+  assert.equal(all.countText, `${all.count} saved decisions`);
+});
+
 test("a damaged tuning file is shown as a warning", () => {
-  const damaged = { ...h200, devices: [{ ...h200.devices[0], decisions: [],
+  const damaged = { ...h200, devices: [{ ...h200.devices[0], count: 0, decisions: [],
     ignored_file_problem: "not JSON (Expecting value: line 1 column 1 (char 0))" }] };
   const [device] = tunedOnThisMachine({ tuning: damaged }).devices;
   assert.equal(device.problem, "The tuning file was ignored: not JSON (Expecting value: line 1 column 1 (char 0)). " +

@@ -8,6 +8,8 @@ export const NODE_KINDS = {
   AttentionBackendAdvanced: {
     kind: "advanced", selectionWidget: "priority", policyWidget: "on_unsupported", tuningWidget: "tuning",
   },
+  // Sparse backends (sol, sparge); calls they do not serve fall back to auto, no tuning.
+  AttentionBackendSparse: { kind: "sparse", selectionWidget: "backend", policyWidget: null, tuningWidget: null },
 };
 
 /** Name of the extension's own (display-only, never serialised) widget. */

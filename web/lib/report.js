@@ -80,6 +80,19 @@ export function noteLines(report) {
   return notes;
 }
 
+/** Sparse node: the sampled error per call shape, "sol · B=1 H=40 Nq=75600 …: worst rel. L1 0.031 in 16 sampled calls (budget 0.1)". */
+export function qualityLines(report, limit = 4) {
+  const quality = report && report.quality;
+  if (!quality || !Array.isArray(quality.signatures)) return [];
+  return quality.signatures.slice(0, limit).map((row) => {
+    const calls = (row.checks || []).reduce((a, c) => a + (Number(c.calls) || 0), 0);
+    const worst = typeof row.worst_rel_l1 === "number" ? `worst rel. L1 ${row.worst_rel_l1.toFixed(3)}` : "not checked";
+    const dense = row.over_budget ? `; over budget, ${row.served_instead || "dense"} from then on` : "";
+    return `${row.backend} · ${row.signature}: ${worst} in ${formatCount(calls)} sampled ` +
+      `${calls === 1 ? "call" : "calls"} (budget ${quality.budget_rel_l1})${dense}`;
+  });
+}
+
 /**
  * The "after a run" panel of a node.
  * Returns {level: "ok"|"warn"|"error", headline, rows, fallbacks, warnings, notes, stale, tuning}
@@ -91,7 +104,7 @@ export function summariseReport(report, { currentSelection = null } = {}) {
   const rows = shareRows(report);
   const fallbacks = fallbackLines(report);
   const warnings = ((report.warnings) || []).map(String);
-  const notes = noteLines(report);
+  const notes = [...noteLines(report), ...qualityLines(report)];
   const total = typeof report.total_calls === "number" ? report.total_calls
     : rows.reduce((a, r) => a + r.calls, 0);
   const parts = [`${formatCount(total)} attention ${total === 1 ? "call" : "calls"}`];

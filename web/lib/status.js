@@ -135,6 +135,22 @@ export function describeSelection(status, selection, { error = null, onUnsupport
            hint: (install && install.command) || "" };
 }
 
+/**
+ * What `auto` decides by on a device (`device.auto_source`, docs/api.md):
+ * {kind: "calibrated" | "default" | "rules", text}. Older servers send nothing: "rules".
+ */
+export function autoSource(device) {
+  const source = (device && device.auto_source) || {};
+  if (source.source === "calibrated") {
+    return { kind: "calibrated", text: "auto runs on this GPU's calibration" };
+  }
+  if (source.source === "default") {
+    const fitted = source.gpu ? ` (fitted on ${source.gpu})` : "";
+    return { kind: "default", text: `auto runs on the default cost model${fitted}; python -m attention calibrate fits this GPU's own` };
+  }
+  return { kind: "rules", text: "auto runs on the rule table (no cost model for this GPU class)" };
+}
+
 /** `auto`: per device, which backend serves each typical shape, and what is missing from the order. */
 export function describeAuto(status) {
   const devices = (status && status.devices) || [];
@@ -155,6 +171,10 @@ export function describeAuto(status) {
       for (const group of groups) {
         lines.push({ text: `${group.backend} ← ${group.shapes.join(", ")}`, cls: "good", indent: true });
       }
+    }
+    if (device.type !== "cpu") {
+      const source = autoSource(device);
+      lines.push({ text: source.text, cls: source.kind === "calibrated" ? "good" : "muted" });
     }
     const missing = missingFromAutoOrder(status, device);
     if (missing.length) {

@@ -139,11 +139,18 @@ export function runnerUp(decision) {
   return { ...best, ratio: base ? best.ms / base : null };
 }
 
-/** "runner-up sdpa 1.06×" or "no runner-up inside the error budget". */
+/**
+ * "runner-up sdpa 1.06×", "runner-up sdpa 1.01× (inside the noise floor)" when the ratio is
+ * closer to 1 than the reference timed twice (decision.noise_floor), or "no runner-up
+ * inside the error budget".
+ */
 export function runnerUpText(decision) {
   const r = runnerUp(decision);
   if (!r) return "no runner-up inside the error budget";
-  return `runner-up ${r.backend}${isNumber(r.ratio) ? ` ${formatRatio(r.ratio)}` : ""}`;
+  if (!isNumber(r.ratio)) return `runner-up ${r.backend}`;
+  const noise = decision && decision.noise_floor;
+  const inside = isNumber(noise) && Math.abs(1 - r.ratio) <= noise;
+  return `runner-up ${r.backend} ${formatRatio(r.ratio)}${inside ? " (inside the noise floor)" : ""}`;
 }
 
 /**
@@ -266,7 +273,8 @@ export function fingerprintDetails(fp) {
  * The status route's `tuning` for the sidebar: {file, exists, note, devices: [{index,
  * label, gpu, summary, details, count, countText, problem, decisions}]}, or null when the
  * server sends none (a pack without auto_tuned). label names the GPU's index when there
- * are several.
+ * are several. The server lists the newest decisions only and counts them all (`count`;
+ * a server without it listed every one).
  */
 export function tunedOnThisMachine(status) {
   const tuning = status && status.tuning;
@@ -278,15 +286,17 @@ export function tunedOnThisMachine(status) {
     note: devices.length ? "" : "No CUDA GPU is visible: saved decisions are listed per GPU.",
     devices: devices.map((device) => {
       const decisions = (Array.isArray(device.decisions) ? device.decisions : []).map(decisionView);
+      const count = isNumber(device.count) ? Math.max(device.count, decisions.length) : decisions.length;
+      const listed = count > decisions.length ? ` (the ${decisions.length} newest listed)` : "";
       return {
         index: device.index ?? null,
         label: devices.length > 1 ? `GPU ${device.index}: ` : "",
         gpu: (device.fingerprint && device.fingerprint.gpu) || "unknown GPU",
         summary: fingerprintSummary(device.fingerprint),
         details: fingerprintDetails(device.fingerprint),
-        count: decisions.length,
-        countText: decisions.length
-          ? `${plural(decisions.length, "saved decision", "saved decisions")}`
+        count,
+        countText: count
+          ? `${plural(count, "saved decision", "saved decisions")}${listed}`
           : "No decisions saved for this GPU yet: auto_tuned measures each call shape on first use.",
         problem: device.ignored_file_problem
           ? `The tuning file was ignored: ${device.ignored_file_problem}. Nothing in it is used; it is moved to ` +

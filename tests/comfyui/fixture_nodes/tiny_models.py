@@ -1,14 +1,16 @@
-"""Weightless tiny real ComfyUI models (Flux, SD1.5 UNet) that sample on a CPU in well
-under a second: real model code, real sampler, real patcher, random weights.
+"""Weightless tiny real ComfyUI models (Flux, SD1.5 UNet, HunyuanVideo, Lumina2) that
+sample on a CPU in well under a second: real model code, real sampler, real patcher,
+random weights.
 
 Import only after ComfyUI is on sys.path and `comfy.cli_args.args.cpu` is set.
-Works with ComfyUI 0.3.64, 0.8.0 and 0.19.3 (the Flux config follows the FluxParams
-fields of the tree it runs in).
+Works with ComfyUI 0.3.64, 0.8.0, 0.19.3 and 0.28.0: configs follow the parameters of the
+tree they run in (FluxParams, HunyuanVideoParams, NextDiT's arguments).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 import torch
@@ -77,6 +79,54 @@ def tiny_flux(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return _patcher(comfy.supported_models.Flux(flux_config()), seed, geometry)
 
 
+def hunyuan_video_config() -> dict:
+    """A shrunken HunyuanVideo: 2 heads of dim 128, one double and one single block, the
+    two-block token refiner (its self-attention takes the text mask with padded queries)."""
+    import comfy.ldm.hunyuan_video.model as hunyuan_model
+    fields = {field.name for field in dataclasses.fields(hunyuan_model.HunyuanVideoParams)}
+    config = {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 256, "patch_size": [1, 2, 2],
+        "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False,
+    }
+    newer = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}  # 0.8.0 and newer
+    config.update({name: value for name, value in newer.items() if name in fields})
+    return config
+
+
+def lumina2_config() -> dict:
+    """A shrunken Lumina 2: 2 query heads of dim 96 over 1 key head (repeated before
+    attention, as the model does), one refiner block of each kind and one main layer."""
+    import comfy.ldm.lumina.model as lumina_model
+    accepted = inspect.signature(lumina_model.NextDiT.__init__).parameters
+    config = {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 192, "n_layers": 1,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 2.0,
+        "qk_norm": True, "cap_feat_dim": 64, "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512],
+        "rope_theta": 10000.0,  # 0.8.0 and newer
+    }
+    return {name: value for name, value in config.items() if name in accepted}
+
+
+def tiny_hunyuan_video(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    geometry = dict(channels=16, frames=2, h=8, w=8, ctx_len=16, ctx_dim=64, pooled_dim=32, guidance=6.0)
+    return _patcher(comfy.supported_models.HunyuanVideo(hunyuan_video_config()), seed, geometry)
+
+
+def tiny_lumina2(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    geometry = dict(channels=16, h=8, w=8, ctx_len=12, ctx_dim=64, pooled_dim=None, guidance=None)
+    return _patcher(comfy.supported_models.Lumina2(lumina2_config()), seed, geometry)
+
+
+def text_mask(lengths: list[int], seq: int) -> torch.Tensor:
+    """A text encoder's attention mask (long, 1 = token, 0 = padding), one row per prompt."""
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return mask
+
+
 def tiny_sd_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     model_config = comfy.supported_models.SD15(sd_unet_config())
     # SD15's own extra config asks for 8 heads of 40+; shrink to 2 heads.
@@ -102,28 +152,36 @@ def flux_conditioning(seed: int, batch: int = 1) -> tuple[list, list]:
     return _conditioning(dict(ctx_len=8, ctx_dim=64, pooled_dim=32, guidance=3.5), seed, batch)
 
 
-def _conditioning(geometry: dict, seed: int, batch: int) -> tuple[list, list]:
+def _conditioning(geometry: dict, seed: int, batch: int, masks: tuple = (None, None)) -> tuple[list, list]:
+    """(positive, negative); `masks` adds an `attention_mask` to either, as text encoders
+    that return masks (HunyuanVideo's, Lumina2's) do."""
     generator = torch.Generator(device="cpu").manual_seed(seed + 1)
 
-    def one() -> list:
+    def one(mask: Optional[torch.Tensor]) -> list:
         context = torch.randn((batch, geometry["ctx_len"], geometry["ctx_dim"]), generator=generator)
-        extra = {"pooled_output": torch.randn((batch, geometry["pooled_dim"]), generator=generator)}
+        extra = {}
+        if geometry["pooled_dim"] is not None:
+            extra["pooled_output"] = torch.randn((batch, geometry["pooled_dim"]), generator=generator)
         if geometry["guidance"] is not None:
             extra["guidance"] = geometry["guidance"]
+        if mask is not None:
+            extra["attention_mask"] = mask
         return [[context, extra]]
 
-    return one(), one()
+    return one(masks[0]), one(masks[1])
 
 
 def sample(model: comfy.model_patcher.ModelPatcher, seed: int = 0, steps: int = 2, cfg: float = 2.0,
            sampler_name: str = "euler", scheduler: str = "normal",
-           latent: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sample through comfy.sample.sample (the KSampler path); returns the latent."""
+           latent: Optional[torch.Tensor] = None, masks: tuple = (None, None)) -> torch.Tensor:
+    """Sample through comfy.sample.sample (the KSampler path); returns the latent.
+    `masks`: (positive, negative) text attention masks, or None for either."""
     geometry = _GEOMETRY[id(model.model)]
     if latent is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        latent = torch.randn((1, geometry["channels"], geometry["h"], geometry["w"]), generator=generator)
-    positive, negative = _conditioning(geometry, seed, latent.shape[0])
+        frames = (geometry["frames"],) if "frames" in geometry else ()
+        latent = torch.randn((1, geometry["channels"]) + frames + (geometry["h"], geometry["w"]), generator=generator)
+    positive, negative = _conditioning(geometry, seed, latent.shape[0], masks)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():
         return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,

@@ -1,0 +1,247 @@
+"""Measure kernels on calls, and `python -m attention calibrate`: fit this GPU's cost model.
+
+`time_call` times every eligible kernel on one call in interleaved rounds with the
+steady-state method of measure.py (each measurement ~10 ms of back-to-back calls, so a
+kernel whose host path outlasts its GPU work is charged for the host path, as a model
+is), plus SDPA a second time in the same rounds: the noise floor, the ratio two timings
+of one kernel show in that run. The grid benchmark, the held-out benchmark and
+`calibrate` all measure through it.
+
+Budget: rounds stop at `reps`, or earlier when one call's `budget_s` would be exceeded,
+but never below MIN_REPS; the grid as a whole stops starting calls once its budget is
+spent, and says which calls it left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from . import registry
+from .bench.inputs import call_form, make_qkv
+from .calibration_calls import Call
+from .call import describe_call
+from .cost_fit import Sample, fit_model
+from .cost_model import CostModel, work_of
+from .errors import describe_exception
+from .measure import interleaved_median_ms, time_ms
+from .priority import device_class
+
+log = logging.getLogger(__name__)
+
+BASELINE = "sdpa"
+# The noise floor's row: SDPA again, through its own dispatcher, in the same rounds.
+REPEAT = "sdpa (repeat)"
+MIN_REPS = 3
+WARMUP = 2
+# Long calls (the fastest single call at least this long) are screened: each row is timed
+# once, and rows slower than SCREEN_RATIO x the fastest keep that one timing (they cannot
+# win, and a round of a 200 ms call over a dozen kernels takes seconds). Kernels at these
+# lengths have no host-path effect on a single timing.
+LONG_CALL_MS = 20.0
+SCREEN_RATIO = 1.5
+
+
+@dataclasses.dataclass
+class CallTiming:
+    """One call's medians in µs per kernel (and extra rows), with what was left out."""
+
+    call: Call
+    times_us: dict[str, float]
+    chose: dict[str, str] = dataclasses.field(default_factory=dict)  # extra rows: the kernel their plan ran
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel: why not timed
+    single: list[str] = dataclasses.field(default_factory=list)  # rows screened out: one timing only
+
+    @property
+    def noise_floor(self) -> Optional[float]:
+        """|1 - ratio| of SDPA's two timings in the same rounds; None without the repeat."""
+        a, b = self.times_us.get(BASELINE), self.times_us.get(REPEAT)
+        return None if a is None or b is None else abs(1.0 - b / a)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"call": dataclasses.asdict(self.call), "times_us": self.times_us, "chose": self.chose,
+                "skipped": self.skipped, "single": self.single, "noise_floor": self.noise_floor}
+
+
+def kernel_names(device: torch.device) -> list[str]:
+    """Tunable kernels available here, SDPA first."""
+    names = [b.name for b, a in registry.availability_table() if b.tunable and a.available]
+    return [BASELINE] + [n for n in names if n != BASELINE]
+
+
+def time_call(call: Call, device: torch.device, names: Sequence[str], *, reps: int = 5, budget_s: float = 3.0,
+              extra: Optional[Mapping[str, Callable[[], Any]]] = None) -> CallTiming:
+    """Time every kernel of `names` that can serve `call` here, SDPA twice, and `extra`
+    dispatchers (made by a factory each, e.g. `auto`), all in the same interleaved rounds."""
+    from .dispatch import Dispatcher  # the dispatcher imports the tuner, which imports measure
+
+    q, k, v = make_qkv(call.model_shape(), device, call.torch_dtype)
+    mask = call.make_mask(device)
+    form = call_form(call.model_shape())
+    precision = torch.float32 if call.fp32_softmax else None
+    signature = describe_call(q, k, v, call.heads, mask, attn_precision=precision, **form)
+    eligible = Dispatcher(BASELINE).eligible(signature, (q, k, v, mask, None))
+    timing = CallTiming(call, {})
+    rows: dict[str, Any] = {}
+    for name in names:
+        if name not in eligible:
+            timing.skipped[name] = "cannot serve this call here"
+            continue
+        rows[name] = Dispatcher(name, strict=True)
+    if BASELINE in rows:
+        rows[REPEAT] = Dispatcher(BASELINE, strict=True)
+    for label, factory in (extra or {}).items():
+        rows[label] = factory()
+    fns: dict[str, Callable[[], Any]] = {}
+    for label, dispatcher in rows.items():
+        fn = functools.partial(dispatcher, q, k, v, call.heads, mask, attn_precision=precision, **form)
+        try:
+            fn()  # plans, compiles, checks
+        except Exception as error:  # a kernel that breaks on a call is a result, not a crash
+            timing.skipped[label] = "raised " + describe_exception(error)
+            continue
+        fns[label] = fn
+        if label in (extra or {}):
+            timing.chose[label] = dispatcher.plans()[-1].name
+    warmup = WARMUP
+    if fns and device.type == "cuda":
+        once = {label: time_ms(fn, device) for label, fn in fns.items()}
+        best = min(once.values())
+        if best >= LONG_CALL_MS:
+            keep = {BASELINE, REPEAT, *(extra or {})}
+            timing.single = [label for label, ms in once.items() if ms > SCREEN_RATIO * best and label not in keep]
+            timing.times_us = {label: once[label] * 1e3 for label in timing.single}
+            fns = {label: fn for label, fn in fns.items() if label not in timing.single}
+            warmup = 0  # planned and timed once already
+    if fns:
+        medians = interleaved_median_ms(fns, device, warmup=warmup, reps=max(reps, MIN_REPS), budget_s=budget_s,
+                                        min_reps=MIN_REPS)
+        timing.times_us.update({label: ms * 1e3 for label, ms in medians.items()})
+    del q, k, v, mask
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return timing
+
+
+TimeCall = Callable[..., CallTiming]
+
+
+def progress(items: list, label: str) -> Iterable:
+    """tqdm (ComfyUI ships it) when present, else a counter on stderr."""
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=label, file=sys.stderr)
+    except ImportError:
+        def iterate():
+            for i, item in enumerate(items, 1):
+                sys.stderr.write(f"\r{label}: {i}/{len(items)}")
+                yield item
+            sys.stderr.write("\n")
+        return iterate()
+
+
+def measure_grid(calls: Sequence[Call], device: torch.device, names: Sequence[str], *, budget_s: float,
+                 reps: int = 5, call_budget_s: float = 3.0, time_one: TimeCall = time_call,
+                 clock: Callable[[], float] = time.perf_counter,
+                 label: str = "cost grid") -> tuple[list[CallTiming], list[str]]:
+    """Time every call of `calls` (in order) until `budget_s` is spent; returns the
+    timings and the keys of the calls left out for lack of time."""
+    started = clock()
+    timings: list[CallTiming] = []
+    left_out: list[str] = []
+    for call in progress(list(calls), label):
+        left = budget_s - (clock() - started)
+        if left <= 0:
+            left_out.append(call.key)
+            continue
+        timings.append(time_one(call, device, names, reps=reps, budget_s=min(call_budget_s, left)))
+    if left_out:
+        log.warning("attention backends: the %.0f s budget ran out; %d calls not measured: %s", budget_s,
+                    len(left_out), ", ".join(left_out))
+    return timings, left_out
+
+
+def samples(timings: Iterable[CallTiming], capability: Optional[tuple[int, int]] = (9, 0),
+            device_type: str = "cuda") -> dict[str, list[Sample]]:
+    """Per kernel, its measured calls as the fit takes them (extra rows and the repeat left out)."""
+    known = set(registry.names())
+    by_kernel: dict[str, list[Sample]] = {}
+    for timing in timings:
+        signature = timing.call.signature(device_type, capability)
+        for name, us in timing.times_us.items():
+            if name not in known or not us > 0:
+                continue
+            work = work_of(signature, copies=registry.get(name).contiguous)
+            by_kernel.setdefault(name, []).append(Sample(timing.call.key, work, us))
+    return by_kernel
+
+
+def timing_from_json(row: Mapping[str, Any]) -> CallTiming:
+    call_data = dict(row["call"])
+    if call_data.get("mask_shape") is not None:
+        call_data["mask_shape"] = tuple(call_data["mask_shape"])
+    return CallTiming(Call(**call_data), dict(row["times_us"]), dict(row.get("chose", {})),
+                      dict(row.get("skipped", {})), list(row.get("single", [])))
+
+
+def device_facts(device: torch.device) -> tuple[str, str, int, Optional[tuple[int, int]]]:
+    """(GPU class, GPU name, SM count, capability) of a device."""
+    if device.type != "cuda":
+        return "default", "CPU", 1, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    capability = tuple(torch.cuda.get_device_capability(index))
+    return device_class("cuda", capability), props.name, props.multi_processor_count, capability
+
+
+def fit_timings(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, sms: int,
+                capability: Optional[tuple[int, int]], device_type: str = "cuda", source: str = "default",
+                steps: Optional[int] = None) -> tuple[CostModel, dict]:
+    """The cost model of a measured grid."""
+    kwargs = {} if steps is None else {"steps": steps}
+    return fit_model(samples(timings, capability, device_type), gpu_class=gpu_class, gpu=gpu, sms=sms, source=source,
+                     **kwargs)
+
+
+# `calibrate` stops starting calls after this long, leaving time for the fit in 5 minutes.
+CALIBRATE_BUDGET_S = 240.0
+
+
+def calibrate(device: torch.device, *, budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None,
+              time_one: TimeCall = time_call, clock: Callable[[], float] = time.perf_counter,
+              steps: Optional[int] = None) -> tuple[CostModel, str, list[str]]:
+    """Measure the reduced grid on `device`, fit this GPU's cost model and save it under
+    the machine's fingerprint; returns the model, the file and the calls left out."""
+    from . import cost_store
+    from .calibration_calls import grid
+
+    gpu_class, gpu, sms, capability = device_facts(device)
+    timings, left_out = measure_grid(grid(reduced=True), device, kernel_names(device), budget_s=budget_s,
+                                     time_one=time_one, clock=clock, label="calibrating")
+    model, fits = fit_timings(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
+                              device_type=device.type, source=cost_store.CALIBRATED, steps=steps)
+    for name, fit in fits.items():
+        s = fit.summary()
+        log.info("attention backends: %s fitted on %d calls, median error %.1f%%, worst %.1f%%", name, s["points"],
+                 100 * s["median_abs_error"], 100 * s["max_abs_error"])
+    saved = cost_store.save_calibration(model, device, path)
+    return model, saved, left_out
+
+
+def calibrate_main(budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None) -> int:
+    """`python -m attention calibrate`."""
+    if not torch.cuda.is_available():
+        log.error("attention backends: calibrate measures kernels on a CUDA GPU, and none is visible here; "
+                  "on the CPU auto always runs sdpa")
+        return 2
+    model, saved, left_out = calibrate(torch.device("cuda"), budget_s=budget_s, path=path)
+    log.info("attention backends: calibrated %s (%s): %d kernels; saved to %s%s. auto uses it from now on.",
+             model.gpu, model.gpu_class, len(model.kernels), saved,
+             f"; {len(left_out)} calls left out for time" if left_out else "")
+    return 0

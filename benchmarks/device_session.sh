@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One H200 device session, in back-to-back calls on one warm machine (it is given back
+# 30 s after a call): each stage writes under OUT and prints a short summary last.
+#
+#   1 stash   carry .kit/s1: the CuTe DSL's cu13 library waits under /tmp/stash
+#   2 kernels carry .kit/s2: install the registry kernels, build SageAttention 2 (~200 s),
+#             the GPU suite (incl. every kernel inside torch.compile), the cost-model grid
+#   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
+#   4 tables  held-out calls (with the model fitted from stage 2), masked calls, sparse
+#             kernels, dispatch overhead
+#   parallel  on a 2- or 4-GPU kind (after stages 1-2 on the same machine for the kit's
+#             kernels; without them every GPU runs sdpa): the head_parallel GPU suite, then
+#             benchmarks/multi_gpu.py (head_parallel and Ulysses on 1/2/4 GPUs, topology)
+#
+# The kit (.kit/s1, .kit/s2) comes from shared/tools/device-kit.sh; .whl_e2e/.comfy_e2e
+# are described in benchmarks/end_to_end.py. All are ignored by git.
+# usage: bash benchmarks/device_session.sh STAGE OUT
+set -uo pipefail
+stage=$1; out=$2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+site_path() { export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"; }
+
+case $stage in
+  stash)
+    mkdir -p /tmp/stash && cp .kit/s1/cu13.tar.xz /tmp/stash/ \
+      && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.csv"
+    ;;
+  kernels)
+    started=$(date +%s)
+    # shellcheck disable=SC1091
+    source .kit/s2/device-install.sh .kit/s2  # never piped: a pipe would source it in a subshell
+    site_path
+    echo "install: $(( $(date +%s) - started )) s"
+    python3 -m attention doctor > "$out/doctor.txt" 2>&1; tail -25 "$out/doctor.txt"
+    timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider \
+      -k "inside_torch_compile or matches_reference or auto" > "$out/gpu-tests.txt" 2>&1
+    tail -4 "$out/gpu-tests.txt"
+    left=$(( 560 - ($(date +%s) - started) ))
+    echo "grid budget: $left s"
+    python3 benchmarks/cost_grid.py --out "$out/grid" --budget-s "$left" > "$out/grid.log" 2>&1
+    tail -5 "$out/grid.log"
+    ;;
+  e2e)
+    site_path
+    mkdir -p /tmp/comfy /tmp/e2e \
+      && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/e2e .whl_e2e/*.whl \
+      && tar xzf .comfy_e2e/comfyui.tar.gz -C /tmp/comfy || exit 1
+    export PYTHONPATH="/tmp/e2e:$PYTHONPATH"
+    (cd benchmarks && COMFYUI_PATH=/tmp/comfy/ComfyUI python3 end_to_end.py --models flux,wan,sdxl \
+      --backends auto,flash4,sage_qk_int8_pv_fp8_cuda_sm90 --compile auto,flash4,sage_qk_int8_pv_fp8_cuda_sm90 \
+      --steps 4 --repeats 3 --time-budget "${E2E_BUDGET:-510}" --out "$out/e2e_compile") > "$out/e2e.log" 2>&1
+    tail -40 "$out/e2e.log"
+    ;;
+  tables)
+    # At most 8 files come back: the four tables' JSON and markdown, one log for all.
+    # With NO_SAGE_BUILD=1 the kit installs without building SageAttention 2 (a short session).
+    if [ -n "${NO_SAGE_BUILD:-}" ]; then mv .kit/s2/sage_src.tar.xz /tmp/ 2>/dev/null; fi
+    # shellcheck disable=SC1091
+    [ -d .kit/s2 ] && source .kit/s2/device-install.sh .kit/s2
+    site_path
+    timeout 70 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider -k inside_torch_compile \
+      > "$out/gpu-compile-tests.txt" 2>&1; tail -3 "$out/gpu-compile-tests.txt"
+    {
+      python3 benchmarks/heldout.py --out "$out/heldout" --model attention/cost_models/sm90.json --budget-s "${HELDOUT_S:-170}"
+      python3 benchmarks/masked.py --out "$out/masked" --budget-s "${MASKED_S:-110}"
+      [ -n "${NO_SPARSE:-}" ] || python3 benchmarks/sparse.py --out "$out/sparse" --budget 120
+    } > "$out/tables.log" 2>&1
+    tail -60 "$out/tables.log"
+    ;;
+  parallel)
+    site_path
+    timeout 150 python3 -m pytest -m gpu tests/test_gpu_parallel.py -q -rs -p no:cacheprovider \
+      > "$out/gpu-parallel-tests.txt" 2>&1
+    tail -4 "$out/gpu-parallel-tests.txt"
+    python3 benchmarks/multi_gpu.py --out "$out/multi_gpu" > "$out/multi_gpu.log" 2>&1
+    tail -30 "$out/multi_gpu.log"
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac

@@ -1,0 +1,59 @@
+"""Fit the cost model to a measured grid and write it with its residuals.
+
+Usage:
+  python benchmarks/fit_cost_model.py DIR/cost_grid.json --out attention/cost_models/sm90.json
+Writes the model file, and beside it (or in --residuals-dir) residuals.md and residuals.json:
+each kernel's fit summary and predicted/measured per grid call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from attention.calibrate import fit_timings, timing_from_json  # noqa: E402
+from attention.cost_fit import residual_table  # noqa: E402
+from attention.cost_model import save  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("grid", help="cost_grid.json from benchmarks/cost_grid.py")
+    parser.add_argument("--out", required=True, help="the model file to write")
+    parser.add_argument("--residuals-dir", help="where residuals.md/json go (default: beside the grid file)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per kernel (default: the library's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with open(args.grid, encoding="utf-8") as handle:
+        grid = json.load(handle)
+    timings = [timing_from_json(row) for row in grid["rows"]]
+    capability = tuple(grid["capability"]) if grid.get("capability") else None
+    model, fits = fit_timings(timings, gpu_class=grid["gpu_class"], gpu=grid["gpu"], sms=grid["sms"],
+                              capability=capability, device_type="cuda" if capability else "cpu",
+                              steps=args.steps)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save(model, args.out)
+    folder = args.residuals_dir or os.path.dirname(os.path.abspath(args.grid))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "residuals.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# Cost model fit: {grid['gpu']} ({grid['gpu_class']}), {len(timings)} calls\n\n")
+        handle.write(residual_table(fits, [t.call.key for t in timings]))
+    with open(os.path.join(folder, "residuals.json"), "w", encoding="utf-8") as handle:
+        json.dump({name: {"summary": fit.summary(), "residuals": fit.residuals} for name, fit in fits.items()},
+                  handle, indent=1)
+    for name, fit in fits.items():
+        s = fit.summary()
+        logging.info("%-32s %3d calls  rms log %.3f  median %.1f%%  max %.1f%%", name, s["points"],
+                     s["rms_log_error"], 100 * s["median_abs_error"], 100 * s["max_abs_error"])
+    logging.info("wrote %s and residuals in %s", args.out, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

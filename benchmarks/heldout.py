@@ -1,0 +1,190 @@
+"""`auto` against the fastest kernel on the held-out calls (attention/calibration_calls.py
+HELD_OUT), every kernel and both `auto`s timed in one run, interleaved per call.
+
+Rows per call, all in the same shuffled rounds: every tunable kernel available here that
+can serve the call, SDPA a second time (the noise floor: two timings of one kernel), `auto`
+with the rule table, and `auto` with the cost model when --model is given. Ratios whose
+distance from 1 is inside that call's noise floor are marked `~`.
+
+Targets (issue 11): `auto` >= 0.97x the fastest kernel on every call and >= 0.99x in the
+median; never below 0.98x SDPA.
+
+Usage:
+  python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]
+                               [--calibration FILE]                                  (GPU, <= 180 s)
+  python benchmarks/heldout.py --out DIR --smoke [--model FILE]                      (CPU, tiny, sdpa only)
+Writes DIR/heldout.json and DIR/heldout.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from attention import registry  # noqa: E402
+from attention.bench.report import environment  # noqa: E402
+from attention.calibrate import BASELINE, REPEAT, CallTiming, kernel_names, measure_grid  # noqa: E402
+from attention.calibration_calls import HELD_OUT  # noqa: E402
+from attention.cost_model import load  # noqa: E402
+from attention.cost_store import parse_file  # noqa: E402
+from attention.tuning_store import fingerprint  # noqa: E402
+from attention.dispatch import Dispatcher  # noqa: E402
+from attention.priority import load_table  # noqa: E402
+
+AUTO_RULES = "auto (rules)"
+AUTO_MODEL = "auto (model)"
+AUTO_CALIBRATED = "auto (calibrated)"
+AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED)
+SMOKE_SHRINK = 32
+TARGET_WORST, TARGET_MEDIAN, TARGET_VS_SDPA = 0.97, 0.99, 0.98
+
+
+def verdict(timing: CallTiming) -> dict:
+    """Per call: the fastest kernel, each auto's choice and ratios, the noise floor."""
+    kernels = {n: us for n, us in timing.times_us.items() if n in registry.names()}
+    fastest = min(kernels, key=kernels.get)
+    exact = {n: us for n, us in kernels.items() if registry.get(n).exact}
+    row = {"call": timing.call.key, "label": timing.call.label or timing.call.key, "sdpa_us": kernels.get(BASELINE),
+           "fastest": fastest, "fastest_exact": min(exact, key=exact.get) if exact else None,
+           "noise_floor": timing.noise_floor, "autos": {}}
+    for label in AUTOS:
+        us = timing.times_us.get(label)
+        if us is None:
+            continue
+        row["autos"][label] = {"chose": timing.chose.get(label), "us": us, "vs_fastest": kernels[fastest] / us,
+                               "vs_sdpa": kernels[BASELINE] / us if BASELINE in kernels else None}
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for label in AUTOS:
+        ratios = [r["autos"][label] for r in rows if label in r["autos"]]
+        if not ratios:
+            continue
+        vs_fastest = [a["vs_fastest"] for a in ratios]
+        vs_sdpa = [a["vs_sdpa"] for a in ratios if a["vs_sdpa"] is not None]
+        out[label] = {"calls": len(ratios), "worst_vs_fastest": min(vs_fastest),
+                      "median_vs_fastest": statistics.median(vs_fastest), "worst_vs_sdpa": min(vs_sdpa),
+                      "targets_met": (min(vs_fastest) >= TARGET_WORST and statistics.median(vs_fastest) >= TARGET_MEDIAN
+                                      and min(vs_sdpa) >= TARGET_VS_SDPA)}
+    return out
+
+
+def _floor(noise: Optional[float]) -> str:
+    return "–" if noise is None else f"{noise:.3f}"
+
+
+def _ratio(value: Optional[float], noise: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    inside = noise is not None and abs(1.0 - value) <= noise
+    return f"{value:.3f}" + (" ~" if inside else "")
+
+
+def markdown(timings: list[CallTiming], rows: list[dict], totals: dict) -> str:
+    kernels = [n for n in registry.names() if any(n in t.times_us for t in timings)]
+    lines = ["Speed relative to SDPA (higher is faster) per kernel; `~`: inside the call's noise floor "
+             "(|1 - ratio| <= |1 - SDPA repeat / SDPA|).", "",
+             "| call | SDPA µs | noise floor | " + " | ".join(k for k in kernels if k != BASELINE) + " |",
+             "|---|---|---|" + "---|" * (len(kernels) - 1)]
+    for timing, row in zip(timings, rows):
+        base = timing.times_us.get(BASELINE)
+        noise = timing.noise_floor
+        cells = [_ratio(base / timing.times_us[k], noise) if base and k in timing.times_us else "–"
+                 for k in kernels if k != BASELINE]
+        lines.append(f"| {row['label']} | {base:.1f} | {_floor(noise)} | " + " | ".join(cells) + " |"
+                     if base else f"| {row['label']} | – | – | " + " | ".join(cells) + " |")
+    lines += ["", "| call | fastest | noise floor | auto | chose | vs fastest | vs SDPA |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for label, a in row["autos"].items():
+            lines.append(f"| {row['label']} | {row['fastest']} | {_floor(row['noise_floor'])} | {label} | {a['chose']} | "
+                         f"{_ratio(a['vs_fastest'], row['noise_floor'])} | {_ratio(a['vs_sdpa'], row['noise_floor'])} |")
+    lines += ["", "| auto | calls | worst vs fastest | median vs fastest | worst vs SDPA | targets (0.97 / 0.99 / 0.98) |",
+              "|---|---|---|---|---|---|"]
+    for label, s in totals.items():
+        lines.append(f"| {label} | {s['calls']} | {s['worst_vs_fastest']:.3f} | {s['median_vs_fastest']:.3f} | "
+                     f"{s['worst_vs_sdpa']:.3f} | {'met' if s['targets_met'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _calibrated_model(path: str, device: torch.device):
+    with open(path, encoding="utf-8") as handle:
+        machines = parse_file(handle.read())
+    machine = fingerprint(device)
+    for entry in machines:
+        if entry["fingerprint"] == machine:
+            return entry["model"]
+    raise SystemExit(f"{path} holds no calibration for this machine: run python -m attention calibrate --file {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", help="a fitted cost-model file: adds the `auto (model)` row")
+    parser.add_argument("--calibration", help="a file `python -m attention calibrate --file` wrote on this "
+                                              "machine: adds the `auto (calibrated)` row")
+    parser.add_argument("--budget-s", type=float, default=170.0)
+    parser.add_argument("--smoke", action="store_true", help="CPU proof run: tiny shapes, sdpa only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    calls = list(HELD_OUT)
+    names = kernel_names(device)
+    reps, call_budget = 7, 6.0
+    if args.smoke:
+        calls = [dataclasses.replace(c.shrunk(SMOKE_SHRINK), dtype="fp32") for c in calls[::4]]
+        names, reps, call_budget = [BASELINE], 3, 1.0
+    elif device.type != "cuda":
+        parser.error("no GPU here: run with --smoke for the CPU proof run")
+    # `auto` here is the rule table or the model alone: no auto_tuned decisions saved on
+    # this machine by earlier runs, no earlier calibration.
+    scratch = tempfile.mkdtemp(prefix="heldout-")
+    os.environ["ATTENTION_BACKENDS_TUNING_FILE"] = os.path.join(scratch, "tuning.json")
+    os.environ["ATTENTION_BACKENDS_CALIBRATION_FILE"] = os.path.join(scratch, "calibration.json")
+    model = load(args.model, registry.names()) if args.model else None
+    extra = {AUTO_RULES: lambda: Dispatcher(registry.AUTO, auto_table=load_table())}
+    if model is not None:
+        extra[AUTO_MODEL] = lambda: Dispatcher(registry.AUTO, cost_model=model)
+    if args.calibration:
+        calibrated = _calibrated_model(args.calibration, device)
+        extra[AUTO_CALIBRATED] = lambda: Dispatcher(registry.AUTO, cost_model=calibrated)
+
+    def time_one(call, device, names, **kwargs):
+        from attention.calibrate import time_call
+        return time_call(call, device, names, extra=extra, **kwargs)
+
+    started = time.perf_counter()
+    timings, left_out = measure_grid(calls, device, names, budget_s=args.budget_s, reps=reps,
+                                     call_budget_s=call_budget, time_one=time_one, label="held-out")
+    elapsed = time.perf_counter() - started
+    rows = [verdict(t) for t in timings]
+    totals = summary(rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "heldout.json"), "w", encoding="utf-8") as handle:
+        json.dump({"environment": environment(), "model": args.model, "elapsed_s": round(elapsed, 1),
+                   "left_out": left_out, "smoke": args.smoke, "summary": totals, "rows": rows,
+                   "timings": [t.to_json() for t in timings]}, handle, indent=1)
+    text = markdown(timings, rows, totals)
+    with open(os.path.join(args.out, "heldout.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(text)  # noqa: T201  (command-line output)
+    logging.info("%d calls in %.0f s (%d left out); wrote %s", len(timings), elapsed, len(left_out), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
