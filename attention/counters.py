@@ -23,6 +23,7 @@ def count_value(counter: "itertools.count[int]") -> int:
 class _PlanLike(Protocol):
     name: str
     calls: int
+    refused: int
     mask_service: Optional[str]
 
     def fallback_reasons(self) -> list[tuple[str, str]]: ...
@@ -46,6 +47,7 @@ class UsageCounters:
     total_calls: int
     served: dict[str, int]
     fallbacks: tuple[Fallback, ...]
+    refused: int = 0  # calls that raised instead of being served (strict mode)
     masked: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def share(self, backend: str) -> float:
@@ -56,6 +58,7 @@ class UsageCounters:
             "total_calls": self.total_calls,
             "served": dict(self.served),
             "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks],
+            "refused": self.refused,
             "masked": {backend: dict(services) for backend, services in self.masked.items()},
         }
 
@@ -63,8 +66,10 @@ class UsageCounters:
 def summarize(plans: Iterable[_PlanLike]) -> UsageCounters:
     served: Counter[str] = Counter()
     fallbacks: Counter[tuple[str, str, str]] = Counter()
+    refused = 0
     masked: dict[str, Counter[str]] = {}
     for plan in plans:
+        refused += plan.refused
         if not plan.calls:
             continue
         served[plan.name] += plan.calls
@@ -76,5 +81,6 @@ def summarize(plans: Iterable[_PlanLike]) -> UsageCounters:
         total_calls=sum(served.values()),
         served=dict(served.most_common()),
         fallbacks=tuple(Fallback(w, s, r, n) for (w, s, r), n in fallbacks.most_common()),
+        refused=refused,
         masked={backend: dict(services.most_common()) for backend, services in masked.items()},
     )

@@ -177,8 +177,8 @@ class Prepared:
 class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
-    __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "error", "tuning",
-                 "retry", "mask_service", "masked_call", "settings")
+    __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "refused", "error",
+                 "tuning", "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
@@ -190,6 +190,7 @@ class Plan:
         self.run = run
         self.counter = itertools.count()
         self.failed_calls = 0  # counted calls served again by another plan (kernel raised, or demoted)
+        self.refused = 0  # calls that raised instead of being served (strict, or no fallback)
         self.error = error
         self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
         # Made while a kernel's failure kept it off this signature: plan again next run.
@@ -203,11 +204,12 @@ class Plan:
     @property
     def calls(self) -> int:
         """Calls this plan served (or, with no run, refused or passed on)."""
-        return count_value(self.counter) - self.failed_calls
+        return count_value(self.counter) - self.failed_calls - self.refused
 
     def reset(self) -> None:
         self.counter = itertools.count()
         self.failed_calls = 0
+        self.refused = 0
 
     @property
     def is_fallback(self) -> bool:
@@ -235,7 +237,8 @@ class Dispatcher:
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
         priority names `auto_tuned` and none is given.
-    passthrough: the name calls served by the caller's fallback are reported under.
+    passthrough: the name that calls served by the caller's fallback count under
+        (the previous override's name when the caller chains one).
     cost_model: orders `auto` by predicted time (cost_model.py). None: this machine's
         calibration or the model shipped for the GPU class (cost_store.py), unless an
         auto table is given or set by ATTENTION_BACKENDS_AUTO, which then decides.
@@ -305,6 +308,7 @@ class Dispatcher:
         next(plan.counter)
         if plan.run is None:
             if fallback is None or self.strict:
+                plan.refused += 1
                 raise plan.error
             return fallback()
         try:
@@ -543,14 +547,15 @@ class Dispatcher:
 
     def _record_failure(self, key: tuple, plan: Plan, error: Exception) -> None:
         reason = "raised " + describe_exception(error)
-        plan.failed_calls += 1
         with _failures_lock:
             earlier = _failures.get((plan.name, plan.signature))
             count = 1 if earlier is None else earlier.count + 1
             _failures[(plan.name, plan.signature)] = Failure(reason, count, _current_generation)
         if self.strict:
+            plan.refused += 1
             rejected = plan.rejected + (Rejection(plan.name, (reason,), FAILED, True),)
             raise NoBackendError(plan.signature, rejected, True) from error
+        plan.failed_calls += 1
         if earlier is None or count == RETRY_LIMIT:
             log.warning("attention backends: %s %s on %s; using the next backend for such calls %s",
                         plan.name, reason, plan.signature.describe(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
 from .parallel.status import render as render_parallel
 from .status import machine_status
@@ -17,6 +17,15 @@ def _format_rule(rule: dict) -> str:
     if "head_dims" in rule:
         parts.append("head dim " + "/".join(map(str, rule["head_dims"])))
     return ", ".join(parts) or "always"
+
+
+def format_install(install: Optional[dict]) -> str:
+    """An install hint ({command, note}) in one line: "pip install x (note)", or the note alone."""
+    if not install:
+        return ""
+    if install["command"] and install["note"]:
+        return f"{install['command']} ({install['note']})"
+    return install["command"] or install["note"]
 
 
 def _source_line(source: dict) -> str:
@@ -38,7 +47,9 @@ def render(status: dict) -> str:
         ready = "yes" if row["available"] else "no"
         version = row["version"] or "-"
         reasons = "; ".join(row["reasons"])
-        lines.append(f"{row['name']:<{width}}  {kind:<9}  {ready:<5}  {version:<18}  {reasons}")
+        install = format_install(row["install"])
+        lines.append(f"{row['name']:<{width}}  {kind:<9}  {ready:<5}  {version:<18}  {reasons}"
+                     + (f" ({install})" if install else ""))
     for device in status["devices"]:
         title = device["name"] if device["type"] == "cpu" else (
             f"cuda:{device['index']} {device['name']} (sm {device['capability']}, class {device['class']})")

@@ -4,11 +4,13 @@ with its choice for typical model shapes on each visible device. Shared by
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import cost_store, registry
+from .backend import Availability, Backend
+from .contract import install_hint
 from .cost_model import CostModel
 from .dispatch import Dispatcher
 from .parallel.status import parallel_status
@@ -16,22 +18,45 @@ from .priority import auto_entries, device_class
 from .shapes import MODEL_SHAPES, ModelShape
 
 
+# (type, name, compute capability, index) of a device the status describes.
+Device = tuple[str, str, Optional[tuple[int, int]], Optional[int]]
+
+
+def reasons_and_install(backend: Backend, availability: Availability) -> tuple[list[str], Optional[dict]]:
+    """Why a backend is unavailable, and how to install its package when that would help.
+
+    A reason that installing the package fixes ends with the package's hint
+    (attention.backend): the hint becomes {command, note}, the reason keeps the rest.
+    No install hint when installing would not help: the backend runs, or what is missing
+    is a GPU, not a package.
+    """
+    suffix = f" ({backend.package.hint()})" if backend.package else None
+    if suffix is None:
+        return list(availability.reasons), None
+    reasons = [r[:-len(suffix)] if r.endswith(suffix) else r for r in availability.reasons]
+    package_problem = any(r.endswith(suffix) for r in availability.reasons)
+    return reasons, install_hint(backend.package) if package_problem else None
+
+
+def backend_row(backend: Backend, availability: Availability) -> dict:
+    """One backend as the status shows it."""
+    reasons, install = reasons_and_install(backend, availability)
+    return {
+        "name": backend.name,
+        "family": backend.family,
+        "description": backend.description,
+        "quantized": backend.quantized,
+        "sparse": backend.sparse,
+        "available": availability.available,
+        "version": availability.version,
+        "reasons": reasons,
+        "install": install,
+        "copies": backend.copies,
+    }
+
+
 def backend_rows() -> list[dict]:
-    rows = []
-    for backend, availability in registry.availability_table():
-        rows.append({
-            "name": backend.name,
-            "family": backend.family,
-            "description": backend.description,
-            "quantized": backend.quantized,
-            "sparse": backend.sparse,
-            "available": availability.available,
-            "version": availability.version,
-            "reasons": list(availability.reasons),
-            "install_hint": backend.package.hint() if backend.package else "",
-            "copies": backend.copies,
-        })
-    return rows
+    return [backend_row(backend, availability) for backend, availability in registry.availability_table()]
 
 
 def _typical_choice(dispatcher: Dispatcher, shape: ModelShape, device_type: str,
@@ -47,24 +72,29 @@ def _typical_choice(dispatcher: Dispatcher, shape: ModelShape, device_type: str,
                             for r in plan.rejected]}
 
 
-def device_rows() -> list[dict]:
-    """One row per visible CUDA device, or one for the CPU when there is none."""
-    devices: list[tuple[str, str, Optional[tuple[int, int]], Optional[int]]] = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            devices.append(("cuda", torch.cuda.get_device_name(index),
-                            tuple(torch.cuda.get_device_capability(index)), index))
-    else:
-        devices.append(("cpu", "CPU", None, None))
+def visible_devices() -> list[Device]:
+    """Every visible CUDA device, or the CPU when there is none."""
+    if not torch.cuda.is_available():
+        return [("cpu", "CPU", None, None)]
+    return [("cuda", torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)), index)
+            for index in range(torch.cuda.device_count())]
+
+
+def device_rows(devices: Optional[Sequence[Device]] = None) -> list[dict]:
+    """One row per device (default: the visible ones): `auto`'s order there and its choice
+    for typical model shapes."""
+    devices = visible_devices() if devices is None else devices
     dispatcher = Dispatcher(registry.AUTO)
     rows = []
     for device_type, name, capability, index in devices:
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
         order = []
         for entry in auto_entries(device_type, capability):
-            availability = registry.get(entry.backend).availability()
+            backend = registry.get(entry.backend)
+            availability = backend.availability()
+            reasons, install = reasons_and_install(backend, availability)
             order.append({"backend": entry.backend, "rule": entry.rule.to_json(), "evidence": entry.evidence,
-                          "available": availability.available, "reasons": list(availability.reasons)})
+                          "available": availability.available, "reasons": reasons, "install": install})
         model = cost_store.model_for(device_type, capability)
         rows.append({
             "type": device_type, "index": index, "name": name,
@@ -79,12 +109,12 @@ def device_rows() -> list[dict]:
     return rows
 
 
-def machine_status() -> dict:
+def machine_status(devices: Optional[Sequence[Device]] = None) -> dict:
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "backends": backend_rows(),
-        "devices": device_rows(),
+        "devices": device_rows(devices),
         "parallel": parallel_status(),
     }

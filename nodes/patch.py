@@ -13,7 +13,7 @@ from .compiled import compile_watch_wrapper
 from .guard import guard_wrapper
 from .mask_boundary import mask_boundary_wrapper
 from .override import build_override
-from .report import run_wrapper
+from .report import passthrough_name, run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
 from .state import PatchState
 from .tuning import REUSE, make_tuner
@@ -59,16 +59,22 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
 
     advanced = rules is not None or guard
     rules = rules or RoutingRules()
-    masks = MaskCache()  # one read of each mask tensor per model call, whichever dispatcher serves it
-    if main is None:
-        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning), mask_cache=masks)
-    if exact is None and advanced:
-        exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks)
-    state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
-                       main=main, exact=exact, monitor=monitor)
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
     previous = options.get(OVERRIDE_KEY)
+    passed_on_to = passthrough_name(previous)
+    masks = MaskCache()  # one read of each mask tensor per model call, whichever dispatcher serves it
+    if main is None:
+        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning), mask_cache=masks,
+                          passthrough=passed_on_to)
+    if exact is None and advanced:
+        exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks, passthrough=passed_on_to)
+    # The Sparse node's own dispatchers report passed-on calls by where they went too.
+    for dispatcher in (main, exact):
+        if dispatcher is not None:
+            dispatcher.passthrough = passed_on_to
+    state = PatchState(node_id=node_id, node_type=node_type, selection=selection, strict=strict,
+                       main=main, exact=exact, monitor=monitor)
     # A key of its own, so a second Attention Backend node downstream adds its hooks beside ours.
     key = f"attention_backends.{uuid.uuid4().hex}"
 

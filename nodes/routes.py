@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from ..attention import AUTO, AUTO_TUNED, names, sparse_names
+from ..attention.contract import decision_json
 from ..attention.status import machine_status
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
 from .raw_inputs import mark_non_boolean_inputs
@@ -21,9 +22,16 @@ def selectable() -> list[str]:
     return [AUTO, AUTO_TUNED] + [name for name in names() if name not in sparse]
 
 
+def structured_tuning(tuning: dict) -> dict:
+    """The status route's `tuning` with each decision's signature as fields and its
+    candidates' verdicts as {kind, text} (attention.contract)."""
+    return {**tuning, "devices": [{**device, "decisions": [decision_json(d) for d in device["decisions"]]}
+                                  for device in tuning["devices"]]}
+
+
 def status() -> dict:
     return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
-            "benchmarks": list_benchmarks(), "tuning": tuning_status()}
+            "benchmarks": list_benchmarks(), "tuning": structured_tuning(tuning_status())}
 
 
 def register(server: Any) -> None:

@@ -255,3 +255,34 @@ def test_additive_mask_in_another_dtype_is_cast_for_the_kernel():
     out = Dispatcher("sdpa", strict=True)(q, k, v, H, mask)
     torch.testing.assert_close(out.double(), reference(q, k, v, H, mask), atol=3e-2, rtol=3e-2)
 
+
+
+def test_refused_calls_are_counted_as_refused_not_served():
+    q, k, v = make(False)
+    dispatcher = Dispatcher("flash4", strict=True)
+    for _ in range(2):
+        with pytest.raises(NoBackendError):
+            dispatcher(q, k, v, H, fallback=lambda: q)
+    counters = dispatcher.counters()
+    assert counters.served == {} and counters.total_calls == 0
+    assert counters.refused == 2
+    dispatcher.reset_counters()
+    assert dispatcher.counters().refused == 0
+
+
+def test_a_kernel_that_raises_in_strict_mode_is_a_refused_call(extra_backend):
+    extra_backend(raising_backend())
+    q, k, v = make(False)
+    dispatcher = Dispatcher(["boom"], strict=True)
+    with pytest.raises(NoBackendError):
+        dispatcher(q, k, v, H)
+    assert dispatcher.counters().served == {} and dispatcher.counters().refused == 1
+
+
+def test_calls_passed_on_count_under_the_name_given_for_the_fallback():
+    q, k, v = make(False)
+    dispatcher = Dispatcher("flash4", passthrough="KJNodes.attention_sage")
+    dispatcher(q, k, v, H, fallback=lambda: q)
+    counters = dispatcher.counters()
+    assert counters.served == {"KJNodes.attention_sage": 1}
+    assert [(f.wanted, f.served_by) for f in counters.fallbacks] == [("flash4", "KJNodes.attention_sage")]

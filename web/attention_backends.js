@@ -223,6 +223,7 @@ function sidebarReports() {
     const parts = [oneLine(report) || "no attention calls"];
     const fallbacks = (report.fallbacks || []).reduce((n, f) => n + (Number(f.calls) || 0), 0);
     if (fallbacks) parts.push(`${fallbacks} fell back`);
+    if (report.refused_calls) parts.push(`${report.refused_calls} refused`);
     if ((report.warnings || []).length) parts.push(`⚠ ${report.warnings.length}`);
     out.push({
       nodeId, selection: report.selection ?? "?", text: parts.join(" · "),

@@ -316,6 +316,11 @@ for (const version of VERSIONS) {
       await setWidget(page, ids.adv, "priority", "auto_tuned > sdpa");
       p = await waitPanel(page, ids.adv, (x) => /calls go to auto_tuned first/.test(x.text), "auto_tuned in a priority list");
       assert.match(p.text, /auto_tuned — the backend measured fastest on this GPU/);
+      // Spaces separate nothing, for the node's validation as for the panel: one unknown name.
+      await setWidget(page, ids.adv, "priority", "flash4 sdpa");
+      p = await waitPanel(page, ids.adv, (x) => x.kind === "unknown", "a list the node refuses");
+      assert.match(p.text, /the node will refuse this list/);
+      assert.match(p.text, /flash4 sdpa ✗ unknown backend name/);
       await setWidget(page, ids.adv, "priority", "flash4 > sage > sdpa");
     });
 

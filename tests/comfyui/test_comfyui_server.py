@@ -7,6 +7,7 @@ One server per module; every wait is bounded and the server is killed in a final
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,11 +32,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(comfyui_path: Path, custom_nodes: Path, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_server(comfyui_path: Path, custom_nodes: Path, base: Path) -> Iterator[tuple[str, Path]]:
+    """A ComfyUI server on the CPU with `custom_nodes` mounted: (url, log path); killed on exit."""
     import urllib.request
 
-    base = tmp_path_factory.mktemp("comfy_server")
     for folder in ("output", "user"):
         (base / folder).mkdir()
     config = base / "extra_model_paths.yaml"
@@ -67,6 +69,12 @@ def server(comfyui_path: Path, custom_nodes: Path, tmp_path_factory: pytest.Temp
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(comfyui_path: Path, custom_nodes: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(comfyui_path, custom_nodes, tmp_path_factory.mktemp("comfy_server")) as running:
+        yield running
 
 
 def _workflow(priority: str = "sdpa_math > sdpa") -> dict:
@@ -105,36 +113,69 @@ async def _poll_history(session, url: str, prompt_id: str, deadline: float) -> d
     pytest.fail(f"prompt {prompt_id} did not finish within {RUN_S}s")
 
 
+async def _run_prompt(session, url: str, prompt: dict) -> tuple[dict, list[dict]]:
+    """Post a prompt with a websocket open; (history entry, report events)."""
+    import aiohttp
+
+    async with session.ws_connect(f"{url}/ws?clientId={CLIENT_ID}") as socket_:
+        async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": CLIENT_ID}) as posted:
+            assert posted.status == 200, await posted.text()
+            prompt_id = (await posted.json())["prompt_id"]
+        events = []
+        deadline = time.monotonic() + RUN_S
+        while time.monotonic() < deadline:
+            message = await socket_.receive(timeout=deadline - time.monotonic())
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            event = json.loads(message.data)
+            data = event.get("data") or {}
+            if event["type"] == "attention_backends.report":
+                events.append(data)
+            finished = event["type"] in ("execution_success", "execution_error") or (
+                event["type"] == "executing" and data.get("node") is None)
+            if finished and data.get("prompt_id") == prompt_id:
+                break
+    return await _poll_history(session, url, prompt_id, deadline), events
+
+
 async def _run_workflow(url: str) -> tuple[dict, list[dict], dict]:
     """Post the workflow with a websocket open; (history entry, report events, rejected-prompt answer)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=RUN_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.ws_connect(f"{url}/ws?clientId={CLIENT_ID}") as socket_:
-            async with session.post(f"{url}/prompt", json={"prompt": _workflow(), "client_id": CLIENT_ID}) as posted:
-                assert posted.status == 200, await posted.text()
-                prompt_id = (await posted.json())["prompt_id"]
-            events = []
-            deadline = time.monotonic() + RUN_S
-            while time.monotonic() < deadline:
-                message = await socket_.receive(timeout=deadline - time.monotonic())
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                event = json.loads(message.data)
-                data = event.get("data") or {}
-                if event["type"] == "attention_backends.report":
-                    events.append(data)
-                finished = event["type"] in ("execution_success", "execution_error") or (
-                    event["type"] == "executing" and data.get("node") is None)
-                if finished and data.get("prompt_id") == prompt_id:
-                    break
-        history = await _poll_history(session, url, prompt_id, deadline)
+        history, events = await _run_prompt(session, url, _workflow())
         invalid = {node: spec for node, spec in _workflow("flash5 > sdpa").items() if node not in ("2", "5", "6")}
         async with session.post(f"{url}/prompt", json={"prompt": invalid}) as refused:
             assert refused.status == 400
             refusal = (await refused.json())["node_errors"]["7"]
     return history, events, refusal
+
+
+def _twins(attention_nodes: dict[str, int]) -> dict:
+    """Attention Backend nodes with identical inputs, each feeding its own KSampler
+    ("<id>0", with the given seed); ComfyUI hands all of them the first one's cached output."""
+    prompt = {
+        "1": {"class_type": "AttentionBackendsTestTinyFlux", "inputs": {"seed": 0}},
+        "2": {"class_type": "AttentionBackendsTestFluxConditioning", "inputs": {"seed": 0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+    for node, seed in attention_nodes.items():
+        prompt[node] = {"class_type": "AttentionBackend",
+                        "inputs": {"model": ["1", 0], "backend": "sdpa", "on_unsupported": "fall back"}}
+        prompt[node + "0"] = {"class_type": "KSampler", "inputs": {
+            "model": [node, 0], "seed": seed, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["4", 0], "denoise": 1.0}}
+        prompt[node + "1"] = {"class_type": "SaveLatent",
+                              "inputs": {"samples": [node + "0", 0], "filename_prefix": "attention_backends"}}
+    return prompt
+
+
+async def _run_prompts(url: str, prompts: list[dict]) -> list[tuple[dict, list[dict]]]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=RUN_S * len(prompts))) as session:
+        return [await _run_prompt(session, url, prompt) for prompt in prompts]
 
 
 def test_object_info_lists_both_nodes_with_every_backend(server):
@@ -168,6 +209,23 @@ def test_workflow_runs_and_both_routes_report(server):
     assert sorted(event["node_id"] for event in events) == ["2", "7"]
     # Validation names the unknown backend and a close match.
     assert "flash5" in json.dumps(refusal) and "flash4" in json.dumps(refusal), refusal
+
+
+def test_reports_follow_the_node_the_sampler_ran_through(server):
+    url, log_path = server
+    # Nodes 3 and 33 are identical, so ComfyUI runs 3 and reuses its output for 33; then the
+    # same graph renumbered (40) with a new seed runs only the sampler, on that output again.
+    # (Seeds no other test uses: a sampler with the inputs of an earlier one would be cached too.)
+    (first, first_events), (second, second_events) = asyncio.run(
+        _run_prompts(url, [_twins({"3": 10, "33": 11}), _twins({"40": 12})]))
+    assert first["status"]["status_str"] == second["status"]["status_str"] == "success", log_path.read_text()[-4000:]
+    assert sorted((e["node_id"], e["sampler_node_id"]) for e in first_events) == [("3", "30"), ("33", "330")]
+    assert [(e["node_id"], e["sampler_node_id"]) for e in second_events] == [("40", "400")]
+    assert {e["prompt_id"] for e in first_events} == {first["prompt"][1]}
+    for node, sampler in (("3", "30"), ("33", "330"), ("40", "400")):
+        report = asyncio.run(_fetch(f"{url}/attention_backends/report?node={node}"))
+        assert report["node_id"] == node and report["sampler_node_id"] == sampler
+        assert report["served"] == {"sdpa": report["total_calls"]} and report["total_calls"] > 0
 
 
 def test_status_route(server):

@@ -33,7 +33,9 @@ def test_first_run_measures_later_node_reuses(pack, tiny, flux, patch, user_dire
     assert tuning["file"] == str(user_directory / "attention_backends" / "tuning.json")
     for decision in tuning["decisions"]:
         chosen = decision["candidates"][decision["backend"]]
-        assert chosen["verdict"] == "chosen" and chosen["rel_l1"] <= decision["budget"]["rel_l1"]
+        assert chosen["verdict"] == {"kind": "chosen", "text": "chosen"}
+        assert chosen["rel_l1"] <= decision["budget"]["rel_l1"]
+        assert decision["shape"]["dtype"] == "float32" and decision["shape"]["heads"] == 2
         assert "sdpa_math" not in decision["candidates"] and "flex" not in decision["candidates"]
     assert all(plan["tuned"] == "measured" for plan in report["plans"])
     assert sum(report["served"].values()) == report["total_calls"] > 0
@@ -71,7 +73,8 @@ def test_status_shows_the_saved_decisions(pack, tiny, flux, patch, user_director
     assert status["tuning"]["file"].startswith(str(user_directory))
     assert status["tuning"]["exists"]
     saved = status["tuning"]["devices"][0]["decisions"]
-    assert saved and all(d["candidates"][d["backend"]]["verdict"] == "chosen" for d in saved)
+    assert saved and all(d["candidates"][d["backend"]]["verdict"]["kind"] == "chosen" for d in saved)
+    assert all(d["shape"]["device"] is None and d["shape"]["head_dim"] == 128 for d in saved)
 
 
 def test_nodes_offer_auto_tuned_and_the_tuning_choice(pack):

@@ -6,6 +6,8 @@ import {
 } from "../../web/lib/report.js";
 import { fixture } from "./helpers.mjs";
 
+// Made by the pack's Python (tests/js_fixtures.py): Flux on an H200 with flash4 named
+// (masked calls fall back to sdpa), and a node whose model never called the override.
 const flux = fixture("report_flux.json");
 const never = fixture("report_never_invoked.json");
 
@@ -34,7 +36,7 @@ test("shares are sorted by calls and use the report's shares", () => {
 });
 
 test("fallbacks carry route, count and reason", () => {
-  assert.deepEqual(fallbackLines(flux).map((f) => f.text), ["flash4 → sdpa ×80: takes no mask (additive float mask)"]);
+  assert.deepEqual(fallbackLines(flux).map((f) => f.text), ["flash4 → sdpa ×80: takes no mask (the call has a additive mask)"]);
 });
 
 test("notes only for counters that happened", () => {
@@ -49,7 +51,7 @@ test("notes only for counters that happened", () => {
 });
 
 test("summary of a normal run", () => {
-  const s = summariseReport(flux, { currentSelection: "auto" });
+  const s = summariseReport(flux, { currentSelection: "flash4" });
   assert.equal(s.level, "warn"); // it had a fallback
   assert.equal(s.headline, "Last run: 1,520 attention calls · 3.2 s · Flux");
   assert.equal(s.rows.length, 2);
@@ -67,7 +69,7 @@ test("summary of a run where the override never fired", () => {
 test("a report from another selection is marked stale", () => {
   const s = summariseReport(flux, { currentSelection: "sdpa" });
   assert.equal(s.stale, true);
-  assert.match(s.staleText, /ran with "auto"/);
+  assert.match(s.staleText, /ran with "flash4"/);
 });
 
 test("partial coverage shows both counts", () => {
@@ -89,9 +91,30 @@ test("the Advanced node's priority spelling does not make a report stale", () =>
   assert.equal(summariseReport(adv, { currentSelection: "sage > sdpa" }).stale, true);
 });
 
-test("plan lines for tooltips", () => {
-  assert.deepEqual(planLines(flux), ["B=1 H=24 Nq=4608 D=128 bf16 cuda sm90 → flash4 ×1,440"]);
+test("plan lines for tooltips, from the plans' shapes", () => {
+  assert.deepEqual(planLines(flux), [
+    "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16 cuda sm90 → flash4 ×1,440",
+    "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16 cuda sm90 mask=additive:1x1x4608x4608 → sdpa ×80",
+  ]);
   assert.deepEqual(planLines({}), []);
+  // A report without shapes (a server before them) shows its signature text.
+  assert.deepEqual(planLines({ plans: [{ signature: "B=1 H=2", backend: "sdpa", calls: 3 }] }), ["B=1 H=2 → sdpa ×3"]);
+});
+
+test("calls refused in stop mode are counted apart and make the run an error", () => {
+  const stopped = { ...flux, served: {}, shares: {}, total_calls: 0, model_attention_calls: 1, refused_calls: 1,
+                    plans: [{ ...flux.plans[1], backend: "comfyui", calls: 0, refused: 1 }], fallbacks: [] };
+  const s = summariseReport(stopped, { currentSelection: "flash4" });
+  assert.equal(s.level, "error");
+  assert.equal(s.headline, "Last run: 0 attention calls of 1 · 1 refused (stop) · 3.2 s · Flux");
+  assert.match(planLines(stopped)[0], /→ comfyui ×0, 1 refused$/);
+});
+
+test("calls passed on to an earlier override show under its name", () => {
+  const chained = { ...flux, served: { "attention_sage (ComfyUI-KJNodes)": 80, flash4: 1440 },
+                    shares: { "attention_sage (ComfyUI-KJNodes)": 0.0526, flash4: 0.9474 },
+                    passed_on_to: "attention_sage (ComfyUI-KJNodes)" };
+  assert.equal(oneLine(chained), "flash4 94.7% · attention_sage (ComfyUI-KJNodes) 5.3%");
 });
 
 test("the sparse node's quality lines", () => {

@@ -2,12 +2,16 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   autoSource, backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
-  isCommand, machineSummary, missingFromAutoOrder, parsePriority, presentHint, selectableNames,
+  installText, machineSummary, missingFromAutoOrder, parsePriority, selectableNames,
 } from "../../web/lib/status.js";
+import { priorityProblem } from "../../web/lib/priority.js";
 import { fixture } from "./helpers.mjs";
 
+// Made by the pack's Python on a simulated machine (tests/js_fixtures.py): a CPU with no
+// optional package, and two H200s with flash4 and comfy-kitchen installed.
 const cpu = fixture("status_cpu.json");
 const gpu = fixture("status_gpu_synthetic.json");
+const priorityCases = fixture("priority_cases.json");
 
 test("findBackend and selectableNames", () => {
   assert.equal(findBackend(cpu, "sdpa").available, true);
@@ -32,7 +36,7 @@ test("an unavailable backend gives the reason and the install hint", () => {
   const view = describeSelection(cpu, "sage", { onUnsupported: "fall back" });
   assert.equal(view.kind, "unavailable");
   assert.match(view.title, /not available/);
-  assert.ok(view.lines.some((l) => l.cls === "bad" && /sageattention is not installed/.test(l.text)));
+  assert.ok(view.lines.some((l) => l.cls === "bad" && l.text === "sageattention is not installed"));
   assert.equal(view.hint, "pip install sageattention");
   assert.ok(view.lines.some((l) => /fall back/.test(l.text)));
   const strict = describeSelection(cpu, "sage", { onUnsupported: "stop" });
@@ -57,18 +61,22 @@ test("auto on GPUs groups shapes by backend and lists what is missing", () => {
   const text = view.lines.map((l) => l.text).join("\n");
   assert.match(text, /GPU 0: NVIDIA H200 \(sm90\)/);
   assert.match(text, /GPU 1: NVIDIA H200 \(sm90\)/);
-  assert.match(text, /flash4 ← Flux 1024², Wan 2\.1 14B 720p 81f/);
-  assert.match(text, /sdpa ← SDXL level 1/);
-  assert.match(text, /Not installed here: sage_qk_int8_pv_fp8_cuda_sm90/);
-  // Its install hint is prose, not a command: no copy box, but the hover text says it.
+  // The simulated H200s have no calibration: auto runs on the cost model shipped for sm90.
+  assert.match(text, /sdpa ← SD1\.5 level 1, SD1\.5 level 2, SD1\.5 level 3, SDXL level 1/);
+  assert.match(text, /flash4 ← Wan 2\.1 14B 480p 81f, Wan 2\.1 14B 720p 81f, HunyuanVideo 720p 129f/);
+  assert.match(text, /Not installed here: sage_qk_int8_pv_fp8_cuda_sm90, flash3/);
+  // Their install hints are notes (built from source), no command: no copy box, the hover text says it.
   assert.equal(view.hint, "");
-  assert.ok(view.lines.some((l) => /built from source/.test(l.title || "")));
+  assert.ok(view.lines.some((l) => /sageattention is not installed \(SageAttention 2 is built from source/.test(l.title || "")));
 });
 
 test("groupTypical keeps first-appearance order", () => {
   assert.deepEqual(groupTypical(gpu.devices[0]).map((g) => g.backend), ["sdpa", "flash4"]);
   assert.deepEqual(groupTypical(null), []);
-  assert.equal(missingFromAutoOrder(gpu, gpu.devices[0]).length, 1);
+  assert.deepEqual(missingFromAutoOrder(gpu, gpu.devices[0]).map((m) => [m.backend, m.install]), [
+    ["sage_qk_int8_pv_fp8_cuda_sm90", { command: null, note: "SageAttention 2 is built from source: see the README's 'Optional kernels'" }],
+    ["flash3", { command: null, note: "FlashAttention 3 is built from source (hopper/ in the flash-attention repository)" }],
+  ]);
 });
 
 test("unknown selection, loading and errors", () => {
@@ -79,11 +87,31 @@ test("unknown selection, loading and errors", () => {
   assert.match(err.lines[0].text, /404/);
 });
 
-test("parsePriority accepts > , ; | and whitespace", () => {
-  assert.deepEqual(parsePriority("flash4 > sage >sdpa"), ["flash4", "sage", "sdpa"]);
-  assert.deepEqual(parsePriority("flash4,sage; sdpa | xformers"), ["flash4", "sage", "sdpa", "xformers"]);
-  assert.deepEqual(parsePriority(""), []);
+test("parsePriority reads a list the way the nodes do (the server's own readings)", () => {
+  assert.ok(priorityCases.length >= 10);
+  const names = cpu.backends.map((b) => b.name);
+  for (const c of priorityCases) {
+    const problem = priorityProblem(c.text, names);
+    if (c.names) {
+      assert.deepEqual(parsePriority(c.text), c.names, c.text);
+      assert.equal(problem, null, c.text);
+    } else {
+      assert.notEqual(problem, null, `${JSON.stringify(c.text)}: the node refuses it (${c.error})`);
+    }
+  }
   assert.deepEqual(parsePriority(["a", " b "]), ["a", "b"]);
+});
+
+test("a priority the node would refuse is shown as such", () => {
+  // Spaces separate nothing: "flash4 sdpa" is one unknown name to the node.
+  const spaced = describePriority(cpu, "flash4 sdpa");
+  assert.equal(spaced.kind, "unknown");
+  assert.match(spaced.title, /refuse/);
+  assert.deepEqual(spaced.lines.map((l) => l.cls), ["bad"]);
+  assert.match(spaced.lines[0].text, /^flash4 sdpa ✗ unknown backend name/);
+  const empty = describePriority(cpu, " > ");
+  assert.equal(empty.kind, "unknown");
+  assert.match(empty.title, /empty/);
 });
 
 test("describePriority marks each entry and the first that runs", () => {
@@ -91,10 +119,11 @@ test("describePriority marks each entry and the first that runs", () => {
   assert.equal(view.kind, "ok");
   assert.match(view.title, /sdpa first/);
   assert.equal(view.lines.filter((l) => l.cls === "bad").length, 2);
-  assert.equal(view.hint, findBackend(cpu, "flash4").install_hint); // the first missing one's hint
+  assert.equal(view.hint, findBackend(cpu, "flash4").install.command); // the first missing one's command
+  assert.equal(view.hint, "pip install --pre flash-attn-4");
   assert.equal(describePriority(cpu, "flash4 > bogus").kind, "unknown");
   assert.equal(describePriority(cpu, "flash4").kind, "unavailable");
-  assert.equal(describePriority(cpu, "").kind, "auto");
+  assert.equal(describePriority(cpu, "").kind, "unknown"); // the node refuses an empty list
 });
 
 test("backendTable puts available backends first and records auto's picks", () => {
@@ -105,12 +134,13 @@ test("backendTable puts available backends first and records auto's picks", () =
   const sdpa = rows.find((r) => r.name === "sdpa");
   assert.equal(sdpa.autoFor.length, cpu.devices[0].typical.length);
   const sage = rows.find((r) => r.name === "sage");
-  assert.equal(sage.hint, "pip install sageattention");
-  assert.match(sage.reason, /not installed/);
+  assert.deepEqual(sage.install, { command: "pip install sageattention", note: "" });
+  assert.equal(sage.reason, "sageattention is not installed");
+  assert.equal(rows.find((r) => r.name === "sdpa_cudnn").install, null); // no package would help: no GPU
 });
 
 test("machineSummary", () => {
-  assert.match(machineSummary(cpu), /^\d+ of \d+ backends available on the CPU \(torch /);
+  assert.equal(machineSummary(cpu), "3 of 20 backends available on the CPU (torch 2.13.0+cpu)");
   assert.match(machineSummary(gpu), /NVIDIA H200 \(sm90\), NVIDIA H200 \(sm90\)/);
 });
 
@@ -118,7 +148,8 @@ test("benchmarkRuns: the server's runs, each with its chart path or none", () =>
   assert.deepEqual(benchmarkRuns(gpu), [{
     name: "h200", title: "NVIDIA H200 · torch 2.11.0 · CUDA 13.0", url: "/attention_backends/benchmarks/h200/chart.png",
   }]);
-  assert.deepEqual(benchmarkRuns(cpu), []); // a server without the field
+  assert.deepEqual(benchmarkRuns(cpu), benchmarkRuns(gpu)); // the committed runs, whatever the machine
+  assert.deepEqual(benchmarkRuns({ ...cpu, benchmarks: undefined }), []); // a server without the field
   assert.deepEqual(benchmarkRuns(null), []);
   assert.deepEqual(benchmarkRuns({ benchmarks: {} }), []);
   assert.deepEqual(benchmarkRuns({ benchmarks: [{ name: "cpu", title: "", chart: null }, null, { title: "no name" }] }),
@@ -132,19 +163,16 @@ test("benchmarkRuns keeps only chart paths on this server", () => {
   ["/attention_backends/benchmarks/x/chart.png", null, null, null, null, null, null, null]);
 });
 
-test("install hints: commands are copyable, prose is shown once", () => {
-  assert.ok(isCommand("pip install sageattention"));
-  assert.ok(isCommand("pip install --pre flash-attn-4"));
-  assert.ok(!isCommand("SageAttention 2 is built from source: see the README"));
-  assert.deepEqual(presentHint("pip install x", ["x is not installed (pip install x)"]), { command: "pip install x" });
-  assert.deepEqual(presentHint("built from source", ["x is not installed (built from source)"]), {});
-  assert.deepEqual(presentHint("built from source", []), { text: "built from source" });
-  assert.deepEqual(presentHint("built from source", ["flash_attn_3 is not installed"]), { text: "built from source" });
-  assert.deepEqual(presentHint("built from source", ["no GPU"]), {});
-  assert.deepEqual(presentHint("", []), {});
+test("install hints: the server's command is copyable, its note is shown once", () => {
+  assert.equal(installText({ command: "pip install x", note: "" }), "pip install x");
+  assert.equal(installText({ command: "pip install x", note: "builds from source" }), "pip install x (builds from source)");
+  assert.equal(installText({ command: null, note: "built from source" }), "built from source");
+  assert.equal(installText(null), "");
   const source = describeSelection(cpu, "sage_qk_int8_pv_fp8_cuda");
   assert.equal(source.kind, "unavailable");
   assert.equal(source.hint, "");
+  assert.deepEqual(source.lines.map((l) => l.text).slice(0, 2),
+    ["sageattention is not installed", "SageAttention 2 is built from source: see the README's 'Optional kernels'"]);
 });
 
 test("a priority of just auto reads like auto; stop is named when nothing runs", () => {
@@ -159,34 +187,37 @@ test("backendTable says when auto uses a backend for every shape", () => {
   assert.equal(sdpa.autoForAll, true);
   const flash4 = backendTable(gpu).find((r) => r.name === "flash4");
   assert.equal(flash4.autoForAll, false);
-  assert.deepEqual(flash4.autoFor, ["Flux 1024²", "Wan 2.1 14B 720p 81f"]);
+  assert.deepEqual(flash4.autoFor, ["Wan 2.1 14B 480p 81f", "Wan 2.1 14B 720p 81f", "HunyuanVideo 720p 129f"]);
 });
 
-test("a command hint with a parenthesised note is split", () => {
-  assert.deepEqual(presentHint("pip install flash-attn (builds from source unless a wheel matches your torch/CUDA)"),
+test("a command with a note: the command in the copy box, the note as a line", () => {
+  assert.deepEqual(findBackend(cpu, "flash").install,
     { command: "pip install flash-attn", note: "builds from source unless a wheel matches your torch/CUDA" });
   const flash = describeSelection(cpu, "flash");
   assert.equal(flash.hint, "pip install flash-attn");
+  assert.ok(flash.lines.some((l) => l.cls === "muted" && l.text === "builds from source unless a wheel matches your torch/CUDA"));
 });
 
 test("no install command when the package is not what is missing", () => {
-  assert.deepEqual(presentHint("pip install -U comfy-kitchen", ["no CUDA GPU is visible to PyTorch"]), {});
-  assert.deepEqual(presentHint("pip install --pre flash-attn-4", ["cannot load: ModuleNotFoundError: No module named 'cutlass.cute'"]),
-    { command: "pip install --pre flash-attn-4" });
-  assert.deepEqual(presentHint("pip install sageattention", ["sageattention 1.0.6 is older than the 2.0.0 this backend needs"]),
-    { command: "pip install sageattention" });
-  const kitchen = describeSelection(cpu, "kitchen_int8");
-  assert.equal(kitchen.kind, "unavailable");
-  assert.equal(kitchen.hint, "");
+  // comfy-kitchen installed on a machine without a GPU: the server sends no install hint.
+  const kitchen = { ...findBackend(cpu, "kitchen_int8"), version: "0.2.40", reasons: ["no CUDA GPU is visible to PyTorch"],
+                    install: null };
+  const status = { ...cpu, backends: cpu.backends.map((b) => (b.name === "kitchen_int8" ? kitchen : b)) };
+  const view = describeSelection(status, "kitchen_int8");
+  assert.equal(view.kind, "unavailable");
+  assert.equal(view.hint, "");
+  assert.deepEqual(view.lines.map((l) => l.cls), ["bad", "warn"]);
 });
 
 test("auto says whether it runs on this GPU's calibration, the default model or the rules", () => {
   const text = describeAuto(gpu).lines.map((l) => l.text);
-  // GPU 0 is calibrated; GPU 1 comes from a server that sends no auto_source: the rules.
-  assert.ok(text.includes("auto runs on this GPU's calibration"), JSON.stringify(text));
-  assert.ok(text.includes("auto runs on the rule table (no cost model for this GPU class)"));
-  assert.equal(autoSource({ auto_source: { source: "default", gpu: "NVIDIA H200" } }).text,
-    "auto runs on the default cost model (fitted on NVIDIA H200); python -m attention calibrate fits this GPU's own");
+  // The simulated H200s have no calibration: the model shipped for their class decides.
+  assert.ok(text.includes("auto runs on the default cost model (fitted on NVIDIA H200); "
+    + "python -m attention calibrate fits this GPU's own"), JSON.stringify(text));
+  assert.equal(autoSource({ auto_source: { source: "calibrated", gpu: "NVIDIA H200" } }).text,
+    "auto runs on this GPU's calibration");
+  // A server that sends no auto_source: the rules.
+  assert.equal(autoSource({}).text, "auto runs on the rule table (no cost model for this GPU class)");
   assert.equal(autoSource(null).kind, "rules");
   // The CPU has SDPA only: no line about models.
   assert.ok(!describeAuto(cpu).lines.some((l) => /auto runs on/.test(l.text)));

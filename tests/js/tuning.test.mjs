@@ -1,17 +1,17 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import path from "node:path";
 import {
   budgetText, candidateRows, decisionView, fingerprintDetails, fingerprintSummary, formatCosine, formatError, formatMs,
-  formatRatio, formatSeconds, formatTunedAt, runnerUp, runnerUpText, shortSignature, summariseTuning, tunedOnThisMachine,
+  formatRatio, formatSeconds, formatTunedAt, runnerUp, runnerUpText, shapeText, summariseTuning, tunedOnThisMachine,
   tuningTooltipLines, verdictLabel,
 } from "../../web/lib/tuning.js";
 import { describePriority, describeSelection } from "../../web/lib/status.js";
 import { planLines, summariseReport } from "../../web/lib/report.js";
-import { REPO, fixture, statusTuningFromFile } from "./helpers.mjs";
+import { fixture } from "./helpers.mjs";
 
-// The status route's `tuning` for the committed H200 file, and an SDXL run report whose
-// decisions are three of that file's (two measured this run, one saved, one shape left to auto).
+// Made by the pack's Python (tests/js_fixtures.py): the status route's `tuning` for the
+// committed H200 file, and an SDXL run report whose decisions are three of that file's
+// (two measured this run, one saved, one shape left to auto).
 const h200 = fixture("status_tuning_h200.json");
 const sdxl = fixture("report_auto_tuned.json");
 const gpu = fixture("status_gpu_synthetic.json");
@@ -21,16 +21,17 @@ const FLUX = "bfloat16|B1|H24|Hkv24|Nq4608|Nk4608|D128|Dv128|mask=none|in=B,H,N,
 const CROSS = "bfloat16|B2|H20|Hkv20|Nq1024|Nk77|D64|Dv64|mask=none|in=B,N,H*D|out=B,N,H*D|prec=-|lowp=1|scale=0";
 const decisionOf = (signature) => h200.devices[0].decisions.find((d) => d.signature === signature);
 
-test("signature keys read like the plans' signatures", () => {
-  assert.equal(shortSignature(FLUX), "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16");
-  assert.equal(shortSignature(CROSS), "B=2 H=20 Nq=1024 Nk=77 D=64 bfloat16");
-  assert.equal(shortSignature("float16|B1|H32|Hkv8|Nq512|Nk512|D128|Dv64|mask=additive:1x1x512x512|in=B,H,N,D|" +
-    "out=B,H,N,D|prec=float32|lowp=0|scale=1"),
-  "B=1 H=32/8kv Nq=512 Nk=512 D=128 Dv=64 float16 mask=additive:1x1x512x512 precision=float32 " +
+test("a call's shape reads like the plans' signatures", () => {
+  assert.equal(shapeText(decisionOf(FLUX).shape), "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16");
+  assert.equal(shapeText(decisionOf(CROSS).shape), "B=2 H=20 Nq=1024 Nk=77 D=64 bfloat16");
+  assert.equal(shapeText({ dtype: "float16", batch: 1, heads: 32, kv_heads: 8, q_tokens: 512, k_tokens: 512,
+    head_dim: 128, v_head_dim: 64, mask: { kind: "additive", shape: [1, 1, 512, 512] }, precision: "float32",
+    low_precision_ok: false, custom_scale: true, device: "cuda", capability: "9.0" }),
+  "B=1 H=32/8kv Nq=512 Nk=512 D=128 Dv=64 float16 cuda sm90 mask=additive:1x1x512x512 precision=float32 " +
     "low precision refused custom scale");
-  // Anything that is not a tuner key is shown as it is.
-  assert.equal(shortSignature("B=1 H=24 Nq=4608"), "B=1 H=24 Nq=4608");
-  assert.equal(shortSignature(null), "");
+  // A plan's shape names its device; a saved decision's does not (the store files it under one).
+  assert.equal(planLines(sdxl)[0].split(" → ")[0], "B=2 H=20 Nq=1024 Nk=1024 D=64 bfloat16 cuda sm90");
+  assert.equal(shapeText(null), "");
 });
 
 test("numbers in the candidates table", () => {
@@ -51,16 +52,21 @@ test("numbers in the candidates table", () => {
   assert.equal(budgetText(null), "");
 });
 
-test("verdicts become short labels, the full text stays for the tooltip", () => {
-  const labels = (v) => [verdictLabel(v).label, verdictLabel(v).cls];
-  assert.deepEqual(labels("chosen"), ["chosen", "good"]);
-  assert.deepEqual(labels("slower: 1.254x the chosen time"), ["slower", "muted"]);
-  assert.deepEqual(labels("over the error budget: rel. L1 0.0256 > 0.02"), ["over budget", "bad"]);
-  assert.deepEqual(labels("3 non-finite values"), ["non-finite", "bad"]);
-  assert.deepEqual(labels("raised RuntimeError: no kernel image"), ["raised", "bad"]);
-  assert.deepEqual(labels("not measured: the signature's tuning time was spent"), ["not measured", "muted"]);
-  assert.deepEqual(labels("not timed"), ["not timed", "muted"]);
-  assert.deepEqual(labels(undefined), ["?", "muted"]);
+test("verdicts become short labels by their kind, the text stays for the tooltip", () => {
+  const labels = (kind, text = "") => [verdictLabel({ kind, text }).label, verdictLabel({ kind, text }).cls];
+  assert.deepEqual(labels("chosen", "chosen"), ["chosen", "good"]);
+  assert.deepEqual(labels("slower", "slower: 1.254x the chosen time"), ["slower", "muted"]);
+  assert.deepEqual(labels("over_budget"), ["over budget", "bad"]);
+  assert.deepEqual(labels("nonfinite"), ["non-finite", "bad"]);
+  assert.deepEqual(labels("raised"), ["raised", "bad"]);
+  assert.deepEqual(labels("not_measured"), ["not measured", "muted"]);
+  assert.deepEqual(labels("not_timed"), ["not timed", "muted"]);
+  assert.deepEqual(labels("unknown", "a verdict from a newer tuner"), ["a verdict from a newer tuner", "muted"]);
+  assert.deepEqual(verdictLabel(undefined), { label: "?", cls: "muted" });
+  // Every verdict the server sent for the committed H200 file has a kind this page knows.
+  for (const d of h200.devices[0].decisions) {
+    for (const row of Object.values(d.candidates)) assert.notEqual(row.verdict.kind, "unknown", row.verdict.text);
+  }
 });
 
 test("the runner-up is the fastest other candidate inside the error budget", () => {
@@ -72,16 +78,17 @@ test("the runner-up is the fastest other candidate inside the error budget", () 
   // SDXL's 77-key cross-attention: the FP8 Sage kernels were over the budget, not runners-up.
   assert.equal(runnerUp(decisionOf(CROSS)).backend, "sdpa_efficient");
   // A faster candidate outside the budget is passed over.
+  const v = (kind, text) => ({ kind, text });
   const refused = { backend: "sdpa", budget: { rel_l1: 0.02, min_cosine: 0.9995 }, candidates: {
-    sdpa: { ms: 1.0, rel_l1: 0, cosine: 1, verdict: "chosen" },
-    fast: { ms: 0.5, rel_l1: 0.03, cosine: 0.9999, verdict: "over the error budget: rel. L1 0.0300 > 0.02" },
-    nan: { ms: 0.4, rel_l1: 0, cosine: 1, nonfinite: 2, verdict: "2 non-finite values" },
-    untimed: { ms: null, rel_l1: 0, cosine: 1, verdict: "not timed" },
-    slow: { ms: 2.0, rel_l1: 0.001, cosine: 0.99999, verdict: "slower: 2.000x the chosen time" },
+    sdpa: { ms: 1.0, rel_l1: 0, cosine: 1, verdict: v("chosen", "chosen") },
+    fast: { ms: 0.5, rel_l1: 0.03, cosine: 0.9999, verdict: v("over_budget", "over the error budget: rel. L1 0.0300 > 0.02") },
+    nan: { ms: 0.4, rel_l1: 0, cosine: 1, nonfinite: 2, verdict: v("nonfinite", "2 non-finite values") },
+    untimed: { ms: null, rel_l1: 0, cosine: 1, verdict: v("not_timed", "not timed") },
+    slow: { ms: 2.0, rel_l1: 0.001, cosine: 0.99999, verdict: v("slower", "slower: 2.000x the chosen time") },
   } };
   assert.deepEqual(runnerUp(refused), { backend: "slow", ms: 2.0, ratio: 2 });
   // Nothing else inside the budget, or nothing at all.
-  assert.equal(runnerUp({ backend: "sdpa", candidates: { sdpa: { ms: 1, verdict: "chosen" } } }), null);
+  assert.equal(runnerUp({ backend: "sdpa", candidates: { sdpa: { ms: 1, verdict: v("chosen", "chosen") } } }), null);
   assert.equal(runnerUpText({ backend: "sdpa", candidates: {} }), "no runner-up inside the error budget");
   // A ratio closer to 1 than the reference's two timings is marked as noise.
   assert.equal(runnerUpText({ ...flux, noise_floor: 0.07 }), "runner-up sdpa 1.06× (inside the noise floor)");
@@ -110,6 +117,7 @@ test("a decision's view: backend, shape, source, facts", () => {
   const view = decisionView({ ...decisionOf(FLUX), source: "measured", complete: true });
   assert.equal(view.line, "flash4 ← B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16 · measured");
   assert.equal(view.signature, FLUX);
+  assert.equal(view.short, "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16");
   assert.equal(view.rows.length, Object.keys(decisionOf(FLUX).candidates).length);
   assert.match(view.facts, /^reference sdpa · budget rel\. L1 ≤ 0\.02, cosine ≥ 0\.9995 · tuned in \d+ ms · 2026-11-21 \d\d:\d\d UTC$/);
   // A saved decision (status route) names no source; a partial one says it was not saved.
@@ -146,7 +154,9 @@ test("the run's tuning line", () => {
   const plans = [{ tuned: "measured" }, { tuned: "saved" }, { tuned: null }];
   assert.equal(summariseTuning(again, { plans }).text, "auto_tuned: 2 shapes kept from this node's earlier run");
   assert.equal(summariseTuning(again, { plans }).kept, 2);
-  assert.equal(summariseTuning({ ...sdxl.tuning, left_to_auto: [] }, { plans: [...sdxl.plans, { tuned: "saved" }] }).text,
+  assert.equal(sdxl.tuning.kept, 0);
+  assert.equal(summariseTuning({ ...sdxl.tuning, kept: undefined, left_to_auto: [] },
+    { plans: [...sdxl.plans, { tuned: "saved" }] }).text,
     "auto_tuned: 2 shapes measured in 0.29 s, 1 reused, 1 kept from this node's earlier run");
   assert.equal(summariseTuning(sdxl.tuning, { plans: sdxl.plans }).kept, 0);
   // The server's own count, with the kept decisions listed as from an earlier run.
@@ -218,7 +228,10 @@ test("Tuned on this GPU: the H200 file's decisions", () => {
 
 test("Tuned on this GPU: nothing, no GPU, several GPUs", () => {
   assert.equal(tunedOnThisMachine(null), null);
-  assert.equal(tunedOnThisMachine(cpu), null); // a server without auto_tuned
+  assert.equal(tunedOnThisMachine({ ...cpu, tuning: undefined }), null); // a server without auto_tuned
+  const onCpu = tunedOnThisMachine(cpu); // auto_tuned tunes CPU calls too: one row, nothing saved
+  assert.deepEqual(onCpu.devices.map((d) => [d.index, d.gpu, d.count]), [[null, "cpu", 0]]);
+  assert.equal(onCpu.exists, false);
   const none = tunedOnThisMachine({ tuning: { file: "/u/attention_backends/tuning.json", exists: false, devices: [] } });
   assert.equal(none.exists, false);
   assert.match(none.note, /No CUDA GPU is visible/);
@@ -281,13 +294,12 @@ test("auto_tuned in the Advanced node's priority list", () => {
   assert.equal(describePriority(cpu, "flash4 > auto_tuned").kind, "ok");
 });
 
-test("the committed H200 tuning file, read as the status route sends it, gives a consistent view", () => {
-  const tuning = statusTuningFromFile(path.join(REPO, "benchmarks", "results", "h200", "tuning.json"));
-  const [device] = tunedOnThisMachine({ tuning }).devices;
+test("the committed H200 tuning file, as the status route sends it, gives a consistent view", () => {
+  const [device] = tunedOnThisMachine({ tuning: h200 }).devices;
   assert.ok(device.count > 0);
   assert.match(device.summary, /^NVIDIA H200 · driver \S+ · torch \S+$/);
   for (const [i, d] of device.decisions.entries()) {
-    const saved = tuning.devices[0].decisions[i];
+    const saved = h200.devices[0].decisions[i];
     assert.equal(d.rows[0].backend, saved.backend, d.signature);
     assert.equal(d.rows[0].verdict.label, "chosen", d.signature);
     assert.doesNotMatch(d.short, /\|/, d.signature);

@@ -204,9 +204,9 @@ export function sidebarContent({ status, error, reports = [], onRefresh, chartSr
   r.available && r.autoFor.length
     ? h("div", { class: "ab-muted ab-small ab-sub" }, `auto uses it for ${r.autoForAll ? "every typical shape" : r.autoFor.join(", ")}`) : null,
   !r.available && r.reason ? h("div", { class: "ab-muted ab-small ab-sub" }, r.reason) : null,
-  !r.available && r.hintShown.text ? h("div", { class: "ab-muted ab-small ab-sub" }, r.hintShown.text) : null,
-  !r.available && r.hintShown.command
-    ? h("div", { class: "ab-hint ab-sub" }, h("code", {}, r.hintShown.command), copyButton(r.hintShown.command)) : null)));
+  !r.available && r.install && r.install.note ? h("div", { class: "ab-muted ab-small ab-sub" }, r.install.note) : null,
+  !r.available && r.install && r.install.command
+    ? h("div", { class: "ab-hint ab-sub" }, h("code", {}, r.install.command), copyButton(r.install.command)) : null)));
 
   const auto = describeAuto(status);
   const autoBlock = h("div", { class: "ab-auto" },

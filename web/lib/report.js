@@ -2,7 +2,8 @@
 // "attention_backends.report" and the values of GET /attention_backends/report; docs/api.md).
 // No DOM, no ComfyUI imports.
 
-import { summariseTuning } from "./tuning.js";
+import { parsePriority } from "./priority.js";
+import { shapeText, summariseTuning } from "./tuning.js";
 
 export const REPORT_EVENT = "attention_backends.report";
 
@@ -110,16 +111,18 @@ export function summariseReport(report, { currentSelection = null } = {}) {
   if (typeof report.model_attention_calls === "number" && report.model_attention_calls !== total) {
     parts[0] += ` of ${formatCount(report.model_attention_calls)}`;
   }
+  const refused = typeof report.refused_calls === "number" ? report.refused_calls : 0;
+  if (refused) parts.push(`${formatCount(refused)} refused (stop)`);
   const duration = formatDuration(report.duration_s);
   if (duration) parts.push(duration);
   if (report.model) parts.push(String(report.model));
   let level = "ok";
   if (fallbacks.length || notes.some((n) => n.startsWith("guard"))) level = "warn";
   if (warnings.length) level = "warn";
-  if (total === 0) level = "error";
+  if (total === 0 || refused) level = "error";
   const selection = report.selection != null ? String(report.selection) : null;
   // The Advanced node reports its priority list as "a > b"; compare lists, not spellings.
-  const norm = (x) => String(x).split(/[>,;|\s]+/).filter(Boolean).join(" > ");
+  const norm = (x) => parsePriority(x).join(" > ");
   const stale = !!(currentSelection && selection && typeof currentSelection === "string" &&
     norm(currentSelection) !== norm(selection));
   return {
@@ -144,8 +147,8 @@ export function oneLine(report) {
 /** Per-signature plans for a tooltip: "B=1 H=24 Nq=4608 … → flash4 ×1,440" (+ " · tuned, saved"). */
 export function planLines(report, limit = 8) {
   const plans = ((report && report.plans) || []).slice(0, limit);
-  return plans.map((p) => `${p.signature || "?"} → ${p.backend || "?"} ×${formatCount(p.calls)}` +
-    (p.tuned ? ` · tuned, ${p.tuned}` : ""));
+  return plans.map((p) => `${shapeText(p.shape) || p.signature || "?"} → ${p.backend || "?"} ×${formatCount(p.calls)}` +
+    (p.refused ? `, ${formatCount(p.refused)} refused` : "") + (p.tuned ? ` · tuned, ${p.tuned}` : ""));
 }
 
 /** Normalise GET /attention_backends/report into {nodeId: report}. */

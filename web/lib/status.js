@@ -4,10 +4,10 @@
 // Every function returns plain "view models" ({kind, title, lines, ...}); the glue in
 // ../attention_backends.js turns them into DOM.
 
+import { AUTO_TUNED, parsePriority, priorityProblem } from "./priority.js";
 import { tunedOnThisMachine } from "./tuning.js";
 
-/** The choice that measures the backends on this GPU (nodes' combo and priority lists). */
-const AUTO_TUNED = "auto_tuned";
+export { parsePriority } from "./priority.js";
 /** The node's `tuning` choice that measures every call shape again. */
 const RETUNE = "re-tune";
 
@@ -59,7 +59,7 @@ export function groupTypical(device) {
   return groups;
 }
 
-/** Backends of the device's auto order that are not available here: [{backend, reason, hint}]. */
+/** Backends of the device's auto order that are not available here: [{backend, reason, install}]. */
 export function missingFromAutoOrder(status, device) {
   const out = [];
   const seen = new Set();
@@ -70,7 +70,7 @@ export function missingFromAutoOrder(status, device) {
     out.push({
       backend: entry.backend,
       reason: (entry.reasons && entry.reasons[0]) || (row && row.reasons && row.reasons[0]) || "unavailable",
-      hint: (row && row.install_hint) || "",
+      install: entry.install || (row && row.install) || null,
     });
   }
   return out;
@@ -78,27 +78,14 @@ export function missingFromAutoOrder(status, device) {
 
 const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
-/** True when an install hint is a command to copy ("pip install x"), not prose ("built from source: see ..."). */
-export function isCommand(hint) {
-  return /^\s*(pip3?|uv|python3?|conda|mamba|apt(-get)?)\s/.test(String(hint || ""));
-}
-
 /**
- * The hint as the UI shows it: {command} to copy, or {text} when it is prose that the
- * reasons do not already say; empty object when there is nothing to add.
+ * The server's install hint ({command, note}, null when installing would not help) in one
+ * line: "pip install x (note)", the note alone, or "".
  */
-export function presentHint(hint, reasons = []) {
-  if (!hint) return {};
-  // "no CUDA GPU is visible": installing the package would not help, so no command.
-  const packageProblem = /install|not found|cannot (load|import)|older than|newer than|no module|missing|version/i;
-  if ((reasons || []).length && !(reasons || []).some((r) => packageProblem.test(String(r)))) return {};
-  if (isCommand(hint)) {
-    // "pip install flash-attn (builds from source unless ...)": the command, then the note.
-    const m = /^(.*?\S)\s*\(([^()]*)\)\s*$/.exec(hint);
-    return m && isCommand(m[1]) ? { command: m[1], note: m[2] } : { command: hint };
-  }
-  if ((reasons || []).some((r) => String(r).includes(hint))) return {};
-  return { text: hint };
+export function installText(install) {
+  if (!install) return "";
+  if (install.command && install.note) return `${install.command} (${install.note})`;
+  return install.command || install.note || "";
 }
 
 /**
@@ -136,9 +123,8 @@ export function describeSelection(status, selection, { error = null, onUnsupport
   }
   for (const reason of [...(row.reasons || [])].reverse()) lines.unshift({ text: reason, cls: "bad" });
   if (!row.reasons || row.reasons.length === 0) lines.unshift({ text: "Not available on this machine.", cls: "bad" });
-  const shown = presentHint(row.install_hint, row.reasons);
-  if (shown.text) lines.push({ text: shown.text, cls: "muted" });
-  if (shown.note && !(row.reasons || []).some((r) => r.includes(shown.note))) lines.push({ text: shown.note, cls: "muted" });
+  const install = row.install || null;
+  if (install && install.note) lines.push({ text: install.note, cls: "muted" });
   lines.push({
     text: onUnsupported === "stop"
       ? "on_unsupported = stop: the run will stop."
@@ -146,7 +132,7 @@ export function describeSelection(status, selection, { error = null, onUnsupport
     cls: "warn",
   });
   return { kind: "unavailable", title: `${row.name} ✗ not available here`, tooltip: row.description || "", lines,
-           hint: shown.command || "" };
+           hint: (install && install.command) || "" };
 }
 
 /**
@@ -195,9 +181,9 @@ export function describeAuto(status) {
       lines.push({
         text: `Not installed here: ${missing.map((m) => m.backend).join(", ")}`,
         cls: "muted",
-        title: missing.map((m) => `${m.backend}: ${m.reason}${m.hint ? ` (${m.hint})` : ""}`).join("\n"),
+        title: missing.map((m) => `${m.backend}: ${m.reason}${m.install ? ` (${installText(m.install)})` : ""}`).join("\n"),
       });
-      if (!hint) hint = missing.map((m) => presentHint(m.hint).command).find(Boolean) || "";
+      if (!hint) hint = missing.map((m) => m.install && m.install.command).find(Boolean) || "";
     }
   }
   return { kind: "auto", title: "auto → best available per call", lines, hint };
@@ -226,12 +212,6 @@ export function describeAutoTuned(status, { tuning = null } = {}) {
   return { kind: "auto_tuned", title: "auto_tuned → fastest accurate backend, measured here", lines, hint: "" };
 }
 
-/** "flash4 > sage, sdpa" → ["flash4", "sage", "sdpa"] (separators: > , ; | whitespace). */
-export function parsePriority(text) {
-  if (Array.isArray(text)) return text.map(String).map((s) => s.trim()).filter(Boolean);
-  return String(text || "").split(/[>,;|\s]+/).map((s) => s.trim()).filter(Boolean);
-}
-
 /**
  * The "before a run" panel of the Advanced node: each name of its priority list with
  * availability, and which one a call is most likely to reach first.
@@ -240,12 +220,17 @@ export function describePriority(status, priorityText, { error = null, onUnsuppo
   if (error) return describeSelection(null, null, { error });
   if (!status) return describeSelection(null, null);
   const names = parsePriority(priorityText);
-  if (names.length === 0 || (names.length === 1 && names[0] === "auto")) return describeAuto(status);
+  const problem = priorityProblem(names, ((status && status.backends) || []).map((b) => b.name));
+  if (problem && problem.empty) {
+    return { kind: "unknown", title: "Priority: the list is empty",
+             lines: [{ text: "Name at least one backend, e.g. 'flash4 > sdpa' (names separated by > or ,).", cls: "bad" }],
+             hint: "" };
+  }
+  if (names.length === 1 && names[0] === "auto") return describeAuto(status);
   if (names.length === 1 && names[0] === AUTO_TUNED) return describeAutoTuned(status, { tuning });
   const lines = [];
   let first = null;
   let hint = "";
-  let unknown = 0;
   for (const name of names) {
     if (name === "auto") {
       lines.push({ text: "auto — the rest of the auto order", cls: "good" });
@@ -260,21 +245,21 @@ export function describePriority(status, priorityText, { error = null, onUnsuppo
     }
     const row = findBackend(status, name);
     if (!row) {
-      unknown += 1;
-      lines.push({ text: `${name} ✗ unknown backend name`, cls: "bad" });
+      lines.push({ text: `${name} ✗ unknown backend name (separate names with > or ,)`, cls: "bad" });
     } else if (row.available) {
       lines.push({ text: `${name} ✓ available`, cls: "good", title: row.description || "" });
       if (!first) first = name;
     } else {
       lines.push({ text: `${name} ✗ ${(row.reasons && row.reasons[0]) || "not available"}`, cls: "bad",
-                   title: row.install_hint || "" });
-      if (!hint) hint = presentHint(row.install_hint).command || "";
+                   title: installText(row.install) });
+      if (!hint) hint = (row.install && row.install.command) || "";
     }
   }
   let kind = first ? "ok" : "unavailable";
-  if (unknown) kind = "unknown";
-  const title = first ? `Priority: calls go to ${first} first (when it can serve them)` : "Priority: nothing in the list runs here";
-  if (!first) {
+  if (problem) kind = "unknown";
+  const title = problem ? "Priority: the node will refuse this list"
+    : first ? `Priority: calls go to ${first} first (when it can serve them)` : "Priority: nothing in the list runs here";
+  if (!first && !problem) {
     lines.push({
       text: onUnsupported === "stop" ? "on_unsupported = stop: the run will stop." : "Calls fall back to the auto choice.",
       cls: "warn",
@@ -285,7 +270,7 @@ export function describePriority(status, priorityText, { error = null, onUnsuppo
 
 /**
  * Rows of the sidebar's backend table, sorted available first (in registry order):
- * [{name, family, available, version, quantized, description, reason, hint, autoFor: [device labels]}]
+ * [{name, family, available, version, quantized, description, reason, install, autoFor: [shape labels]}]
  */
 export function backendTable(status) {
   const backends = (status && status.backends) || [];
@@ -307,8 +292,7 @@ export function backendTable(status) {
     quantized: !!b.quantized,
     description: b.description || "",
     reason: (b.reasons || []).join("; "),
-    hint: b.install_hint || "",
-    hintShown: presentHint(b.install_hint, b.reasons),
+    install: b.install || null,
     autoFor: autoFor.has(b.name) ? [...autoFor.get(b.name)] : [],
     autoForAll: autoFor.has(b.name) && autoFor.get(b.name).size === allShapes.size,
   }));

@@ -1,40 +1,32 @@
 // Pure logic over `auto_tuned`'s decisions (docs/api.md): the run report's `tuning`
 // and the status route's `tuning`. No DOM, no ComfyUI imports.
 //
-// A decision is {signature, backend, reference, tuning_ms, tuned_at, budget, candidates,
-// and in a run report source + complete}; candidates are {name: {ms, rel_l1, cosine,
-// max_abs, nonfinite, verdict}}.
+// A decision is {signature, shape, backend, reference, tuning_ms, tuned_at, budget,
+// candidates, and in a run report source + complete}; candidates are {name: {ms, rel_l1,
+// cosine, max_abs, nonfinite, verdict: {kind, text}}}. `signature` is the tuner's key (an
+// identifier); `shape` is the same call as fields (attention.contract), which is what is shown.
 
 const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 const isNumber = (x) => typeof x === "number" && Number.isFinite(x);
 
+const dtypeShort = (dtype) => String(dtype ?? "?");
+
 /**
- * The tuner's signature key ("bfloat16|B1|H24|Hkv24|Nq4608|Nk4608|D128|Dv128|mask=none|...")
- * in the words of the report's plans ("B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16"), so the two
- * can be matched by eye; fields at their usual value are left out. Anything else is returned as is.
+ * A call's shape (the server's signature fields) in the words of the report's plans:
+ * "B=1 H=24 Nq=4608 Nk=4608 D=128 bfloat16", with the fields that are not at their usual
+ * value after it (value head dim, mask, precision requests, device of a plan).
  */
-export function shortSignature(key) {
-  const text = String(key ?? "");
-  const parts = text.split("|");
-  if (parts.length < 8) return text;
-  const fields = {};
-  for (const part of parts.slice(1)) {
-    const eq = part.indexOf("=");
-    if (eq > 0) fields[part.slice(0, eq)] = part.slice(eq + 1);
-    else {
-      const m = /^([A-Za-z]+?)(\d+)$/.exec(part);
-      if (m) fields[m[1]] = m[2];
-    }
-  }
-  if (fields.B == null || fields.H == null || fields.Nq == null || fields.D == null) return text;
-  const heads = fields.Hkv && fields.Hkv !== fields.H ? `${fields.H}/${fields.Hkv}kv` : fields.H;
-  const out = [`B=${fields.B}`, `H=${heads}`, `Nq=${fields.Nq}`, `Nk=${fields.Nk ?? fields.Nq}`, `D=${fields.D}`];
-  if (fields.Dv && fields.Dv !== fields.D) out.push(`Dv=${fields.Dv}`);
-  out.push(parts[0]);
-  if (fields.mask && fields.mask !== "none") out.push(`mask=${fields.mask}`);
-  if (fields.prec && fields.prec !== "-") out.push(`precision=${fields.prec}`);
-  if (fields.lowp === "0") out.push("low precision refused");
-  if (fields.scale === "1") out.push("custom scale");
+export function shapeText(shape) {
+  if (!shape || typeof shape !== "object") return "";
+  const heads = shape.kv_heads != null && shape.kv_heads !== shape.heads ? `${shape.heads}/${shape.kv_heads}kv` : `${shape.heads}`;
+  const out = [`B=${shape.batch}`, `H=${heads}`, `Nq=${shape.q_tokens}`, `Nk=${shape.k_tokens}`, `D=${shape.head_dim}`];
+  if (shape.v_head_dim != null && shape.v_head_dim !== shape.head_dim) out.push(`Dv=${shape.v_head_dim}`);
+  out.push(dtypeShort(shape.dtype));
+  if (shape.device) out.push(shape.capability ? `${shape.device} sm${String(shape.capability).replace(".", "")}` : shape.device);
+  if (shape.mask) out.push(`mask=${shape.mask.kind}${(shape.mask.shape || []).length ? `:${shape.mask.shape.join("x")}` : ""}`);
+  if (shape.precision) out.push(`precision=${shape.precision}`);
+  if (shape.low_precision_ok === false) out.push("low precision refused");
+  if (shape.custom_scale) out.push("custom scale");
   return out.join(" ");
 }
 
@@ -93,20 +85,25 @@ export function budgetText(budget) {
   return parts.join(", ");
 }
 
+// The server's verdict kinds (attention.contract) → the label of a table cell and its colour.
+const VERDICTS = {
+  chosen: ["chosen", "good"],
+  slower: ["slower", "muted"],
+  over_budget: ["over budget", "bad"],
+  nonfinite: ["non-finite", "bad"],
+  raised: ["raised", "bad"],
+  not_measured: ["not measured", "muted"],
+  not_timed: ["not timed", "muted"],
+};
+
 /**
- * A verdict as a short label for a table cell ({label, cls}); the full text goes into the
- * cell's tooltip. The tuner's verdicts: "chosen", "slower: 1.254x the chosen time",
- * "over the error budget: …", "N non-finite values", "not measured: …", "raised …".
+ * A verdict ({kind, text}) as a short label for a table cell ({label, cls}); the text, as
+ * the tuner wrote it, goes into the cell's tooltip. A kind this page does not know shows its text.
  */
 export function verdictLabel(verdict) {
-  const text = String(verdict ?? "");
-  if (text === "chosen") return { label: "chosen", cls: "good" };
-  if (text.startsWith("slower")) return { label: "slower", cls: "muted" };
-  if (text.startsWith("over the error budget")) return { label: "over budget", cls: "bad" };
-  if (/non-finite/.test(text)) return { label: "non-finite", cls: "bad" };
-  if (text.startsWith("raised")) return { label: "raised", cls: "bad" };
-  if (text.startsWith("not ")) return { label: text.split(":")[0], cls: "muted" };
-  return { label: text || "?", cls: "muted" };
+  const known = verdict && Object.prototype.hasOwnProperty.call(VERDICTS, verdict.kind) ? VERDICTS[verdict.kind] : null;
+  if (known) return { label: known[0], cls: known[1] };
+  return { label: (verdict && verdict.text) || "?", cls: "muted" };
 }
 
 function candidatesOf(decision) {
@@ -175,7 +172,7 @@ export function candidateRows(decision) {
       ratioText: formatRatio(ratio),
       relL1Text: formatError(r.rel_l1),
       cosineText: formatCosine(r.cosine),
-      verdict: { ...verdictLabel(r.verdict), title: String(r.verdict ?? "") },
+      verdict: { ...verdictLabel(r.verdict), title: String((r.verdict && r.verdict.text) ?? "") },
     };
   });
   rows.sort((a, b) => (Number(b.chosen) - Number(a.chosen)) ||
@@ -186,7 +183,7 @@ export function candidateRows(decision) {
 /** One decision as the UI shows it. */
 export function decisionView(decision) {
   const d = decision || {};
-  const short = shortSignature(d.signature);
+  const short = shapeText(d.shape) || String(d.signature ?? "");
   const source = d.this_run === false ? "earlier run"
     : d.source === "measured" || d.source === "saved" ? d.source : null;
   const facts = [];

@@ -136,6 +136,17 @@ def tiny_sd_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return _patcher(model_config, seed, geometry)
 
 
+def tiny_unet_without_attention(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """The tiny SD1.5 UNet with no transformer at any level: a model without attention layers."""
+    config = sd_unet_config()
+    config.update(transformer_depth=[0, 0], transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 0])
+    model_config = comfy.supported_models.SD15(config)
+    model_config.unet_config["num_heads"] = 2
+    model_config.unet_config["num_head_channels"] = -1
+    geometry = dict(channels=4, h=16, w=16, ctx_len=8, ctx_dim=32, pooled_dim=32, guidance=None)
+    return _patcher(model_config, seed, geometry)
+
+
 def flux_conditioning(seed: int, batch: int = 1) -> tuple[list, list]:
     """(positive, negative) CONDITIONING for tiny_flux."""
     return _conditioning(dict(ctx_len=8, ctx_dim=64, pooled_dim=32, guidance=3.5), seed, batch)
