@@ -9,7 +9,9 @@ from typing import Any
 from ..attention import AUTO, AUTO_TUNED, names, sparse_names
 from ..attention.contract import decision_json
 from ..attention.status import machine_status
+from . import failures
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
+from .failures import failures_status
 from .raw_inputs import mark_non_boolean_inputs
 from .report import last_reports
 from .tuning import register_user_folder, tuning_status
@@ -31,7 +33,8 @@ def structured_tuning(tuning: dict) -> dict:
 
 def status() -> dict:
     return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
-            "benchmarks": list_benchmarks(), "tuning": structured_tuning(tuning_status())}
+            "benchmarks": list_benchmarks(), "tuning": structured_tuning(tuning_status()),
+            "kernel_failures": failures_status()}
 
 
 def register(server: Any) -> None:
@@ -39,6 +42,7 @@ def register(server: Any) -> None:
     from aiohttp import web
 
     register_user_folder()
+    failures.register(server)
     # Not a route: posted boolean inputs are checked before ComfyUI converts them (raw_inputs.py).
     server.add_on_prompt_handler(mark_non_boolean_inputs)
 
