@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from attention.backend import Varlen
+from library_support import reference_attention
 
 MAX = torch.finfo(torch.float32).max
 
@@ -17,25 +18,9 @@ def as_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
-def reference(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False) -> torch.Tensor:
-    """ComfyUI's attention_pytorch semantics in float64, heads-first (B, H, Nq, D) or flat."""
-    q64, k64, v64 = (as_heads(t.double(), heads if t is q else heads * t.shape[-1] // q.shape[-1], skip_reshape)
-                     for t in (q, k, v))
-    repeat = q64.shape[1] // k64.shape[1]
-    k64, v64 = k64.repeat_interleave(repeat, 1), v64.repeat_interleave(repeat, 1)
-    scores = q64 @ k64.transpose(-1, -2) / q64.shape[-1] ** 0.5
-    if mask is not None:
-        m = mask[None, None] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
-        elif not m.dtype.is_floating_point:
-            scores = scores.masked_fill(m == 0, float("-inf"))
-        else:
-            scores = scores + m.double()
-    out = scores.softmax(-1) @ v64
-    if skip_output_reshape:
-        return out
-    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+def reference(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False):
+    """ComfyUI's attention_pytorch semantics in float64 (library_support.reference_attention)."""
+    return reference_attention(q, k, v, heads, mask, skip_reshape, skip_output_reshape)
 
 
 def make(batch, heads, seq_q, seq_k, dim, skip_reshape, heads_kv=None, dtype=torch.float32, seed=0):

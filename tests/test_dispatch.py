@@ -12,38 +12,15 @@ from attention import Backend, Dispatcher, NoBackendError, dispatch
 from attention.backend import BHND, BNHD
 from attention.call import MASK_ADDITIVE, MASK_BOOL, MASK_INTEGER
 from attention.constraints import Exactness, NoMask
-from library_support import sdpa_kernel
+from library_support import reference_attention, sdpa_kernel
 
 CPU_BACKENDS = ["sdpa", "sdpa_flash", "sdpa_math"]
 B, H, NQ, NK, D = 2, 3, 33, 17, 16
 
 
 def reference(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False):
-    """ComfyUI's attention_pytorch semantics in float64."""
-    q64, k64, v64 = (t.double() if skip_reshape else
-                     t.double().view(t.shape[0], t.shape[1], -1, q.shape[-1] // heads).transpose(1, 2)
-                     for t in (q, k, v))
-    scores = q64 @ k64.transpose(-1, -2) / q64.shape[-1] ** 0.5
-    if k64.shape[1] != q64.shape[1]:
-        repeat = q64.shape[1] // k64.shape[1]
-        scores = q64 @ k64.repeat_interleave(repeat, 1).transpose(-1, -2) / q64.shape[-1] ** 0.5
-        v64 = v64.repeat_interleave(repeat, 1)
-    if mask is not None:
-        m = mask
-        if m.ndim == 2:
-            m = m[None, None]
-        elif m.ndim == 3:
-            m = m[:, None]
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
-        elif not m.dtype.is_floating_point:
-            scores = scores.masked_fill(m == 0, float("-inf"))
-        else:
-            scores = scores + m.double()
-    out = scores.softmax(-1) @ v64
-    if skip_output_reshape:
-        return out
-    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+    """ComfyUI's attention_pytorch semantics in float64 (library_support.reference_attention)."""
+    return reference_attention(q, k, v, heads, mask, skip_reshape, skip_output_reshape)
 
 
 def make(skip_reshape, heads_kv=H, dtype=torch.float32, seed=0):
