@@ -518,7 +518,7 @@ for (const version of VERSIONS) {
       // A damaged file is a warning, in the sidebar and on the node's auto_tuned status.
       const problem = "not JSON (Expecting value: line 1 column 1 (char 0))";
       await injectStatus(page, { tuning: { ...H200_TUNING,
-        devices: [{ ...H200_TUNING.devices[0], decisions: [], ignored_file_problem: problem }] } });
+        devices: [{ ...H200_TUNING.devices[0], decisions: [], count: 0, ignored_file_problem: problem }] } });
       tuned = await tunedSection(page);
       assert.ok(tuned.text.includes(`⚠ The tuning file was ignored: ${problem}`), tuned.text);
       assert.match(tuned.text, /No decisions saved for this GPU yet/);
