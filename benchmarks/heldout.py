@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from attention import registry  # noqa: E402
 from attention.bench.report import environment  # noqa: E402
-from attention.calibrate import BASELINE, REPEAT, CallTiming, kernel_names, measure_grid  # noqa: E402
+from attention.calibrate import BASELINE, CallTiming, kernel_names, measure_grid  # noqa: E402
 from attention.calibration_calls import HELD_OUT  # noqa: E402
 from attention.cost_model import load  # noqa: E402
 from attention.cost_store import parse_file  # noqa: E402

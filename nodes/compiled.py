@@ -68,9 +68,11 @@ def _where_options(where: str) -> dict:
     return options
 
 
+@functools.lru_cache(maxsize=64)
 def comfy_function(name: str) -> Optional[Callable]:
     """ComfyUI's attention function called `name` (the one a call reached when it was
-    traced), or None."""
+    traced), or None. Cached: it is looked up on every call from a compiled graph, and
+    ComfyUI registers its functions at import."""
     import comfy.ldm.modules.attention as attention
 
     function = getattr(attention, name, None)

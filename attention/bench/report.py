@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..shapes import MODEL_SHAPES
-from .runner import AUTO_ROW, AUTO_ROWS, Row, auto_verdicts
+from .runner import AUTO_ROWS, Row, auto_verdicts
 
 log = logging.getLogger(__name__)
 

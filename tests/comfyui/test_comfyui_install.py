@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_comfyui_server import _fetch, _run_prompts, _twins, running_server
+from server_support import comfyui_server
+from test_comfyui_server import _fetch, _run_prompts, _twins
 
 
 def test_a_second_copy_registers_nothing_and_says_so_once(pack, custom_nodes: Path, tmp_path: Path,
@@ -48,7 +49,7 @@ def test_installed_twice_the_server_reports_and_warns_once(comfyui_path: Path, p
         (folder / name).symlink_to(pack_root, target_is_directory=True)
     (folder / "attention-backends-test-fixtures").symlink_to(pack_root / "tests" / "comfyui" / "fixture_nodes",
                                                              target_is_directory=True)
-    with running_server(comfyui_path, folder, tmp_path_factory.mktemp("comfy_server_twice")) as (url, log_path):
+    with comfyui_server(comfyui_path, folder, tmp_path_factory.mktemp("comfy_server_twice")) as (url, log_path):
         [(history, events)] = asyncio.run(_run_prompts(url, [_twins({"5": 0})]))
         assert history["status"]["status_str"] == "success", log_path.read_text()[-4000:]
         assert [event["node_id"] for event in events] == ["5"]

@@ -7,73 +7,23 @@ One server per module; every wait is bounded and the server is killed in a final
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from server_support import comfyui_server
 
-STARTUP_S = 180
 RUN_S = 120
 CLIENT_ID = "attention-backends-test"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(comfyui_path: Path, custom_nodes: Path, base: Path) -> Iterator[tuple[str, Path]]:
-    """A ComfyUI server on the CPU with `custom_nodes` mounted: (url, log path); killed on exit."""
-    import urllib.request
-
-    for folder in ("output", "user"):
-        (base / folder).mkdir()
-    config = base / "extra_model_paths.yaml"
-    config.write_text(f"attention_backends_test:\n    custom_nodes: {custom_nodes}\n")
-    port = _free_port()
-    log_path = base / "server.log"
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--extra-model-paths-config", str(config), "--output-directory", str(base / "output"),
-               "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=comfyui_path, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + STARTUP_S
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"ComfyUI exited during startup:\n{log_path.read_text()[-4000:]}")
-                try:
-                    urllib.request.urlopen(url + "/system_stats", timeout=2).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"ComfyUI did not answer within {STARTUP_S}s:\n{log_path.read_text()[-4000:]}")
-                    time.sleep(0.5)
-            yield url, log_path
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def server(comfyui_path: Path, custom_nodes: Path, tmp_path_factory: pytest.TempPathFactory):
-    with running_server(comfyui_path, custom_nodes, tmp_path_factory.mktemp("comfy_server")) as running:
+    with comfyui_server(comfyui_path, custom_nodes, tmp_path_factory.mktemp("comfy_server")) as running:
         yield running
 
 
