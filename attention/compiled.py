@@ -19,6 +19,12 @@ dispatch skips custom_op's Python checks (about a quarter of the cost in a quick
 trial that was not kept), and it only
 ever runs from a compiled graph. Eager calls never go through it.
 
+Calls whose plan is plain SDPA can skip the op altogether: the ComfyUI side traces
+PyTorch's SDPA into the graph (`traced_sdpa`), decided at trace time (`decided_at_trace`)
+and checked when the graph runs by one `graph_ran` marker per graph (nodes/compiled.py).
+The op's Python costs tens of µs a call, which a model of many short calls (SDXL: 140 a
+step) cannot hide.
+
 Targets: a `Dispatcher` registers itself (standalone use); the ComfyUI side registers
 one target that serves whichever node's run is active. The registry lives in one
 process-wide module so that two copies of the pack loaded side by side share it.
@@ -33,6 +39,13 @@ import weakref
 from typing import Callable, Optional, Protocol
 
 import torch
+import torch._dynamo
+from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+from .backend import BHND
+from .backends.sdpa import default_kernel as _sdpa_kernel
+from .call import FLAT, HEADS_FIRST
+from .layout import input_view, output_view
 
 _NAMESPACE = "attention_backends"
 _OP = "attention"
@@ -42,6 +55,9 @@ _SHARED_MODULE = "_attention_backends_compiled_registry"
 _SCHEMA = (f"{_OP}(Tensor q, Tensor k, Tensor v, Tensor? mask, int heads, bool skip_reshape, "
            "bool skip_output_reshape, float? scale, str? attn_precision, bool low_precision, bool enable_gqa, "
            "int target, str where, str func) -> Tensor")
+
+_MARKER = "graph_ran"
+_MARKER_SCHEMA = f"{_MARKER}(Tensor like, int graph) -> Tensor"
 
 # Whether dynamo is tracing (torch >= 2.3); older torch never traces through the pack.
 is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
@@ -84,6 +100,8 @@ class _Registry:
         self.targets: "weakref.WeakValueDictionary[int, CompiledCall]" = weakref.WeakValueDictionary()
         self.pinned: dict[int, CompiledCall] = {}
         self.next_handle = 1
+        # Told the id of each graph marker that runs (nodes/compiled.py sets it).
+        self.marker_sink: Optional[Callable[[int], None]] = None
         self.library = self._define()
 
     def _define(self) -> torch.library.Library:
@@ -94,7 +112,18 @@ class _Registry:
         library.define(_SCHEMA, tags=tags)
         library.impl(_OP, self._run, "CompositeExplicitAutograd")
         _register_fake(f"{_NAMESPACE}::{_OP}", _fake, lib=library)
+        # graph_ran: no tensor work, so nothing to freeze in a CUDA graph either way; it
+        # returns a zero that the graph adds to an output, so it is never eliminated.
+        library.define(_MARKER_SCHEMA, tags=tags)
+        library.impl(_MARKER, self._marker, "CompositeExplicitAutograd")
+        _register_fake(f"{_NAMESPACE}::{_MARKER}", _fake_marker, lib=library)
         return library
+
+    def _marker(self, like: torch.Tensor, graph: int) -> torch.Tensor:
+        sink = self.marker_sink
+        if sink is not None:
+            sink(graph)
+        return like.new_zeros(())
 
     def register(self, target: CompiledCall, *, pinned: bool = False) -> int:
         with self.lock:
@@ -127,6 +156,10 @@ def _fake(q, k, v, mask, heads, skip_reshape, skip_output_reshape, scale, attn_p
     return q.new_empty(_output_shape(q, k, v, heads, skip_reshape, skip_output_reshape))
 
 
+def _fake_marker(like, graph):
+    return like.new_empty(())
+
+
 def _registry() -> _Registry:
     shared = sys.modules.get(_SHARED_MODULE)
     if shared is None:
@@ -140,6 +173,42 @@ def register_target(target: CompiledCall, *, pinned: bool = False) -> int:
     """A handle for `target`, to bake into compiled graphs. Weakly held unless `pinned`
     (a process-wide target that must outlive every graph referring to it)."""
     return _registry().register(target, pinned=pinned)
+
+
+def set_marker_sink(sink: Optional[Callable[[int], None]]) -> None:
+    """What runs when a graph's `graph_ran` marker runs (one sink per process)."""
+    _registry().marker_sink = sink
+
+
+def graph_ran(like: torch.Tensor, graph: int) -> torch.Tensor:
+    """A zero scalar that tells the marker sink, when the graph runs, that graph `graph`
+    ran; add it to a tensor the graph returns so that it is kept."""
+    return torch.ops.attention_backends.graph_ran.default(like, graph)
+
+
+# Runs a function at trace time with constant arguments and records its result as a
+# constant (torch >= 2.1); dynamo does not trace into it, so it may take locks and plan.
+decided_at_trace: Callable[[Callable], Callable] = torch._dynamo.assume_constant_result
+
+
+def static_sizes(t: torch.Tensor) -> tuple:
+    """t's sizes as ints at trace time: a dynamic size is specialised (guarded) to its
+    current value, so a decision made from the sizes holds for every run of the graph."""
+    return tuple(guard_scalar(size) for size in t.shape)
+
+
+def traced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, skip_reshape: bool,
+                skip_output_reshape: bool, scale: Optional[float]) -> torch.Tensor:
+    """The `sdpa` backend's call in a form dynamo traces: the same views as its prepared
+    run (layout.py), PyTorch's SDPA, the same output form."""
+    layout_in = HEADS_FIRST if skip_reshape else FLAT
+    heads_q = q.shape[1] if skip_reshape else heads
+    head_dim = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+    heads_kv = k.shape[1] if skip_reshape else k.shape[-1] // head_dim
+    kernel_out = _sdpa_kernel(input_view(layout_in, BHND, heads_q, False)(q),
+                              input_view(layout_in, BHND, heads_kv, False)(k),
+                              input_view(layout_in, BHND, heads_kv, False)(v), None, scale, BHND)
+    return output_view(BHND, HEADS_FIRST if skip_output_reshape else FLAT)(kernel_out)
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> Optional[str]:

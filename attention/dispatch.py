@@ -60,6 +60,10 @@ from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
 
+# The backend a compiled graph may run traced inline rather than through the op: PyTorch's
+# own SDPA, which is what ComfyUI's compiled path runs and which never needs our Python.
+TRACED_BACKEND = "sdpa"
+
 # Name under which calls served by the caller's own fallback (ComfyUI's function) count.
 PASSTHROUGH = "comfyui"
 # A (backend, signature) that failed this many times is not tried again until forgotten.
@@ -118,6 +122,15 @@ def failure_rows() -> list[dict]:
              "retried_next_run": not failure.permanent}
             for (backend, call), failure in sorted(remembered_failures().items(),
                                                    key=lambda item: (item[0][0], item[0][1].describe()))]
+
+
+def plan_key(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype, device: torch.device, heads: int,
+             skip_reshape: bool, skip_output_reshape: bool, attn_precision: Optional[torch.dtype], low_precision: bool,
+             scale_is_none: bool) -> tuple:
+    """The plan-cache key of a mask-less call, as `Dispatcher.__call__` builds it inline (the
+    hot path pays no function call for it); for calls known by their sizes only."""
+    return (torch.Size(q_shape), torch.Size(k_shape), torch.Size(v_shape), dtype, device, heads, skip_reshape,
+            skip_output_reshape, None, attn_precision, low_precision, scale_is_none)
 
 
 def _blocking_failure(name: str, call: CallSignature) -> Optional[Failure]:
@@ -417,6 +430,32 @@ class Dispatcher:
                                                                                  backend.default_settings))
         error = NoBackendError(call, tuple(rejected), self.strict)
         return Plan(None, call, tuple(rejected), None, error, passthrough=self.passthrough)
+
+    def runs_traced_sdpa(self, call: CallSignature) -> bool:
+        """Whether a compiled graph may run `call` as PyTorch's SDPA traced into the graph
+        (nodes/compiled.py): this dispatcher's plan for it is plain `sdpa`, which needs no
+        look at the tensors, and is no fallback from a kernel that failed this run (that
+        kernel is retried next run, which a graph cannot do)."""
+        plan = self.plan_for(call)
+        return (plan.backend is not None and plan.name == TRACED_BACKEND and plan.backend.runtime_check is None
+                and not plan.retry)
+
+    def traced_plan(self, key: tuple, call: CallSignature) -> Plan:
+        """The plan that counts the calls a compiled graph ran as traced SDPA: the plan an
+        eager call of `call` finds or makes under the same key."""
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        with self._planning:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self.plan_for(call)
+                if plan.backend is not None:
+                    plan.run = self.prepared(plan.backend, call).run
+                if len(self._plans) >= MAX_PLANS:
+                    self._evict()
+                self._plans[key] = plan
+            return plan
 
     def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
         """Every tunable backend that can serve this call here, prepared to run it."""

@@ -11,6 +11,11 @@ options now hold. Two consequences, each handled here:
   ours is in this run (the node was removed), through ComfyUI's own function, found by
   the name the trace recorded. So changing, removing or re-adding the node never needs
   a recompile and never fails.
+- Calls whose plan is plain SDPA are traced as SDPA itself (`TracedSdpa`): the op's
+  Python would cost more than SDXL's short calls. The trace decides them with the
+  active node's dispatcher; one marker per graph counts them when the graph runs and
+  checks that the node now running would decide the same, else the model call runs
+  again on a fresh trace.
 - A graph traced *without* our override (the model was compiled and run before the
   node was added) never calls us. `compile_watch_wrapper` notices a model call of a
   compiled model that did not reach the override, drops that model's compiled code
@@ -20,15 +25,22 @@ options now hold. Two consequences, each handled here:
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..attention.compiled import register_target
+from ..attention.call import describe_call, device_capability
+from ..attention.compiled import decided_at_trace, register_target, set_marker_sink
+from ..attention.counters import count_value
+from ..attention.dispatch import Dispatcher, Plan, plan_key
 from .state import PatchState
 
 log = logging.getLogger(__name__)
@@ -149,6 +161,134 @@ class ComfyTarget:
 
 COMFY_TARGET = ComfyTarget()
 
+# What `traced_decision` answers for a call site: run it through the op, or trace SDPA.
+THROUGH_OP = -1
+TRACED = 0  # a positive answer is TRACED too, and the id of the graph whose marker goes here
+
+
+def _consume(counter: "itertools.count", calls: int) -> None:
+    """Advance an itertools.count by `calls` (in C: counters are bumped from several threads)."""
+    collections.deque(itertools.islice(counter, calls), maxlen=0)
+
+
+def _plan_counts(dispatchers: list[Dispatcher]) -> dict[Plan, int]:
+    return {plan: count_value(plan.counter) for dispatcher in dispatchers for plan in dispatcher.plans()}
+
+
+class TracedSdpa:
+    """Compiled calls run as SDPA traced into the graph, and their counting.
+
+    While a plain node of ours (no routing, tuning, quality monitor or head split) is the
+    active run, `enabled` is True; the traced override reads it, so dynamo guards on it:
+    a graph holding traced SDPA never runs while no such node is active, and a graph
+    traced for one that is not never holds it. Each call site of a trace asks
+    `decide` (at trace time) whether the node's plan for it is plain SDPA; the first such
+    site of a model call's trace adds the graph's `graph_ran` marker, and every such site
+    is recorded under that graph. When a graph runs, its marker counts each recorded
+    site once for the active node and checks that this node would decide the same; if
+    not (the node changed to another backend), the model call runs again on a fresh
+    trace (compile_watch_wrapper), with the counts of the discarded call undone.
+
+    A site traced twice within one model call's trace (dynamo restarting a frame after
+    a graph break elsewhere) would be counted twice; the pack itself breaks no graph.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._lock = threading.Lock()
+        self._graphs: dict[int, list[tuple[tuple, Any]]] = {}
+        self._next_graph = 1
+        self._local = threading.local()
+        set_marker_sink(self._graph_ran)
+
+    @staticmethod
+    def eligible(state: Optional[PatchState]) -> bool:
+        """A node whose every call is decided by its main dispatcher from the call alone."""
+        return (state is not None and state.exact is None and state.monitor is None and state.tuner is None
+                and state.head_group is None)
+
+    def follow(self, state: Optional[PatchState]) -> None:
+        """Enable traced SDPA for the run now active (None: no run of ours)."""
+        self.enabled = self.eligible(state)
+
+    @contextlib.contextmanager
+    def model_call(self) -> Iterator[None]:
+        """Around one model call: a trace made inside it records its sites under one graph."""
+        earlier = getattr(self._local, "graph", None)
+        self._local.graph = 0
+        try:
+            yield
+        finally:
+            self._local.graph = earlier
+
+    def decide(self, q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: str, device: str, heads: int,
+               skip_reshape: bool, skip_output_reshape: bool, precision: Optional[str], low_precision: bool,
+               scale_is_none: bool) -> int:
+        """At trace time: THROUGH_OP, or TRACED (with the graph id where this site adds the marker)."""
+        state = ACTIVE_RUNS.current()
+        graph = getattr(self._local, "graph", None)
+        if graph is None or not self.eligible(state):
+            return THROUGH_OP
+        torch_dtype, torch_device = getattr(torch, dtype), torch.device(device)
+        attn_precision = None if precision is None else getattr(torch, precision)
+        meta = [torch.empty(shape, dtype=torch_dtype, device="meta") for shape in (q_shape, k_shape, v_shape)]
+        call = dataclasses.replace(
+            describe_call(*meta, heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                          attn_precision=attn_precision, low_precision_ok=low_precision,
+                          custom_scale=not scale_is_none),
+            device_type=torch_device.type, compute_capability=device_capability(torch_device))
+        if not state.main.runs_traced_sdpa(call):
+            return THROUGH_OP
+        key = plan_key(q_shape, k_shape, v_shape, torch_dtype, torch_device, heads, skip_reshape,
+                       skip_output_reshape, attn_precision, low_precision, scale_is_none)
+        with self._lock:
+            marker = 0
+            if graph == 0:
+                graph = marker = self._next_graph
+                self._next_graph += 1
+                self._graphs[graph] = []
+                self._local.graph = graph
+            self._graphs[graph].append((key, call))
+        return marker
+
+    def _graph_ran(self, graph: int) -> None:
+        state = ACTIVE_RUNS.current()
+        if state is None:
+            return
+        state.invoked = True
+        counts = state.traced_counts.get(graph)
+        if counts is None:
+            counts = state.traced_counts[graph] = self._counts_for(state.main, graph)
+        if not counts:
+            state.traced_mismatch = True
+            return
+        for plan, calls in counts:
+            _consume(plan.counter, calls)
+            _consume(state.traced_calls, calls)
+
+    def _counts_for(self, dispatcher: Dispatcher, graph: int) -> list[tuple[Plan, int]]:
+        """Calls per plan of one run of `graph`, for this dispatcher; empty when it would
+        not run every site of the graph as SDPA."""
+        sites = self._graphs.get(graph, [])
+        by_plan: dict[Plan, int] = collections.Counter()
+        for key, call in sites:
+            if not dispatcher.runs_traced_sdpa(call):
+                return []
+            by_plan[dispatcher.traced_plan(key, call)] += 1
+        return list(by_plan.items())
+
+
+TRACED_SDPA = TracedSdpa()
+
+
+@decided_at_trace
+def traced_decision(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: str, device: str, heads: int,
+                    skip_reshape: bool, skip_output_reshape: bool, precision: Optional[str], low_precision: bool,
+                    scale_is_none: bool) -> int:
+    """TracedSdpa.decide, run by dynamo at trace time (its answer is a constant of the graph)."""
+    return TRACED_SDPA.decide(q_shape, k_shape, v_shape, dtype, device, heads, skip_reshape, skip_output_reshape,
+                              precision, low_precision, scale_is_none)
+
 # Diffusion models whose attention does not reach the override even when traced again.
 _bypassing: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
@@ -162,23 +302,37 @@ def compile_watch_wrapper(state: PatchState) -> Callable:
     """APPLY_MODEL wrapper: a model call of a compiled model that never reached the
     override ran a graph traced without it; trace again and re-run that call."""
 
+    def run(executor: Any, args: tuple, kwargs: dict) -> Any:
+        state.invoked = False
+        state.traced_mismatch = False
+        with TRACED_SDPA.model_call():
+            return executor(*args, **kwargs)
+
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         if not state.compiled:
             return executor(*args, **kwargs)
-        state.invoked = False
-        output = executor(*args, **kwargs)
-        if state.invoked:
+        before = _plan_counts([d for _, d in state.dispatchers()])
+        output = run(executor, args, kwargs)
+        if state.invoked and not state.traced_mismatch:
             return output
         model = _diffusion_model(executor)
-        if model is None or model in _bypassing:
+        if model is None or (model in _bypassing and not state.traced_mismatch):
             return output
         from torch._dynamo.eval_frame import remove_from_cache
 
-        log.info("attention backends: the compiled %s ran a graph traced without this node's attention; "
-                 "compiling it again with it", type(model).__name__)
+        if state.traced_mismatch:
+            # A graph traced for another node's choices: undo what the discarded call counted.
+            for _, dispatcher in state.dispatchers():
+                for plan in dispatcher.plans():
+                    plan.counter = itertools.count(before.get(plan, 0))
+            log.info("attention backends: the compiled %s ran a graph traced for another node's backends; "
+                     "compiling it again for this node", type(model).__name__)
+        else:
+            log.info("attention backends: the compiled %s ran a graph traced without this node's attention; "
+                     "compiling it again with it", type(model).__name__)
         remove_from_cache(model)
         state.recompiled_stale += 1
-        output = executor(*args, **kwargs)
+        output = run(executor, args, kwargs)
         if not state.invoked:
             # Still not reached after a fresh trace: this model's attention bypasses the override.
             _bypassing.add(model)
@@ -193,3 +347,10 @@ def begin_compiled_run(state: PatchState, model_options: dict, installed: bool) 
     state.compiled = TORCH_COMPILE_KWARGS in model_options
     if installed:
         ACTIVE_RUNS.begin(state)
+        TRACED_SDPA.follow(ACTIVE_RUNS.current())
+
+
+def end_compiled_run(state: PatchState) -> None:
+    """At the end of a sampler run: compiled graphs serve through the run still active, if any."""
+    ACTIVE_RUNS.end(state)
+    TRACED_SDPA.follow(ACTIVE_RUNS.current())

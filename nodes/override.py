@@ -22,8 +22,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention import Dispatcher
-from ..attention.compiled import compiled_attention, is_compiling
-from .compiled import COMFY_TARGET, block_where
+from ..attention.compiled import compiled_attention, graph_ran, is_compiling, precision_name, static_sizes, traced_sdpa
+from . import compiled
+from .compiled import COMFY_TARGET, THROUGH_OP, block_where, traced_decision
 from .state import PatchState
 
 # (q, k, skip_reshape, options) -> the dispatcher that serves this call.
@@ -69,12 +70,35 @@ def _compiled_call(func: Callable, args: tuple, kwargs: dict, pass_on: Callable)
     if options is None or any(key not in _CARRIED for key, value in options.items() if value is not None):
         return pass_on(func, args, kwargs)
     q, k, v, heads = args if len(args) == 4 else (options["q"], options["k"], options["v"], options["heads"])
+    traced = _traced_sdpa(q, k, v, heads, options)
+    if traced is not None:
+        return traced
     return compiled_attention(
         COMFY_TARGET.handle, q, k, v, heads, options.get("mask"), skip_reshape=options.get("skip_reshape", False),
         skip_output_reshape=options.get("skip_output_reshape", False), scale=options.get("scale"),
         attn_precision=options.get("attn_precision"),
         low_precision=options.get("low_precision_attention", True), enable_gqa=options.get("enable_gqa", False),
         where=block_where(options.get("transformer_options")), func=getattr(func, "__name__", ""))
+
+
+def _traced_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, options: dict) -> Optional[torch.Tensor]:
+    """SDPA traced into the graph when the active node's plan for this call is plain SDPA
+    (nodes/compiled.py: TracedSdpa); None for a call that goes through the op."""
+    # Read in traced code, so dynamo guards on it (see TracedSdpa).
+    if not compiled.TRACED_SDPA.enabled or options.get("mask") is not None or options.get("enable_gqa"):
+        return None
+    skip_reshape = options.get("skip_reshape", False)
+    skip_output_reshape = options.get("skip_output_reshape", False)
+    scale = options.get("scale")
+    decision = traced_decision(static_sizes(q), static_sizes(k), static_sizes(v), str(q.dtype).replace("torch.", ""),
+                               str(q.device), heads, skip_reshape, skip_output_reshape,
+                               precision_name(options.get("attn_precision")),
+                               options.get("low_precision_attention", True), scale is None)
+    if decision == THROUGH_OP:
+        return None
+    out = traced_sdpa(q, k, v, heads, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                      scale=scale)
+    return out if decision == 0 else out + graph_ran(out, decision)
 
 
 def build_override(state: PatchState, previous: Optional[Override] = None,

@@ -27,7 +27,7 @@ from ..attention.contract import decision_json, signature_fields
 from .compat import OVERRIDE_KEY, prompt_server
 from .coverage import BypassProbe, Coverage, ReplacedLayers, function_label, function_origin, run_coverage
 from .executing import report_node
-from .compiled import ACTIVE_RUNS, begin_compiled_run
+from .compiled import begin_compiled_run, end_compiled_run
 from .state import PatchState
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def run_wrapper(state: PatchState) -> Callable:
         try:
             return executor(*args, **kwargs)
         finally:
-            ACTIVE_RUNS.end(state)
+            end_compiled_run(state)
             _finish(state, guider, probe)
 
     return wrapper
@@ -196,6 +196,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
         # Under compile a call outside ComfyUI's form is traced into the graph as it is,
         # uncounted: the report says so rather than give 0.
         "compiled": {"model_compiled": state.compiled, "calls_through_graph": state.count("compiled_calls"),
+                     "calls_traced_as_sdpa": state.count("traced_calls"),
                      "recompiled_stale_graphs": state.recompiled_stale,
                      "unknown_form_calls_counted": not state.compiled},
         "plans": sorted(plans, key=lambda row: -row["calls"]),

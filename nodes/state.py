@@ -67,6 +67,11 @@ class PatchState:
         # Whether this run's model is compiled (TorchCompileModel), and what that changed.
         self.compiled = False
         self.compiled_calls = itertools.count()
+        # Calls a compiled graph ran as traced SDPA (compiled.py: TracedSdpa), counted per
+        # run of the graph; per graph id, the plans they count for (empty: decided otherwise).
+        self.traced_calls = itertools.count()
+        self.traced_counts: dict[int, list] = {}
+        self.traced_mismatch = False
         self.recompiled_stale = 0
         # Calls the override passed on unread because their form was not ComfyUI's.
         self.unknown_form = itertools.count()

@@ -29,8 +29,9 @@ _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64
 _ANY_MASK = Masks(frozenset({MASK_BOOL, MASK_ADDITIVE, MASK_INTEGER}))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-          scale: Optional[float], layout: str) -> torch.Tensor:
+def default_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                   scale: Optional[float], layout: str) -> torch.Tensor:
+    """The `sdpa` backend's kernel: PyTorch picks; compiled graphs trace it (compiled.py)."""
     if q.shape[1] != k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -43,13 +44,13 @@ def _forced(backend_name: str) -> Callable[[], Kernel]:
 
         def kernel(q, k, v, mask, scale, layout):
             with sdpa_kernel(choice):
-                return _sdpa(q, k, v, mask, scale, layout)
+                return default_kernel(q, k, v, mask, scale, layout)
         return kernel
     return load
 
 
 def _load_default() -> Kernel:
-    return _sdpa
+    return default_kernel
 
 
 def _pytorch_says(check_name: str) -> Callable[..., list[str]]:

@@ -105,7 +105,9 @@ def test_compiled_model_with_node_has_no_extra_graph_break_and_matches_eager(
     torch.testing.assert_close(second, eager, **TOLERANCE)
     report = state.last_report
     assert report["served"] == {"sdpa": calls} and report["warnings"] == []
-    assert report["compiled"]["calls_through_graph"] == calls
+    compiled = report["compiled"]
+    assert compiled["calls_through_graph"] + compiled["calls_traced_as_sdpa"] == calls
+    assert compiled["calls_traced_as_sdpa"] == calls, "plain SDPA plans are traced into the graph"
 
 
 def test_workflow_sequence_on_one_compiled_model_never_goes_stale(pack, tiny, flux, patch, fresh_dynamo):
