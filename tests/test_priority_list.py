@@ -8,7 +8,7 @@ import torch
 
 from attention import dispatch, registry
 from attention import (
-    AutoStrategy, Backend, Dispatcher, NamedBackend, Priority, PriorityError, TunedStrategy, UnknownBackendError,
+    AutoStrategy, Backend, Dispatcher, NamedBackend, PriorityError, TunedStrategy, UnknownBackendError,
     describe_call, parse_priority,
 )
 from attention.backend import BHND
@@ -58,7 +58,7 @@ def test_errors_name_every_unknown_name_and_what_to_do():
         parse_priority(["sdpa", 3])
 
 
-def _call(device="cpu"):
+def _call():
     q = torch.zeros(1, 2, 8, 4)
     return describe_call(q, q, q, 2, None, skip_reshape=True, skip_output_reshape=True)
 
