@@ -16,11 +16,15 @@ from .counters import UsageCounters
 from .dispatch import PASSTHROUGH, Dispatcher, Plan, forget_failures
 from .errors import NoBackendError, Rejection
 from .priority import AUTO_TABLE, auto_entries, device_class
-from .registry import AUTO, AUTO_TUNED, UnknownBackendError, all_backends, get, names, parse_priority, sparse_names
+from .priority_list import (
+    AutoStrategy, NamedBackend, Priority, PriorityEntry, PriorityError, TunedStrategy, parse_priority,
+)
+from .registry import AUTO, AUTO_TUNED, UnknownBackendError, all_backends, get, names, sparse_names
 
 __all__ = [
-    "AUTO", "AUTO_TABLE", "AUTO_TUNED", "Availability", "Backend", "CallSignature", "Dispatcher", "FLAT", "HEADS_FIRST",
-    "NoBackendError", "PASSTHROUGH", "Package", "Plan", "Rejection", "UnknownBackendError", "UsageCounters",
+    "AUTO", "AUTO_TABLE", "AUTO_TUNED", "AutoStrategy", "Availability", "Backend", "CallSignature", "Dispatcher",
+    "FLAT", "HEADS_FIRST", "NamedBackend", "NoBackendError", "PASSTHROUGH", "Package", "Plan", "Priority",
+    "PriorityEntry", "PriorityError", "Rejection", "TunedStrategy", "UnknownBackendError", "UsageCounters",
     "all_backends", "auto_entries", "describe_call", "device_class", "forget_failures", "get", "names",
     "parse_priority", "sparse_names",
 ]

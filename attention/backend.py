@@ -13,12 +13,15 @@ import dataclasses
 import importlib.metadata
 import logging
 import threading
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 import torch
 
 from .call import CallSignature
 from .constraints import Constraint, collect_reasons
+
+if TYPE_CHECKING:  # priority_list reads the registry, which lists these backends
+    from .priority_list import Priority
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +118,9 @@ class Backend:
         `configure(kernel, settings, call)` is the adapter for calls shaped like `call`
         with `settings` bound, made once per call signature; `default_settings` serve
         a dispatcher given none.
-    bind: for backends whose kernel depends on the call and on the priority names after
-        them (head_parallel serves each GPU's share with those names): given the loaded
-        kernel, the call and those names, returns the kernel for such calls; run once
+    bind: for backends whose kernel depends on the call and on the priority entries
+        after them (head_parallel serves each GPU's share with those): given the loaded
+        kernel, the call and that rest of the list, returns the kernel for such calls; run once
         per call signature when its plan is prepared.
     """
 
@@ -138,7 +141,7 @@ class Backend:
     sparse: bool = False
     configure: Optional[Callable[[Kernel, Any, CallSignature], Kernel]] = None
     default_settings: Any = None
-    bind: Optional[Callable[[Kernel, CallSignature, tuple[str, ...]], Kernel]] = None
+    bind: Optional[Callable[[Kernel, CallSignature, Priority], Kernel]] = None
     _availability: Optional[Availability] = dataclasses.field(default=None, repr=False)
     _kernel: Optional[Kernel] = dataclasses.field(default=None, repr=False)
     _varlen: Optional[tuple[Optional[Varlen]]] = dataclasses.field(default=None, repr=False)
@@ -177,7 +180,7 @@ class Backend:
             self._varlen = (loaded,)
         return self._varlen[0]
 
-    def kernel_for(self, call: CallSignature, rest: tuple[str, ...] = ()) -> Kernel:
+    def kernel_for(self, call: CallSignature, rest: Priority) -> Kernel:
         """The kernel for calls shaped like `call`; `rest`: the priority after this backend."""
         kernel = self.kernel()
         return kernel if self.bind is None else self.bind(kernel, call, rest)

@@ -4,8 +4,9 @@ extension never has to take the library's prose apart:
 - a call signature as fields (from a CallSignature, or from the tuner's text key);
 - a tuner verdict as {kind, text};
 - an install hint as {command, note};
-- a priority list split the one way the nodes split it (registry.parse_priority), with
-  the cases the browser's copy of the grammar is tested against.
+- a priority list read the one way the nodes read it (priority_list.parse_priority):
+  its entries as {kind, name}, or why it is refused; the cases the browser's copy of the
+  grammar is tested against.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import registry
 from .backend import Package
 from .call import MASK_NONE, CallSignature
+from .priority_list import PriorityError, parse_priority
 
 # Verdict kinds, in the words of attention.tuning.decide and measure_on_device.
 CHOSEN = "chosen"
@@ -124,8 +125,11 @@ def install_hint(package: Optional[Package]) -> Optional[dict[str, Optional[str]
 
 
 def priority_case(text: str) -> dict[str, Any]:
-    """How the nodes read a priority text: {text, names} or {text, error}."""
+    """How the nodes read a priority text: {text, entries: [{kind, name}], uses_tuner},
+    kind "backend", "auto" or "auto_tuned"; or, refused, {text, error, empty, unknown}."""
     try:
-        return {"text": text, "names": registry.parse_priority(text)}
-    except registry.UnknownBackendError as error:
-        return {"text": text, "error": str(error)}
+        priority = parse_priority(text)
+    except PriorityError as error:
+        return {"text": text, "error": str(error), "empty": error.empty, "unknown": list(error.unknown)}
+    return {"text": text, "entries": [{"kind": entry.kind, "name": entry.name} for entry in priority],
+            "uses_tuner": priority.uses_tuner}

@@ -11,6 +11,9 @@ not need. Everything else happens once per signature in
 reason, asking runtime checks, and preparing the views (once per backend and signature:
 the same prepared object answers the runtime check and runs the call).
 
+The priority list is parsed once (priority_list.py): backends named by the user, and
+the `auto` and `auto_tuned` strategies, each expanded here when a signature is planned.
+
 Under `torch.compile` a call becomes one opaque op (compiled.py) that runs this same
 path when the graph runs, so the graph never depends on a decision.
 
@@ -40,7 +43,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -56,6 +59,7 @@ from .cost_model import CostModel
 from .mask_serving import KEPT, served_signature, served_tensors, serving_run
 from .masks import GENERAL, MaskCache, MaskClass
 from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
+from .priority_list import NOTHING_AFTER, NamedBackend, Priority, TunedStrategy, parse_priority
 from .tuning import Decision, Tensors, Tuner
 
 log = logging.getLogger(__name__)
@@ -152,12 +156,13 @@ class Prepared:
     """One backend made ready for one call signature: the views to the kernel's layout,
     the mask adapter, the kernel (with `settings` bound, for a backend that takes them;
     bound to `rest`, the priority after it, for one that binds to it: Backend.bind) and
-    the function that chains them."""
+    the function that chains them. The dispatcher makes one per (backend, signature,
+    rest): the same object answers the runtime check and serves the calls."""
 
     __slots__ = ("backend", "layout", "view_q", "view_kv", "adapt_mask", "run")
 
     def __init__(self, backend: Backend, call: CallSignature, settings: Any = None,
-                 rest: tuple[str, ...] = ()) -> None:
+                 rest: Priority = NOTHING_AFTER) -> None:
         self.backend = backend
         self.layout = layout = native_layout(call.layout_in, backend.layouts)
         self.view_q = view_q = input_view(call.layout_in, layout, call.heads_q, backend.contiguous)
@@ -245,7 +250,8 @@ class PlanMonitor(Protocol):
 class Dispatcher:
     """Serves attention calls from a priority list, deciding once per call signature.
 
-    priority: backend names, best first; `auto` expands to the device's auto order.
+    priority: backend names and strategies, best first, as text ('flash4 > auto'), names
+        or a parsed Priority; `auto` expands to the device's auto order.
     strict: no passthrough to the caller's fallback, and a kernel error raises
         (with every candidate's reasons) instead of moving to the next backend.
     tuner: decides `auto_tuned` positions; one is made (default file) when the
@@ -262,12 +268,12 @@ class Dispatcher:
     monitor: watches the plans as they are made (the sparse node's quality monitor).
     """
 
-    def __init__(self, priority: str | Sequence[str] = registry.AUTO, *, strict: bool = False,
+    def __init__(self, priority: str | Sequence[str] | Priority = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
                  tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
                  passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
                  settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
-        self.priority = registry.parse_priority(priority)
+        self.priority: Priority = parse_priority(priority)
         self.strict = strict
         self.settings = _checked_settings(settings or {})
         self.monitor = monitor
@@ -277,12 +283,12 @@ class Dispatcher:
         self._cost_model = cost_model
         self._table_decides = auto_table is not None or bool(os.environ.get(ENV_TABLE))
         self._auto_table = auto_table if auto_table is not None else load_table()
-        if tuner is None and registry.AUTO_TUNED in self.priority:
+        if tuner is None and self.priority.uses_tuner:
             tuner = Tuner()
         self.tuner = tuner
         self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
-        self._prepared: dict[tuple[str, CallSignature, tuple[str, ...]], Prepared] = {}
+        self._prepared: dict[tuple[str, CallSignature, Priority], Prepared] = {}
         self._retired: list[Plan] = []  # plans replaced or evicted this run, kept for the counters
         self._planning = threading.Lock()
         # The handle a compiled graph calls this dispatcher by (standalone use; ComfyUI's
@@ -339,29 +345,29 @@ class Dispatcher:
         return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                     scale=scale, attn_precision=attn_precision, low_precision=low_precision)
 
-    def candidates(self, call: CallSignature) -> list[Candidate]:
-        """The priority list for this call, `auto` expanded, duplicates dropped.
-        `auto_tuned` stays as a marker (decided with the tensors), followed by the
-        auto order for calls the tuner leaves undecided."""
+    def candidates(self, call: CallSignature) -> list[Candidate | TunedStrategy]:
+        """The priority list for this call, strategies expanded, duplicates dropped.
+        `auto` becomes the auto order; `auto_tuned` stays as itself (decided with the
+        tensors), followed by the auto order for calls the tuner leaves undecided."""
+        auto_order: list[Candidate] = []
+        if self.priority.uses_auto_order:
+            auto_order = [Candidate(e.backend, e.rule, False) for e in self.auto_entries(call)]
         seen: set[str] = set()
-        result = []
-        for name in self.priority:
-            static_auto: Iterable[Candidate] = (
-                Candidate(e.backend, e.rule, False)
-                for e in self.auto_entries(call))
-            if name == registry.AUTO:
-                expanded: Iterable[Candidate] = static_auto
-            elif name == registry.AUTO_TUNED:
-                expanded = itertools.chain((Candidate(registry.AUTO_TUNED, _ALWAYS, False),), static_auto)
+        result: list[Candidate | TunedStrategy] = []
+        for entry in self.priority:
+            if isinstance(entry, NamedBackend):
+                expanded: list[Candidate | TunedStrategy] = [Candidate(entry.name, _ALWAYS, True)]
+            elif isinstance(entry, TunedStrategy):
+                expanded = [entry, *auto_order]
             else:
-                expanded = (Candidate(name, _ALWAYS, True),)
+                expanded = list(auto_order)
             for candidate in expanded:
                 if candidate.name not in seen:
                     seen.add(candidate.name)
                     result.append(candidate)
         return result
 
-    def prepared(self, backend: Backend, call: CallSignature, rest: tuple[str, ...] = ()) -> Prepared:
+    def prepared(self, backend: Backend, call: CallSignature, rest: Priority = NOTHING_AFTER) -> Prepared:
         """`backend` ready for `call`, made once per dispatcher (`rest`: the priority after it)."""
         key = (backend.name, call, rest)
         ready = self._prepared.get(key)
@@ -371,12 +377,12 @@ class Dispatcher:
             ready = self._prepared[key] = Prepared(backend, call, self.settings.get(backend.name), rest)
         return ready
 
-    def _after(self, name: str) -> tuple[str, ...]:
-        """The priority names after `name` for a backend that binds to them (empty for
-        the others, and when `auto` brought it in)."""
-        if registry.get(name).bind is None or name not in self.priority:
-            return ()
-        return tuple(self.priority[self.priority.index(name) + 1:])
+    def _after(self, name: str) -> Priority:
+        """The priority after the named backend `name`, for a backend that binds to it
+        (nothing for the others, and when a strategy brought it in)."""
+        if registry.get(name).bind is None:
+            return NOTHING_AFTER
+        return self.priority.after(name)
 
     def auto_entries(self, call: CallSignature) -> tuple[AutoEntry, ...]:
         """`auto`'s order for this call: a saved auto_tuned decision first, then by the cost
@@ -393,9 +399,13 @@ class Dispatcher:
         skipped, `auto_tuned` measures nothing (its static order answers) and the plan
         cannot run, but says what would be chosen and why."""
         rejected: list[Rejection] = []
+        # Each prepared backend's runtime check on these tensors, asked once: the tuner's
+        # eligibility and the walk down the list may both need it.
+        checked: dict[Prepared, list[str]] = {}
         for candidate in self.candidates(call):
-            if candidate.name == registry.AUTO_TUNED:
-                tuned = self._tuned_plan(call, tensors, rejected) if tensors is not None and self.tuner else None
+            if isinstance(candidate, TunedStrategy):
+                tuned = (self._tuned_plan(call, tensors, rejected, checked)
+                         if tensors is not None and self.tuner else None)
                 if tuned is not None:
                     return tuned
                 continue
@@ -421,7 +431,7 @@ class Dispatcher:
             prepared = (self.prepared(backend, call, self._after(candidate.name))
                         if not reasons and tensors is not None else None)
             if prepared is not None:
-                reasons = prepared.runtime_reasons(tensors)
+                reasons = _runtime_reasons(prepared, tensors, checked)
             if reasons:
                 rejected.append(Rejection(candidate.name, tuple(reasons), UNSUPPORTED, candidate.explicit))
                 continue
@@ -457,8 +467,11 @@ class Dispatcher:
                 self._plans[key] = plan
             return plan
 
-    def eligible(self, call: CallSignature, tensors: Tensors) -> dict[str, Callable]:
-        """Every tunable backend that can serve this call here, prepared to run it."""
+    def eligible(self, call: CallSignature, tensors: Tensors,
+                 checked: Optional[dict[Prepared, list[str]]] = None) -> dict[str, Callable]:
+        """Every tunable backend that can serve this call here, prepared to run it
+        (`checked`: runtime checks already made on `tensors`, added to)."""
+        checked = {} if checked is None else checked
         runs = {}
         for backend in registry.all_backends():
             if not backend.tunable or not backend.availability().available or backend.call_reasons(call):
@@ -466,12 +479,13 @@ class Dispatcher:
             if _blocking_failure(backend.name, call) is not None:
                 continue
             prepared = self.prepared(backend, call)
-            if not prepared.runtime_reasons(tensors):
+            if not _runtime_reasons(prepared, tensors, checked):
                 runs[backend.name] = prepared.run
         return runs
 
-    def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection]) -> Optional[Plan]:
-        runs = self.eligible(call, tensors)
+    def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection],
+                    checked: dict[Prepared, list[str]]) -> Optional[Plan]:
+        runs = self.eligible(call, tensors, checked)
         static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
         if decision is None:
@@ -603,6 +617,14 @@ class Dispatcher:
         with self._planning:
             if self._plans.get(key) is plan:
                 self._retired.append(self._plans.pop(key))
+
+
+def _runtime_reasons(prepared: Prepared, tensors: Tensors, checked: dict[Prepared, list[str]]) -> list[str]:
+    """`prepared`'s runtime check on `tensors`, made once per planning (`checked` keeps it)."""
+    reasons = checked.get(prepared)
+    if reasons is None:
+        reasons = checked[prepared] = prepared.runtime_reasons(tensors)
+    return reasons
 
 
 def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

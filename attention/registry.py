@@ -4,21 +4,22 @@ here stay in the list with their reasons (comfy-kitchen's registry does the same
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Sequence
 
 from .backend import Availability, Backend
 from .backends import ALL
 
+# How the two selection strategies are spelled in a priority list, beside the backend
+# names (priority_list.py gives them their types): the device's automatic order, and
+# the backend measured fastest on this machine per call signature (attention.tuning).
 AUTO = "auto"
-# Measures the eligible backends on this machine per call signature (attention.tuning).
 AUTO_TUNED = "auto_tuned"
-_AUTOS = (AUTO, AUTO_TUNED)
 
 _BY_NAME: dict[str, Backend] = {backend.name: backend for backend in ALL}
 
 
 class UnknownBackendError(ValueError):
-    """A name that is neither a backend nor `auto`."""
+    """A name that is not a backend (or, in a priority list, not a strategy either)."""
 
 
 def names() -> list[str]:
@@ -36,10 +37,14 @@ def get(name: str) -> Backend:
     try:
         return _BY_NAME[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_BY_NAME) + list(_AUTOS), n=3)
+        close = close_names(name)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownBackendError(
-            f"unknown attention backend {name!r}.{hint} Known: {', '.join(_BY_NAME)}, {', '.join(_AUTOS)}.") from None
+        raise UnknownBackendError(f"unknown attention backend {name!r}.{hint} Known: {', '.join(_BY_NAME)}.") from None
+
+
+def close_names(name: str, extra: Sequence[str] = ()) -> list[str]:
+    """Up to three backend names (or `extra` names) spelled like `name`, closest first."""
+    return difflib.get_close_matches(name, list(_BY_NAME) + list(extra), n=3)
 
 
 def all_backends() -> tuple[Backend, ...]:
@@ -51,20 +56,5 @@ def availability_table() -> list[tuple[Backend, Availability]]:
     return [(backend, backend.availability()) for backend in ALL]
 
 
-def parse_priority(text: str | Iterable[str]) -> list[str]:
-    """'flash4 > sage > sdpa' (or ',' separated, or a list) to validated names.
-
-    `auto` may appear, standing for the device's auto order at that position, and
-    `auto_tuned`, standing for the backend measured fastest here (then the auto order).
-    """
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.replace(",", ">").split(">")]
-    else:
-        parts = [p.strip() for p in text]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise UnknownBackendError("the priority list is empty: name at least one backend, e.g. 'flash4 > sdpa'")
-    for part in parts:
-        if part not in _AUTOS:
-            get(part)
-    return parts
+def is_backend(name: str) -> bool:
+    return name in _BY_NAME

@@ -653,7 +653,7 @@ def choose_backends(pack: Any, requested: Optional[str], tiny: bool) -> tuple[li
     automatic = [name for name in pack.nodes.routes.selectable() if name not in table]
     if requested:
         try:
-            names = registry.parse_priority(requested)
+            names = list(pack.attention.parse_priority(requested).names)
         except registry.UnknownBackendError as error:
             raise SystemExit(f"--backends: {error}") from None
         automatic = [name for name in automatic if name in names or name == registry.AUTO]

@@ -6,7 +6,7 @@ from typing import Optional
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..attention import AUTO, UnknownBackendError, parse_priority, sparse_names
+from ..attention import AUTO, Priority, PriorityError, parse_priority, sparse_names
 from ..attention.quality import DEFAULT_BUDGET_REL_L1
 from ..attention.sparsity import SOL_MAX_EXTRA_TOKENS, TEXT_FIRST, TEXT_POSITIONS, SolSettings, SpargeSettings
 from .patch import FALL_BACK, ON_UNSUPPORTED, patch_model, resolve_priority
@@ -85,14 +85,14 @@ def _priority_problem(priority: Optional[str]) -> Optional[str]:
     if not isinstance(priority, str):
         return None
     try:
-        names = parse_priority(priority)
-    except UnknownBackendError as error:
+        parsed = parse_priority(priority)
+    except PriorityError as error:
         return str(error)
-    return _sparse_problem(names)
+    return _sparse_problem(parsed)
 
 
-def _sparse_problem(names: list[str]) -> Optional[str]:
-    sparse = [name for name in names if name in sparse_names()]
+def _sparse_problem(priority: Priority) -> Optional[str]:
+    sparse = [name for name in priority.backends if name in sparse_names()]
     if not sparse:
         return None
     return (f"{', '.join(sparse)}: sparse backends run on the Attention Backend (Sparse) node, which checks their "
@@ -178,9 +178,9 @@ class AttentionBackendAdvanced(io.ComfyNode):
         problem = _advanced_problem(priority, rules, nonfinite_guard)
         if problem:
             raise ValueError(problem)
-        names = parse_priority(priority)
-        ordered, strict = resolve_priority(names, on_unsupported)
-        patched, _ = patch_model(model, priority=ordered, strict=strict, selection=" > ".join(names),
+        parsed = parse_priority(priority)
+        ordered, strict = resolve_priority(parsed, on_unsupported)
+        patched, _ = patch_model(model, priority=ordered, strict=strict, selection=parsed.text,
                                  node_id=cls.hidden.unique_id, node_type="AttentionBackendAdvanced",
                                  rules=rules, guard=nonfinite_guard, tuning=tuning)
         return io.NodeOutput(patched)

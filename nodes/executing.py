@@ -16,7 +16,7 @@ import logging
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ..attention import UnknownBackendError, parse_priority
+from ..attention import PriorityError, parse_priority
 from .compat import prompt_server
 from .state import PatchState
 
@@ -101,6 +101,6 @@ def _same_inputs(state: PatchState, node: dict) -> bool:
     if not isinstance(selection, str):
         return True  # wired from another node: nothing to compare
     try:
-        return " > ".join(parse_priority(selection)) == state.selection
-    except UnknownBackendError:
+        return parse_priority(selection).text == state.selection
+    except PriorityError:
         return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Optional, Sequence
 
-from ..attention import AUTO, Dispatcher
+from ..attention import Dispatcher, Priority, parse_priority
 from ..attention.masks import MaskCache
 from ..attention.quality import QualityMonitor
 from .compat import OVERRIDE_KEY, require_override
@@ -27,21 +27,21 @@ ON_UNSUPPORTED = (FALL_BACK, STOP)
 EXACT_PRIORITY = ("sdpa",)
 
 
-def resolve_priority(names: Sequence[str], on_unsupported: str) -> tuple[list[str], bool]:
-    """(priority, strict) for the user's backends and their choice for unsupported calls.
+def resolve_priority(priority: Priority | str | Sequence[str], on_unsupported: str) -> tuple[Priority, bool]:
+    """(priority, strict) for the user's priority and their choice for unsupported calls.
 
     "fall back" lets `auto` serve what the named backends cannot, and ComfyUI's function
     (or the previous override) what `auto` cannot; "stop" raises, naming every candidate.
     """
     if on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, not {on_unsupported!r}")
-    names = list(names)
+    priority = parse_priority(priority)
     if on_unsupported == STOP:
-        return names, True
-    return (names if AUTO in names else names + [AUTO]), False
+        return priority, True
+    return priority.with_auto_fallback(), False
 
 
-def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection: str,
+def patch_model(model: Any, *, priority: Priority | str | Sequence[str], strict: bool, selection: str,
                 node_id: Optional[str] = None, node_type: str = "AttentionBackend",
                 rules: Optional[RoutingRules] = None, guard: bool = False,
                 tuning: str = REUSE, main: Optional[Dispatcher] = None, exact: Optional[Dispatcher] = None,
@@ -65,7 +65,8 @@ def patch_model(model: Any, *, priority: Sequence[str], strict: bool, selection:
     passed_on_to = passthrough_name(previous)
     masks = MaskCache()  # one read of each mask tensor per model call, whichever dispatcher serves it
     if main is None:
-        main = Dispatcher(list(priority), strict=strict, tuner=make_tuner(list(priority), tuning), mask_cache=masks,
+        priority = parse_priority(priority)
+        main = Dispatcher(priority, strict=strict, tuner=make_tuner(priority, tuning), mask_cache=masks,
                           passthrough=passed_on_to)
     if exact is None and advanced:
         exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks, passthrough=passed_on_to)

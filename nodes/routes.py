@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..attention import AUTO, AUTO_TUNED, names, sparse_names
+from ..attention import names, sparse_names
 from ..attention.contract import decision_json
+from ..attention.priority_list import STRATEGY_NAMES
 from ..attention.status import machine_status
 from . import failures
 from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
@@ -19,9 +20,10 @@ from .tuning import register_user_folder, tuning_status
 
 def selectable() -> list[str]:
     """What the Attention Backend node's combo offers: always the full list of dense
-    backends (the sparse ones are the Sparse node's, with its quality checks)."""
+    backends (the sparse ones are the Sparse node's, with its quality checks), after the
+    strategies (`auto`, `auto_tuned`)."""
     sparse = set(sparse_names())
-    return [AUTO, AUTO_TUNED] + [name for name in names() if name not in sparse]
+    return list(STRATEGY_NAMES) + [name for name in names() if name not in sparse]
 
 
 def structured_tuning(tuning: dict) -> dict:

@@ -34,7 +34,7 @@ class PatchState:
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
         self.monitor = monitor  # checks sparse plans' error (Sparse node only)
         # Splits calls across GPUs when the priority names head_parallel; reports its run.
-        self.head_group: Optional[HeadGroup] = default_group() if HEAD_PARALLEL in main.priority else None
+        self.head_group: Optional[HeadGroup] = default_group() if main.priority.names_backend(HEAD_PARALLEL) else None
         self.override: Optional[Callable] = None  # the function installed, to spot a later replacement
         # The override's serving path, for calls that come back from a compiled graph (compiled.py).
         self.serve: Optional[Callable] = None

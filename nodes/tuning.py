@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from ..attention import AUTO_TUNED
-from ..attention import cost_store
+from ..attention import Priority, cost_store
 from ..attention.errors import describe_exception
 from ..attention.tuning import Tuner
 from ..attention.tuning_store import store_for
@@ -39,11 +38,11 @@ def register_user_folder() -> None:
     cost_store.register_folder(os.path.dirname(tuning_file()))
 
 
-def make_tuner(priority: list[str], mode: str) -> Tuner | None:
-    """A tuner for a node whose priority names auto_tuned; None otherwise."""
+def make_tuner(priority: Priority, mode: str) -> Tuner | None:
+    """A tuner for a node whose priority uses auto_tuned; None otherwise."""
     if mode not in TUNING_MODES:
         raise ValueError(f"tuning must be one of {TUNING_MODES}, not {mode!r}")
-    if AUTO_TUNED not in priority:
+    if not priority.uses_tuner:
         return None
     return Tuner(tuning_file(), retune=mode == RETUNE)
 

@@ -44,10 +44,11 @@ TWO_H200 = dict(torch="2.11.0+cu130", cuda="13.0", cudnn=91900, available=GPU_VE
                 devices=[H200, ("cuda", "NVIDIA H200", (9, 0), 1)])
 ONE_H200 = dict(TWO_H200, devices=[H200])
 
-# Priority texts whose reading the browser must share with the nodes (registry.parse_priority).
-PRIORITY_TEXTS = ["auto", "flash4 > sage > sdpa", "flash4>sage, sdpa", " flash4 ,sdpa ", "auto_tuned > sdpa",
-                  "sdpa > auto", "flash4 sdpa", "flash4 | sdpa", "flash4; sdpa", "flash5 > sdpa", "SDPA", "",
-                  " > , ", "sdpa >> sage", "flash4,,sdpa"]
+# Priority texts whose reading the browser must share with the nodes (priority_list.parse_priority).
+PRIORITY_TEXTS = ["auto", "auto_tuned", "flash4 > sage > sdpa", "flash4>sage, sdpa", " flash4 ,sdpa ",
+                  "auto_tuned > sdpa", "sdpa > auto", "head_parallel > auto_tuned > auto", "sdpa > auto > sdpa",
+                  "flash4 sdpa", "flash4 | sdpa", "flash4; sdpa", "flash5 > sdpa", "flash5 > bogus > sdpa", "SDPA",
+                  "AUTO", "auto tuned", "", " > , ", "sdpa >> sage", "flash4,,sdpa"]
 
 
 def pack() -> types.ModuleType:

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 import torch._dynamo.utils
 
-from attention import Dispatcher
+from attention import Dispatcher, parse_priority
 from attention.compiled import compiled_attention, register_target
 
 HEADS, WIDTH = 2, 32
@@ -87,7 +87,7 @@ def test_decision_made_after_compiling_is_not_baked_into_the_graph(dynamo_counte
     with torch.no_grad():
         compiled(x, context)
         assert set(attend.counters().served) == {"sdpa_math"}
-        attend.priority = ["sdpa"]
+        attend.priority = parse_priority("sdpa")
         attend.clear()
         compiled(x, context)
     assert set(attend.counters().served) == {"sdpa"}

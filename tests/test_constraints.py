@@ -217,7 +217,7 @@ def test_unavailable_auto_candidates_are_not_fallbacks_but_named_ones_are(monkey
 def test_unknown_names_fail_with_suggestions():
     with pytest.raises(attention.UnknownBackendError, match="Did you mean .*flash4"):
         attention.parse_priority("flash5 > sdpa")
-    assert attention.parse_priority("flash4 > sage, sdpa") == ["flash4", "sage", "sdpa"]
+    assert attention.parse_priority("flash4 > sage, sdpa").names == ("flash4", "sage", "sdpa")
     with pytest.raises(attention.UnknownBackendError, match="empty"):
         attention.parse_priority(" > ")
 

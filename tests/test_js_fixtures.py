@@ -108,8 +108,15 @@ def test_an_install_hint_only_where_installing_helps():
 
 
 def test_priority_lists_are_read_one_way():
-    assert priority_case("flash4>sage, sdpa") == {"text": "flash4>sage, sdpa", "names": ["flash4", "sage", "sdpa"]}
+    assert priority_case("flash4>auto_tuned, auto") == {
+        "text": "flash4>auto_tuned, auto", "uses_tuner": True,
+        "entries": [{"kind": "backend", "name": "flash4"}, {"kind": "auto_tuned", "name": "auto_tuned"},
+                    {"kind": "auto", "name": "auto"}]}
     # Spaces, ';' and '|' separate nothing: the browser showed these as valid and the node refused them.
     for text in ("flash4 sdpa", "flash4 | sdpa", "flash4; sdpa"):
-        assert "unknown attention backend" in priority_case(text)["error"]
-    assert "empty" in priority_case(" > , ")["error"]
+        case = priority_case(text)
+        assert case["unknown"] == [text] and not case["empty"]
+        assert "unknown attention backend" in case["error"] and "Separate names with '>' or ','" in case["error"]
+    assert priority_case("flash5 > bogus > sdpa")["unknown"] == ["flash5", "bogus"]
+    empty = priority_case(" > , ")
+    assert empty["empty"] and empty["unknown"] == [] and "empty" in empty["error"]

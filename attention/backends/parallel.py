@@ -8,9 +8,14 @@ measured by `auto_tuned`: the user asks for it by name.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..backend import BHND, Backend, Kernel
 from ..call import CallSignature, MASK_ADDITIVE, MASK_BOOL, MASK_INTEGER
 from ..constraints import KeyHeads, Masks
+
+if TYPE_CHECKING:  # priority_list reads the registry, which lists this backend
+    from ..priority_list import Priority
 
 NAME = "head_parallel"
 
@@ -24,7 +29,7 @@ def _probe(group: Kernel) -> list[str]:
     return group.problems()
 
 
-def _bind(group: Kernel, call: CallSignature, rest: tuple[str, ...]) -> Kernel:
+def _bind(group: Kernel, call: CallSignature, rest: Priority) -> Kernel:
     return group.bind(call, rest)
 
 

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 
@@ -45,6 +45,7 @@ from ..call import FLAT, CallSignature, describe_call
 from ..counters import count_value
 from ..dispatch import Dispatcher
 from ..errors import NoBackendError, describe_exception
+from ..priority_list import NOTHING_AFTER, Priority, parse_priority
 from ..registry import AUTO
 from .cost import CostModel, Choice, EvenSplit, Link, Share, SplitPolicy, Traffic
 from .lanes import Attend, Inputs, Lane, LaneTiming, caller_stream
@@ -133,7 +134,7 @@ class HeadSplitKernel:
     scale, layout) in (B, H, N, D)); decides per home device, then splits or serves
     the call on its device."""
 
-    def __init__(self, group: "HeadGroup", call: CallSignature, rest: tuple[str, ...]) -> None:
+    def __init__(self, group: "HeadGroup", call: CallSignature, rest: Priority) -> None:
         self.group = group
         self.call = call
         self.rest = rest
@@ -353,17 +354,17 @@ class HeadGroup:
             lane = self._lanes[key] = Lane(home, remote, self.link(home, remote))
         return lane
 
-    def dispatcher(self, device: torch.device, rest: Sequence[str], role: str) -> Dispatcher:
-        priority = tuple(name for name in rest if name != HEAD_PARALLEL) or (AUTO,)
+    def dispatcher(self, device: torch.device, rest: Priority, role: str) -> Dispatcher:
+        priority = rest.without(HEAD_PARALLEL) or parse_priority(AUTO)
         key = (device, priority, role)
         dispatcher = self._dispatchers.get(key)
         if dispatcher is None:
-            dispatcher = self._dispatchers[key] = Dispatcher(list(priority))
+            dispatcher = self._dispatchers[key] = Dispatcher(priority)
         return dispatcher
 
-    def bind(self, call: CallSignature, rest: Sequence[str] = ()) -> HeadSplitKernel:
+    def bind(self, call: CallSignature, rest: Priority = NOTHING_AFTER) -> HeadSplitKernel:
         """The kernel for calls shaped like `call`; `rest`: the priority after head_parallel."""
-        kernel = HeadSplitKernel(self, call, tuple(rest))
+        kernel = HeadSplitKernel(self, call, rest)
         with self.plan_lock:
             self._kernels.add(kernel)
         return kernel

@@ -121,8 +121,8 @@ def patch(pack):
     patch_module = pack.nodes.patch
 
     def apply(model, priority, *, strict: bool = False, node_id=None, **kwargs):
-        names = [priority] if isinstance(priority, str) else list(priority)
-        return patch_module.patch_model(model, priority=names, strict=strict, selection=" > ".join(names),
+        parsed = pack.attention.parse_priority(priority)
+        return patch_module.patch_model(model, priority=parsed, strict=strict, selection=parsed.text,
                                         node_id=node_id, **kwargs)
 
     return apply

@@ -45,6 +45,8 @@ def test_routing_rules_name_their_problems(pack):
 
 def test_fall_back_and_stop_priorities(pack):
     resolve = pack.nodes.patch.resolve_priority
-    assert resolve(["sage"], "fall back") == (["sage", "auto"], False)
-    assert resolve(["auto"], "fall back") == (["auto"], False)
-    assert resolve(["flash4", "sdpa"], "stop") == (["flash4", "sdpa"], True)
+    parse = pack.attention.parse_priority
+    assert resolve(["sage"], "fall back") == (parse("sage > auto"), False)
+    assert resolve("auto", "fall back") == (parse("auto"), False)
+    assert resolve("auto_tuned > sdpa", "fall back") == (parse("auto_tuned > sdpa > auto"), False)
+    assert resolve("flash4, sdpa", "stop") == (parse("flash4 > sdpa"), True)

@@ -4,7 +4,7 @@ import {
   autoSource, backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
   installText, machineSummary, missingFromAutoOrder, parsePriority, selectableNames,
 } from "../../web/lib/status.js";
-import { priorityProblem } from "../../web/lib/priority.js";
+import { AUTO, AUTO_TUNED, BACKEND, priorityEntry, priorityProblem, readPriority } from "../../web/lib/priority.js";
 import { fixture } from "./helpers.mjs";
 
 // Made by the pack's Python on a simulated machine (tests/js_fixtures.py): a CPU with no
@@ -87,19 +87,32 @@ test("unknown selection, loading and errors", () => {
   assert.match(err.lines[0].text, /404/);
 });
 
-test("parsePriority reads a list the way the nodes do (the server's own readings)", () => {
-  assert.ok(priorityCases.length >= 10);
+test("a priority list is read the way the nodes read it (the server's own readings)", () => {
+  assert.ok(priorityCases.length >= 15);
   const names = cpu.backends.map((b) => b.name);
   for (const c of priorityCases) {
+    const read = readPriority(c.text, names);
     const problem = priorityProblem(c.text, names);
-    if (c.names) {
-      assert.deepEqual(parsePriority(c.text), c.names, c.text);
+    if (c.entries) {
+      assert.deepEqual(read.entries, c.entries, c.text);
+      assert.deepEqual(parsePriority(c.text), c.entries.map((e) => e.name), c.text);
+      assert.equal(read.usesTuner, c.uses_tuner, c.text);
       assert.equal(problem, null, c.text);
     } else {
       assert.notEqual(problem, null, `${JSON.stringify(c.text)}: the node refuses it (${c.error})`);
+      assert.equal(read.empty, c.empty, c.text);
+      assert.deepEqual(read.unknown, c.unknown, c.text);
     }
   }
   assert.deepEqual(parsePriority(["a", " b "]), ["a", "b"]);
+});
+
+test("the strategies the browser knows are the ones the server offers", () => {
+  const backends = new Set(cpu.backends.map((b) => b.name));
+  const strategies = cpu.nodes.selectable.filter((name) => !backends.has(name));
+  assert.deepEqual(strategies, [AUTO, AUTO_TUNED]);
+  assert.deepEqual(strategies.map((name) => priorityEntry(name).kind), strategies);
+  assert.equal(priorityEntry("sdpa").kind, BACKEND);
 });
 
 test("a priority the node would refuse is shown as such", () => {

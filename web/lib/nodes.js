@@ -2,6 +2,8 @@
 // Pure: works on anything shaped like a LiteGraph graph/node, so Node's test runner can
 // exercise it with plain objects.
 
+import { AUTO } from "./priority.js";
+
 /** Node type (ComfyUI class name) → what the extension reads from it. */
 export const NODE_KINDS = {
   AttentionBackend: { kind: "simple", selectionWidget: "backend", policyWidget: "on_unsupported", tuningWidget: "tuning" },
@@ -41,7 +43,7 @@ export function nodeSelection(node) {
   if (w) return w.value;
   // Fallback: the first widget whose value looks like a backend choice.
   const combo = ((node && node.widgets) || []).find((x) => x && x.options && Array.isArray(x.options.values) &&
-    x.options.values.includes("auto"));
+    x.options.values.includes(AUTO));
   return combo ? combo.value : null;
 }
 

@@ -4,7 +4,7 @@
 // Every function returns plain "view models" ({kind, title, lines, ...}); the glue in
 // ../attention_backends.js turns them into DOM.
 
-import { AUTO_TUNED, parsePriority, priorityProblem } from "./priority.js";
+import { AUTO, AUTO_TUNED, priorityEntry, readPriority } from "./priority.js";
 import { tunedOnThisMachine } from "./tuning.js";
 
 export { parsePriority } from "./priority.js";
@@ -21,7 +21,7 @@ export function findBackend(status, name) {
 export function selectableNames(status) {
   if (status && status.nodes && Array.isArray(status.nodes.selectable)) return status.nodes.selectable.slice();
   const names = (status && Array.isArray(status.backends)) ? status.backends.map((b) => b.name) : [];
-  return ["auto", ...names];
+  return [AUTO, ...names];
 }
 
 function deviceLabel(device) {
@@ -101,8 +101,9 @@ export function describeSelection(status, selection, { error = null, onUnsupport
     return { kind: "error", title: "Backend status unavailable", lines: [{ text: String(error), cls: "muted" }], hint: "" };
   }
   if (!status) return { kind: "loading", title: "Checking backends…", lines: [], hint: "" };
-  if (!selection || selection === "auto") return describeAuto(status);
-  if (selection === AUTO_TUNED) return describeAutoTuned(status, { tuning });
+  const kind = selection ? priorityEntry(selection).kind : AUTO;
+  if (kind === AUTO) return describeAuto(status);
+  if (kind === AUTO_TUNED) return describeAutoTuned(status, { tuning });
 
   const row = findBackend(status, selection);
   if (!row) {
@@ -219,28 +220,29 @@ export function describeAutoTuned(status, { tuning = null } = {}) {
 export function describePriority(status, priorityText, { error = null, onUnsupported = null, tuning = null } = {}) {
   if (error) return describeSelection(null, null, { error });
   if (!status) return describeSelection(null, null);
-  const names = parsePriority(priorityText);
-  const problem = priorityProblem(names, ((status && status.backends) || []).map((b) => b.name));
-  if (problem && problem.empty) {
+  const { entries, empty, unknown } = readPriority(priorityText, ((status && status.backends) || []).map((b) => b.name));
+  const problem = empty || unknown.length > 0;
+  if (empty) {
     return { kind: "unknown", title: "Priority: the list is empty",
              lines: [{ text: "Name at least one backend, e.g. 'flash4 > sdpa' (names separated by > or ,).", cls: "bad" }],
              hint: "" };
   }
-  if (names.length === 1 && names[0] === "auto") return describeAuto(status);
-  if (names.length === 1 && names[0] === AUTO_TUNED) return describeAutoTuned(status, { tuning });
+  if (entries.length === 1 && entries[0].kind === AUTO) return describeAuto(status);
+  if (entries.length === 1 && entries[0].kind === AUTO_TUNED) return describeAutoTuned(status, { tuning });
   const lines = [];
   let first = null;
   let hint = "";
-  for (const name of names) {
-    if (name === "auto") {
-      lines.push({ text: "auto — the rest of the auto order", cls: "good" });
-      if (!first) first = "auto";
+  for (const entry of entries) {
+    const name = entry.name;
+    if (entry.kind === AUTO) {
+      lines.push({ text: `${name} — the rest of the auto order`, cls: "good" });
+      if (!first) first = name;
       continue;
     }
-    if (name === AUTO_TUNED) {
-      lines.push({ text: `auto_tuned — the backend measured fastest on this GPU${tuning === RETUNE ? " (re-tuned)" : ""}`,
+    if (entry.kind === AUTO_TUNED) {
+      lines.push({ text: `${name} — the backend measured fastest on this GPU${tuning === RETUNE ? " (re-tuned)" : ""}`,
                    cls: "good" });
-      if (!first) first = AUTO_TUNED;
+      if (!first) first = name;
       continue;
     }
     const row = findBackend(status, name);
