@@ -217,14 +217,15 @@ def versus_rules(rows: list[dict]) -> dict:
 def markdown(title: str, source: str, rows: list[dict], totals: dict[str, dict], extra: Optional[dict]) -> str:
     lines = [f"## {title}", "", f"Data: {source}. Ratios: fastest (or SDPA) µs / the pick's µs; `~`: inside the "
              "call's noise floor.", "",
-             "| call | fastest | fastest µs | noise floor | model picks | vs fastest | vs SDPA | rules pick | "
-             "vs fastest | vs SDPA |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| call | fastest | fastest µs | noise floor | model picks | µs | vs fastest | vs SDPA | rules pick | µs | "
+             "vs fastest | vs SDPA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         noise = r["noise_floor"]
         cells = []
         for picker in (MODEL, RULES):
             p = r["picks"][picker]
-            cells += [p["kernel"], _ratio(p["vs_fastest"], noise), _ratio(p["vs_sdpa"], noise)]
+            cells += [p["kernel"], "–" if p["us"] is None else f"{p['us']:.1f}", _ratio(p["vs_fastest"], noise),
+                      _ratio(p["vs_sdpa"], noise)]
         lines.append(f"| {r['label']}{' (in the grid)' if r['in_grid'] else ''} | {r['fastest']} | "
                      f"{r['fastest_us']:.1f} | "
                      f"{'–' if noise is None else f'{noise:.3f}'} | " + " | ".join(cells) + " |")
