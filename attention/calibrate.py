@@ -9,7 +9,8 @@ of one kernel show in that run. The grid benchmark, the held-out benchmark and
 
 Budget: rounds stop at `reps`, or earlier when one call's `budget_s` would be exceeded,
 but never below MIN_REPS; the grid as a whole stops starting calls once its budget is
-spent, and says which calls it left out.
+spent, and says which calls it left out. `calibrate` adds a limit on the whole run,
+measuring and fitting (CALIBRATE_LIMIT_S).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ MIN_REPS = 3
 WARMUP = 2
 # Long calls (the fastest single call at least this long) are screened: each row is timed
 # once, and rows slower than SCREEN_RATIO x the fastest keep that one timing (they cannot
-# win, and a round of a 200 ms call over a dozen kernels takes seconds). Kernels at these
-# lengths have no host-path effect on a single timing.
+# win, and a round of the longest grid call over a dozen kernels takes seconds). Kernels
+# at these lengths have no host-path effect on a single timing.
 LONG_CALL_MS = 20.0
 SCREEN_RATIO = 1.5
 
@@ -167,10 +168,22 @@ def measure_grid(calls: Sequence[Call], device: torch.device, names: Sequence[st
     return timings, left_out
 
 
+def modelled(name: str) -> bool:
+    """Whether the cost model fits kernel `name`: SDPA and every kernel outside its family.
+
+    SDPA's sub-backends are the kernels SDPA itself chooses among: one beats SDPA only
+    where PyTorch's choice is wrong, which the H200 grid (cost_model/cost_grid.json) never
+    showed outside the noise floor, so a model of them could only move calls by its own
+    error.
+    """
+    return name == BASELINE or registry.get(name).family != registry.get(BASELINE).family
+
+
 def samples(timings: Iterable[CallTiming], capability: Optional[tuple[int, int]] = (9, 0),
             device_type: str = "cuda") -> dict[str, list[Sample]]:
-    """Per kernel, its measured calls as the fit takes them (extra rows and the repeat left out)."""
-    known = set(registry.names())
+    """Per kernel, its measured calls as the fit takes them (extra rows, the repeat and
+    kernels the model leaves out left out)."""
+    known = {n for n in registry.names() if modelled(n)}
     by_kernel: dict[str, list[Sample]] = {}
     for timing in timings:
         signature = timing.call.signature(device_type, capability)
@@ -202,30 +215,50 @@ def device_facts(device: torch.device) -> tuple[str, str, int, Optional[tuple[in
 
 def fit_timings(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, sms: int,
                 capability: Optional[tuple[int, int]], device_type: str = "cuda", source: str = "default",
-                steps: Optional[int] = None) -> tuple[CostModel, dict]:
+                steps: Optional[int] = None, time_limit_s: Optional[float] = None) -> tuple[CostModel, dict]:
     """The cost model of a measured grid."""
     kwargs = {} if steps is None else {"steps": steps}
     return fit_model(samples(timings, capability, device_type), gpu_class=gpu_class, gpu=gpu, sms=sms, source=source,
-                     **kwargs)
+                     time_limit_s=time_limit_s, **kwargs)
 
 
-# `calibrate` stops starting calls after this long, leaving time for the fit in 5 minutes.
+# `calibrate` ends within CALIBRATE_LIMIT_S: it stops starting calls after
+# CALIBRATE_BUDGET_S of measuring, and the fit then gets what is left but FIT_RESERVE_S
+# (saving the file), never less than MIN_FIT_S. A call started before the measuring budget
+# ran out ends within its own round budget (CALL_BUDGET_S) plus its first-call compile;
+# the fit then stops where its time runs out, keeping the best parameters found so far.
+CALIBRATE_LIMIT_S = 300.0
 CALIBRATE_BUDGET_S = 240.0
+CALL_BUDGET_S = 3.0
+FIT_RESERVE_S = 5.0
+MIN_FIT_S = 15.0
 
 
 def calibrate(device: torch.device, *, budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None,
               time_one: TimeCall = time_call, clock: Callable[[], float] = time.perf_counter,
-              steps: Optional[int] = None) -> tuple[CostModel, str, list[str]]:
+              steps: Optional[int] = None, limit_s: float = CALIBRATE_LIMIT_S) -> tuple[CostModel, str, list[str]]:
     """Measure the reduced grid on `device`, fit this GPU's cost model and save it under
     the machine's fingerprint; returns the model, the file and the calls left out."""
     from . import cost_store
     from .calibration_calls import grid
 
+    started = clock()
     gpu_class, gpu, sms, capability = device_facts(device)
-    timings, left_out = measure_grid(grid(reduced=True), device, kernel_names(device), budget_s=budget_s,
-                                     time_one=time_one, clock=clock, label="calibrating")
-    model, fits = fit_timings(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
-                              device_type=device.type, source=cost_store.CALIBRATED, steps=steps)
+    names = [n for n in kernel_names(device) if modelled(n)]
+    timings, left_out = measure_grid(grid(reduced=True), device, names,
+                                     budget_s=min(budget_s, limit_s - FIT_RESERVE_S - MIN_FIT_S),
+                                     call_budget_s=CALL_BUDGET_S, time_one=time_one, clock=clock, label="calibrating")
+    fit_s = max(MIN_FIT_S, limit_s - (clock() - started) - FIT_RESERVE_S)
+    log.info("attention backends: fitting the cost model to %d calls (at most %.0f s)", len(timings), fit_s)
+    # The fit is many small tensor ops: one thread runs them fastest.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, fits = fit_timings(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
+                                  device_type=device.type, source=cost_store.CALIBRATED, steps=steps,
+                                  time_limit_s=fit_s)
+    finally:
+        torch.set_num_threads(threads)
     for name, fit in fits.items():
         s = fit.summary()
         log.info("attention backends: %s fitted on %d calls, median error %.1f%%, worst %.1f%%", name, s["points"],

@@ -96,9 +96,13 @@ _CROSS = ((1024, 77), (4096, 77), (1024, 512), (4096, 512))
 
 def grid(reduced: bool = False) -> list[Call]:
     """The calls the cost model is fitted on, most informative first (a run out of time
-    drops the tail): short calls, where host paths decide, through to a ~200 ms video call.
+    drops the tail): short calls, where host paths decide, through to a video call of
+    1.2·10¹⁴ FLOPs.
 
-    reduced: about half the calls and no call over ~80 ms, for `calibrate`'s 5 minutes.
+    reduced: about half the calls and none over 5·10¹³ FLOPs, for `calibrate`'s 5 minutes;
+    it still has every term of the model's form: both call forms (the flat-form host
+    factor), every head dim (the templates and the overlap), masked calls, and key counts
+    that end inside a tile (the ragged factor).
     """
     calls: list[Call] = []
     for d in HEAD_DIMS:
@@ -122,6 +126,14 @@ def grid(reduced: bool = False) -> list[Call]:
             Call("long_d128_n75600_b1h40", 1, 40, 75600, 75600, 128),
             Call("long_d64_n32768_b1h32", 1, 32, 32768, 32768, 64),
         ]
+    # Key counts that end inside a 128-wide tile at image lengths (joint attention over
+    # image and text tokens has them), and a video-length query over a few text keys,
+    # where each query tile's fixed cost shows.
+    calls += [
+        Call("ragged_d128_n3000_b2h24", 2, 24, 3000, 3000, 128),
+        Call("ragged_d64_n6000_b1h20", 1, 20, 6000, 6000, 64, layout=FLAT),
+        Call("cross_d128_q16384_k256_b2h16", 2, 16, 16384, 256, 128),
+    ]
     # Masked calls (key padding), which only SDPA, comfy-kitchen and xFormers serve.
     calls += [
         Call("mask_d128_n4096_b1h24", 1, 24, 4096, 4096, 128, mask=MASK_ADDITIVE, mask_shape=(1, 1, 4096)),

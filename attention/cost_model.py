@@ -1,68 +1,81 @@
 """Predicted time of one attention call per kernel: a small physical model per GPU class.
 
 Why a model and not rules: which kernel wins depends on how long the call is, not on a
-head-dim list. FlashAttention-4's host path costs ~72 µs a call on the H200, so it loses
-every short call and wins long ones; quantized kernels pay extra passes over Q/K/V that
+head-dim list. A kernel with a long host path (FlashAttention-4's CuTe DSL launch) loses
+every short call and can win long ones; quantized kernels pay extra passes over Q/K/V that
 only long calls amortise. A model with each kernel's fixed host cost and its GPU time as
-a function of the work predicts calls it has never seen; the rule table cannot.
+a function of the work predicts calls it has never seen; the rule table cannot. The
+measured figures behind it are in benchmarks/results/h200/ (cost_model/ for the grid,
+the fit and its residuals, and the offline evaluation of the decisions it makes).
 
 The steady-state cost of a call in a stream of calls (what `measure.py` measures and a
 model pays) is the larger of the host's path and the GPU's time:
 
     t = max(host, gpu)
-    gpu = launch + mask_factor? · compute + bytes / bandwidth
-    compute = padded score elements · (2·(Dq + Dv) / matmul_rate + 1 / softmax_rate)
+    host = host_us, times flat_host_factor when the call comes in ComfyUI's (B, N, H·D)
+           form (the adapter's views and the output's reshape run on the host)
+    gpu = launch + compute · mask_factor? · ragged_factor? + bytes / bandwidth
+    compute = padded score elements · ((2·(Dq + Dv) / matmul_rate)^p + (1 / softmax_rate)^p)^(1/p)
 
 "Padded" is the tiling: a kernel computes whole tiles of `block_q` queries by `block_k`
-keys, with the head dim rounded up to its template (`dim_quantum`), and the tiles run in
-waves of one per SM; a call of 1.1 waves costs two. The softmax term is why head dim 64
-runs at ~0.73x the TFLOP/s of head dim 128: the exponentials grow with Nq·Nk, not D.
+keys, with the head dim rounded up to its template (a multiple of `dim_quantum`, or the
+next power of two from `dim_quantum` for kernels compiled for power-of-two head dims
+only), and the tiles run in waves of one per SM; a call of 1.1 waves costs two. The
+softmax term is why small head dims run at a lower TFLOP/s: the exponentials grow with
+Nq·Nk, not D; p says how far a kernel overlaps the two (p = 1: they add; large p: the
+slower one decides). "Ragged" calls have a key count that is not a whole number of
+tiles: some kernels take a slower bounds-checked path in every query tile's key loop
+then, which padding alone does not explain.
 
-Six numbers per kernel (host, launch, matmul rate, softmax rate, bandwidth, mask factor)
-and a tiling are fitted to a measured grid (`attention.cost_fit`). Prediction is pure
-Python arithmetic on a CallSignature: no torch ops, no allocation; `auto` calls it once per
-call signature, never per call.
+Nine numbers per kernel (host, flat-form host factor, launch, matmul rate, softmax rate,
+overlap, bandwidth, mask factor, ragged factor) and a tiling are fitted to a measured grid
+(`attention.cost_fit`). Prediction is pure Python arithmetic on a CallSignature: no torch
+ops, no allocation; `auto` calls it once per call signature, never per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from typing import Any, Iterable, Mapping, Optional
 
-from .call import MASK_NONE, CallSignature, canonical_mask_shape
-
-log = logging.getLogger(__name__)
+from .call import FLAT, MASK_NONE, CallSignature, canonical_mask_shape
 
 FORMAT = "comfyui-attention-backends/cost-model"
-VERSION = 1
+VERSION = 2
 # The kernel measured safest: every ComfyUI install runs it, and `auto` never predicts
 # slower than it (see `auto_order`).
 SAFEST = "sdpa"
 # A kernel must be predicted this much faster than SDPA to take a call from it. Two timings
-# of one kernel in the same rounds differ by 1-2% on short calls on the H200 (the noise
+# of one kernel in the same rounds differ by about this much on short calls (the noise
 # floor columns of benchmarks/results/h200/), and the model's own error is larger than
-# that on calls near a crossover, so smaller predicted gains are noise.
+# that on calls near a crossover (cost_model/residuals.md), so smaller predicted gains are
+# noise.
 DEFAULT_MARGIN = 0.03
 # Quantized kernels only where their error was measured inside auto_tuned's budget on the
-# H200: from 1024 keys (SDXL's 77-key cross-attention was 0.026 rel. L1 with FP8 P·V,
+# H200: from this many keys (short cross-attention with FP8 P·V was outside it,
 # benchmarks/results/h200/kernels.md). The model speaks for speed, not for accuracy.
 QUANTIZED_MIN_KEYS = 1024
 
-_PARAMS = ("host_us", "launch_us", "tflops", "softmax_gelems", "gbps", "mask_factor")
+_PARAMS = ("host_us", "flat_host_factor", "launch_us", "tflops", "softmax_gelems", "overlap", "gbps",
+           "mask_factor", "ragged_factor")
+_TILING_FIELDS = ("block_q", "block_k", "dim_quantum", "dim_pow2")
 
 
 def _ceil_to(value: int, quantum: int) -> int:
     return -(-value // quantum) * quantum
 
 
+def _next_pow2(value: int, floor: int) -> int:
+    return max(floor, 1 << max(0, value - 1).bit_length())
+
+
 @dataclasses.dataclass(frozen=True)
 class Work:
-    """What the model reads of a call: sizes, element size, mask size, and whether the
-    kernel's adapter copies q/k/v (a strided view handed to a kernel that needs contiguous
-    memory)."""
+    """What the model reads of a call: sizes, element size, mask size, whether the call
+    comes in ComfyUI's flat (B, N, H·D) form, and whether the kernel's adapter copies
+    q/k/v (a strided view handed to a kernel that needs contiguous memory)."""
 
     batch: int
     heads_q: int
@@ -74,6 +87,7 @@ class Work:
     element_bytes: int
     mask_elements: int = 0
     copies: bool = False
+    flat: bool = False
 
     @property
     def masked(self) -> bool:
@@ -95,16 +109,18 @@ def work_of(call: CallSignature, copies: bool = False) -> Work:
         shape = canonical_mask_shape(tuple(call.mask_shape or (1, 1, call.seq_q, call.seq_k)))
         mask_elements = max(1, math.prod(shape))
     return Work(call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k, call.head_dim, call.head_dim_v,
-                call.dtype.itemsize, mask_elements, copies)
+                call.dtype.itemsize, mask_elements, copies, call.layout_in == FLAT)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """How a kernel cuts the work: query and key tile sizes and head-dim template step."""
+    """How a kernel cuts the work: query and key tile sizes, and its head-dim templates
+    (multiples of `dim_quantum`, or powers of two from `dim_quantum` when `dim_pow2`)."""
 
     block_q: int
     block_k: int
     dim_quantum: int
+    dim_pow2: bool = False
 
     def padded_elements(self, work: Work, sms: int) -> float:
         """Score elements the kernel computes, counting whole tiles and whole waves."""
@@ -112,8 +128,17 @@ class Tiling:
         waves = -(-tiles // sms)
         return float(waves * sms * self.block_q * _ceil_to(work.seq_k, self.block_k))
 
+    def padded_dim(self, dim: int) -> int:
+        return _next_pow2(dim, self.dim_quantum) if self.dim_pow2 else _ceil_to(dim, self.dim_quantum)
+
     def padded_dims(self, work: Work) -> int:
-        return _ceil_to(work.head_dim, self.dim_quantum) + _ceil_to(work.head_dim_v, self.dim_quantum)
+        return self.padded_dim(work.head_dim) + self.padded_dim(work.head_dim_v)
+
+    def ragged(self, work: Work) -> bool:
+        """Whether the keys end inside a tile: then every query tile's key loop has a
+        partial block (a query count that ends inside a tile costs one partial tile, which
+        the padding counts)."""
+        return bool(work.seq_k % self.block_k)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,31 +148,48 @@ class Tiling:
 class KernelCost:
     """One kernel's fitted cost on one GPU class.
 
-    host_us: the host's path per call (Python, argument checks, launches); a stream of
-        calls cannot go faster than this whatever the GPU does.
+    host_us: the host's path per call (Python, argument checks, launches) for a call in
+        (B, H, N, D) form; a stream of calls cannot go faster than this whatever the GPU does.
+    flat_host_factor: the host path's multiplier for a call in ComfyUI's (B, N, H·D) form.
     launch_us: GPU time of the smallest call (launch latency, extra passes' floors).
     tflops: matrix-multiply rate; softmax_gelems: score elements per second (10⁹) for the
         exponentials and rescaling; gbps: bytes per second (10⁹) for Q/K/V/O and the mask.
+    overlap: how far the matrix multiplies and the softmax run at once: per score element
+        the two times combine as (mm^p + softmax^p)^(1/p) with p = 1 + overlap, so near 0
+        they add (one after the other) and large values leave the slower one (kernels that
+        ping-pong warp groups hide the softmax under the next tile's multiplies).
     mask_factor: compute multiplier on masked calls (the masked code path is slower).
+    ragged_factor: compute multiplier on calls whose key count ends inside a tile.
     """
 
     host_us: float
+    flat_host_factor: float
     launch_us: float
     tflops: float
     softmax_gelems: float
+    overlap: float
     gbps: float
     mask_factor: float
+    ragged_factor: float
     tiling: Tiling
+
+    def host(self, work: Work) -> float:
+        return self.host_us * (self.flat_host_factor if work.flat else 1.0)
 
     def gpu_us(self, work: Work, sms: int) -> float:
         elements = self.tiling.padded_elements(work, sms)
-        per_element_s = 2.0 * self.tiling.padded_dims(work) / (self.tflops * 1e12) + 1.0 / (self.softmax_gelems * 1e9)
-        compute_s = elements * per_element_s * (self.mask_factor if work.masked else 1.0)
+        p = 1.0 + self.overlap
+        matmul_ps = 2.0 * self.tiling.padded_dims(work) / self.tflops
+        softmax_ps = 1e3 / self.softmax_gelems
+        slower = max(matmul_ps, softmax_ps)  # scaled by the slower term, no power overflows
+        per_element_s = slower * ((matmul_ps / slower) ** p + (softmax_ps / slower) ** p) ** (1.0 / p) * 1e-12
+        compute_s = elements * per_element_s * (self.mask_factor if work.masked else 1.0) * (
+            self.ragged_factor if self.tiling.ragged(work) else 1.0)
         return self.launch_us + (compute_s + work.bytes_moved / (self.gbps * 1e9)) * 1e6
 
     def predict_us(self, work: Work, sms: int) -> float:
         """Steady-state microseconds per call in a stream of such calls."""
-        return max(self.host_us, self.gpu_us(work, sms))
+        return max(self.host(work), self.gpu_us(work, sms))
 
     def to_json(self) -> dict:
         data = {name: getattr(self, name) for name in _PARAMS}
@@ -250,11 +292,13 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
         for param in _PARAMS:
             _positive(entry.get(param), f"{param} of {name}")
         tiling = entry.get("tiling")
-        _check(isinstance(tiling, dict) and set(tiling) == {"block_q", "block_k", "dim_quantum"},
-               f"tiling of {name} is not {{block_q, block_k, dim_quantum}}")
-        for field, value in tiling.items():
+        _check(isinstance(tiling, dict) and set(tiling) == set(_TILING_FIELDS),
+               f"tiling of {name} is not {{{', '.join(_TILING_FIELDS)}}}")
+        for field in _TILING_FIELDS[:3]:
+            value = tiling[field]
             _check(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 4096,
                    f"tiling {field} of {name} is not a positive integer")
+        _check(isinstance(tiling["dim_pow2"], bool), f"tiling dim_pow2 of {name} is not true or false")
         kernels[name] = KernelCost.from_json(entry)
     fit = data.get("fit", {})
     _check(isinstance(fit, dict), "fit is not an object")

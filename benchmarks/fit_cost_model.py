@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per kernel (default: the library's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The fit is many small tensor ops: one thread runs them fastest, on a busy machine most of all.
+    torch.set_num_threads(1)
     with open(args.grid, encoding="utf-8") as handle:
         grid = json.load(handle)
     timings = [timing_from_json(row) for row in grid["rows"]]

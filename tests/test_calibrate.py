@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attention import calibrate as calibration
+from attention.backend import BHND, Backend
 from attention import cost_store
 from attention.calibrate import BASELINE, REPEAT, CallTiming, measure_grid, samples
 from attention.calibration_calls import grid
@@ -20,8 +21,12 @@ from attention.dispatch import Dispatcher
 from attention.tuning import signature_key
 from attention.tuning_store import forget_loaded_stores, store_for
 
-SDPA = KernelCost(20.0, 6.0, 600.0, 25_000.0, 3_000.0, 2.0, Tiling(128, 128, 32))
-FAST = KernelCost(70.0, 4.0, 900.0, 40_000.0, 3_000.0, 1.0, Tiling(128, 128, 32))
+from library_support import sdpa_kernel
+
+SDPA = KernelCost(host_us=20.0, flat_host_factor=1.5, launch_us=6.0, tflops=600.0, softmax_gelems=2_500.0, overlap=0.2,
+                  gbps=3_000.0, mask_factor=2.0, ragged_factor=1.2, tiling=Tiling(128, 128, 32))
+FAST = KernelCost(host_us=70.0, flat_host_factor=1.0, launch_us=4.0, tflops=900.0, softmax_gelems=4_000.0, overlap=2.0,
+                  gbps=3_000.0, mask_factor=1.0, ragged_factor=1.0, tiling=Tiling(128, 128, 32))
 CPU = torch.device("cpu")
 
 
@@ -39,8 +44,15 @@ def fake_measure(clock: FakeClock, seconds_per_call: float):
         clock.now += seconds_per_call
         work = work_of(call.signature("cpu", None))
         sdpa = SDPA.predict_us(work, 1)
-        return CallTiming(call, {BASELINE: sdpa, REPEAT: sdpa * 1.01, "sdpa_flash": FAST.predict_us(work, 1)})
+        return CallTiming(call, {BASELINE: sdpa, REPEAT: sdpa * 1.01, "fast_exact": FAST.predict_us(work, 1)})
     return time_one
+
+
+@pytest.fixture(autouse=True)
+def fast_exact(extra_backend):
+    """A kernel outside SDPA's family, available on this CPU machine (it runs SDPA)."""
+    return extra_backend(Backend(name="fast_exact", family="test", description="test", quantized=False,
+                                 layouts=(BHND,), constraints=(), load=lambda: sdpa_kernel))
 
 
 @pytest.fixture
@@ -70,11 +82,30 @@ def test_measure_grid_stops_starting_calls_when_the_budget_is_spent():
     assert timings[0].noise_floor == pytest.approx(0.01)
 
 
-def test_samples_leave_out_the_repeat_and_extra_rows():
+def test_samples_leave_out_the_repeat_extra_rows_and_sdpas_own_sub_backends():
     call = grid()[0]
-    timing = CallTiming(call, {BASELINE: 30.0, REPEAT: 31.0, "auto (model)": 29.0, "flash4": 80.0})
+    timing = CallTiming(call, {BASELINE: 30.0, REPEAT: 31.0, "auto (model)": 29.0, "flash4": 80.0,
+                               "sdpa_cudnn": 40.0, "sdpa_flash": 35.0})
     by_kernel = samples([timing])
     assert set(by_kernel) == {BASELINE, "flash4"} and by_kernel["flash4"][0].us == 80.0
+
+
+def test_calibrate_keeps_time_for_the_fit_inside_its_limit(folder, monkeypatch):
+    clock = FakeClock()
+    limits = {}
+
+    def fit_timings(timings, **kwargs):
+        limits["fit_s"], limits["calls"] = kwargs["time_limit_s"], len(timings)
+        return calibration.fit_timings.__wrapped__(timings, **{**kwargs, "steps": 20})
+
+    fit_timings.__wrapped__ = calibration.fit_timings
+    monkeypatch.setattr(calibration, "fit_timings", fit_timings)
+    limit = 60.0
+    _, _, left_out = calibration.calibrate(CPU, budget_s=1000.0, limit_s=limit, time_one=fake_measure(clock, 4.0),
+                                           clock=clock)
+    measured = limit - calibration.FIT_RESERVE_S - calibration.MIN_FIT_S
+    assert limits["calls"] == int(measured // 4.0) and left_out
+    assert clock.now - 100.0 + limits["fit_s"] + calibration.FIT_RESERVE_S <= limit + 4.0
 
 
 def test_calibrate_fits_saves_and_auto_uses_it(folder):
@@ -82,15 +113,15 @@ def test_calibrate_fits_saves_and_auto_uses_it(folder):
     model, path, left_out = calibration.calibrate(CPU, budget_s=200.0, time_one=fake_measure(clock, 1.0),
                                                   clock=clock, steps=400)
     assert not left_out and path == str(folder / "standalone" / "calibration.json")
-    assert set(model.kernels) == {"sdpa", "sdpa_flash"} and model.source == cost_store.CALIBRATED
-    for name, truth in (("sdpa", SDPA), ("sdpa_flash", FAST)):
+    assert set(model.kernels) == {"sdpa", "fast_exact"} and model.source == cost_store.CALIBRATED
+    for name, truth in (("sdpa", SDPA), ("fast_exact", FAST)):
         assert model.kernels[name].host_us == pytest.approx(truth.host_us, rel=0.05)
     loaded = cost_store.model_for("cuda", (9, 0))
     assert loaded is not None and loaded.source == cost_store.CALIBRATED
     assert loaded.kernels["sdpa"] == model.kernels["sdpa"]
     assert cost_store.describe("cuda", (9, 0))["source"] == cost_store.CALIBRATED
     # A long call goes to the kernel fitted faster; a short one stays on SDPA (FAST's host path).
-    assert Dispatcher("auto").candidates(LONG)[0].name == "sdpa_flash"
+    assert Dispatcher("auto").candidates(LONG)[0].name == "fast_exact"
     short = CallSignature("cuda", (9, 0), torch.bfloat16, 1, 8, 8, 256, 77, 64, 64)
     assert Dispatcher("auto").candidates(short)[0].name == "sdpa"
 

@@ -4,9 +4,12 @@ predictions (margin, never slower than SDPA), file validation, and the grid/held
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -14,22 +17,24 @@ import torch
 from attention import cost_store, registry
 from attention.backend import BHND, Backend
 from attention.calibration_calls import HELD_OUT, Call, grid
-from attention.call import MASK_ADDITIVE, MASK_NONE, CallSignature
-from attention.cost_fit import Sample, fit_kernel, fit_model, residual_table
+from attention.call import FLAT, HEADS_FIRST, MASK_ADDITIVE, MASK_NONE, CallSignature
+from attention.cost_fit import Sample, fit_kernel, fit_kernels, fit_model, residual_table
 from attention.cost_model import (DEFAULT_MARGIN, FORMAT, QUANTIZED_MIN_KEYS, CostModel, InvalidCostModel,
                                   KernelCost, Tiling, auto_order, parse, work_of)
 from attention.dispatch import Dispatcher
 from attention.priority import AUTO_TABLE, model_entries
 
-from library_support import sdpa_kernel
+from library_support import ROOT, sdpa_kernel
 
 SMS = 132
-TRUTH = KernelCost(host_us=72.0, launch_us=8.0, tflops=550.0, softmax_gelems=40_000.0, gbps=3_000.0,
-                   mask_factor=1.6, tiling=Tiling(128, 128, 32))
+TRUTH = KernelCost(host_us=72.0, flat_host_factor=1.3, launch_us=8.0, tflops=550.0, softmax_gelems=4_000.0,
+                   overlap=0.5, gbps=3_000.0, mask_factor=1.6, ragged_factor=1.15, tiling=Tiling(128, 128, 32))
 
 
-def _work(b=1, h=24, nq=4096, nk=4096, d=128, dtype=torch.bfloat16, mask=MASK_NONE, mask_shape=None):
-    return work_of(CallSignature("cuda", (9, 0), dtype, b, h, h, nq, nk, d, d, mask_kind=mask, mask_shape=mask_shape))
+def _work(b=1, h=24, nq=4096, nk=4096, d=128, dtype=torch.bfloat16, mask=MASK_NONE, mask_shape=None,
+          layout=HEADS_FIRST):
+    return work_of(CallSignature("cuda", (9, 0), dtype, b, h, h, nq, nk, d, d, mask_kind=mask, mask_shape=mask_shape,
+                                 layout_in=layout, layout_out=layout))
 
 
 def _cost(**changes) -> KernelCost:
@@ -37,6 +42,11 @@ def _cost(**changes) -> KernelCost:
 
 
 # --- prediction -------------------------------------------------------------------------
+
+def _compute_us(cost: KernelCost, work) -> float:
+    """The score-element part of a GPU time: less the launch and the bytes."""
+    return cost.gpu_us(work, SMS) - cost.launch_us - work.bytes_moved / (cost.gbps * 1e3)
+
 
 def test_short_calls_cost_the_host_path_and_long_ones_the_gpu():
     short, long = _work(nq=256, nk=77, h=8), _work(nq=32768, nk=32768)
@@ -55,6 +65,41 @@ def test_gpu_time_grows_with_work_and_counts_whole_tiles_and_waves():
     one_wave = TRUTH.tiling.padded_elements(_work(b=1, h=132, nq=128), SMS)
     two_waves = TRUTH.tiling.padded_elements(_work(b=1, h=133, nq=128), SMS)
     assert two_waves == 2 * one_wave
+
+
+def test_flat_calls_pay_the_flat_host_factor():
+    short = dict(nq=256, nk=77, h=8)
+    assert TRUTH.predict_us(_work(**short, layout=FLAT), SMS) == pytest.approx(TRUTH.host_us * TRUTH.flat_host_factor)
+    assert TRUTH.predict_us(_work(**short), SMS) == TRUTH.host_us
+    # The GPU's work is the same in both forms.
+    assert TRUTH.gpu_us(_work(layout=FLAT), SMS) == TRUTH.gpu_us(_work(), SMS)
+
+
+def test_keys_ending_inside_a_tile_pay_the_ragged_factor_and_queries_only_the_padding():
+    aligned, ragged_keys = _work(nq=4096, nk=4096), _work(nq=4096, nk=4000)
+    assert TRUTH.tiling.ragged(ragged_keys) and not TRUTH.tiling.ragged(aligned)
+    # 4000 keys pad to 4096: the same tiles, times the ragged factor.
+    assert _compute_us(TRUTH, ragged_keys) == pytest.approx(_compute_us(TRUTH, aligned) * TRUTH.ragged_factor)
+    ragged_queries = _work(nq=4000, nk=4096)
+    assert not TRUTH.tiling.ragged(ragged_queries)
+    assert TRUTH.gpu_us(ragged_queries, SMS) <= TRUTH.gpu_us(aligned, SMS)
+
+
+def test_head_dim_templates_multiples_or_powers_of_two():
+    multiples, powers = Tiling(128, 128, 32), Tiling(128, 128, 32, dim_pow2=True)
+    assert [multiples.padded_dim(d) for d in (40, 64, 80, 96, 128, 160)] == [64, 64, 96, 96, 128, 160]
+    assert [powers.padded_dim(d) for d in (16, 40, 64, 80, 96, 128, 160)] == [32, 64, 64, 128, 128, 128, 256]
+
+
+def test_overlap_runs_from_adding_to_the_slower_one():
+    work = _work(d=64)
+    per_element = {}
+    for overlap in (1e-9, 50.0):
+        cost = _cost(overlap=overlap, tflops=500.0, softmax_gelems=1_000.0)
+        per_element[overlap] = _compute_us(cost, work) / (cost.tiling.padded_elements(work, SMS) * 1e-6)
+    matmul_ps, softmax_ps = 2.0 * 128 / 500.0, 1.0
+    assert per_element[1e-9] == pytest.approx(matmul_ps + softmax_ps, rel=1e-6)
+    assert per_element[50.0] == pytest.approx(max(matmul_ps, softmax_ps), rel=0.02)
 
 
 def test_masked_calls_pay_the_mask_factor_and_read_the_mask():
@@ -77,15 +122,15 @@ def _synthetic(truth: KernelCost, calls: list[Call], noise: float, seed: int = 0
 
 @pytest.mark.parametrize("truth", [
     TRUTH,  # FA4-like: a long host path
-    _cost(host_us=18.0, launch_us=12.0, tflops=620.0, softmax_gelems=25_000.0, mask_factor=2.5,
-          tiling=Tiling(64, 128, 64)),  # SDPA-like
+    _cost(host_us=18.0, flat_host_factor=2.0, launch_us=12.0, tflops=620.0, softmax_gelems=2_500.0, overlap=0.1,
+          mask_factor=2.5, ragged_factor=1.25, tiling=Tiling(128, 128, 32, dim_pow2=True)),  # SDPA-like
 ])
 def test_fit_recovers_known_parameters_from_a_noisy_grid(truth):
-    tilings = (Tiling(64, 64, 8), Tiling(64, 128, 64), Tiling(128, 128, 32), Tiling(128, 64, 64))
+    tilings = (Tiling(64, 64, 8), Tiling(128, 128, 32, dim_pow2=True), Tiling(128, 128, 32), Tiling(128, 64, 64))
     fit = fit_kernel(_synthetic(truth, grid(), noise=0.01), SMS, tilings=tilings)
     got = fit.cost
     assert got.tiling == truth.tiling
-    for name in ("host_us", "tflops", "softmax_gelems", "mask_factor"):
+    for name in ("host_us", "flat_host_factor", "mask_factor", "ragged_factor"):
         assert getattr(got, name) == pytest.approx(getattr(truth, name), rel=0.1), name
     summary = fit.summary()
     assert summary["rms_log_error"] < 0.02  # the noise was 1%
@@ -95,10 +140,18 @@ def test_fit_recovers_known_parameters_from_a_noisy_grid(truth):
         assert got.predict_us(work, SMS) == pytest.approx(truth.predict_us(work, SMS), rel=0.05), call.key
 
 
-def test_fit_without_masked_calls_leaves_the_mask_factor_at_one():
-    calls = [c for c in grid(reduced=True) if c.mask == MASK_NONE]
+def test_fit_leaves_factors_no_call_exercises_at_one():
+    calls = [c for c in grid(reduced=True) if c.mask == MASK_NONE and c.layout != FLAT and c.seq_k % 128 == 0]
     fit = fit_kernel(_synthetic(TRUTH, calls, noise=0.0), SMS, tilings=(TRUTH.tiling,), steps=300)
-    assert fit.cost.mask_factor == 1.0
+    assert fit.cost.mask_factor == fit.cost.flat_host_factor == fit.cost.ragged_factor == 1.0
+
+
+def test_fit_stops_when_its_time_is_spent(caplog):
+    samples = {"sdpa": _synthetic(TRUTH, grid(reduced=True), 0.0)}
+    with caplog.at_level("WARNING"):
+        fits = fit_kernels(samples, SMS, steps=10_000, time_limit_s=0.0)
+    assert "ran out of time" in caplog.text
+    assert fits["sdpa"].cost.host_us > 0 and len(fits["sdpa"].residuals) == len(samples["sdpa"])
 
 
 def test_fit_model_skips_kernels_with_too_few_points_and_tabulates_residuals():
@@ -187,7 +240,7 @@ def _file(**changes) -> dict:
 
 @pytest.mark.parametrize("change, problem", [
     ({"format": "other"}, "format"),
-    ({"version": 2}, "version"),
+    ({"version": 1}, "version"),
     ({"sms": 0}, "sms"),
     ({"margin": 1.5}, "margin"),
     ({"kernels": {}}, "kernels"),
@@ -196,6 +249,8 @@ def _file(**changes) -> dict:
     ({"kernels": {"sdpa": {**TRUTH.to_json(), "tflops": -1}}}, "tflops of sdpa"),
     ({"kernels": {"sdpa": {**TRUTH.to_json(), "host_us": float("nan")}}}, "host_us of sdpa"),
     ({"kernels": {"sdpa": {**TRUTH.to_json(), "tiling": {"block_q": 64}}}}, "tiling of sdpa"),
+    ({"kernels": {"sdpa": {**TRUTH.to_json(), "tiling": {**TRUTH.tiling.to_json(), "dim_pow2": 1}}}}, "dim_pow2"),
+    ({"kernels": {"sdpa": {**TRUTH.to_json(), "ragged_factor": 0}}}, "ragged_factor of sdpa"),
 ])
 def test_a_damaged_model_file_is_refused_with_the_reason(change, problem):
     with pytest.raises(InvalidCostModel, match=problem):
@@ -260,3 +315,29 @@ def test_status_and_doctor_show_the_source_and_predicted_times(monkeypatch):
     text = doctor.render(status.machine_status())
     assert "cost model shipped for this GPU class (fitted on NVIDIA H200)" in text
     assert "predicted µs: sdpa" in text
+
+
+# --- the offline evaluation -------------------------------------------------------------
+
+def test_the_offline_evaluation_decides_every_committed_call_through_the_dispatcher(tmp_path):
+    """benchmarks/evaluate_cost_model.py on the committed H200 runs: every held-out call and
+    table shape gets a measured pick from the model and from the rules, and the rules'
+    picks are the rule table's."""
+    path = os.path.join(ROOT, "benchmarks", "evaluate_cost_model.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cost_model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    model = os.path.join(ROOT, "benchmarks", "results", "h200", "cost_model", "sm90.json")
+    assert module.main(["--model", model, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    held_out, table = report["lists"]["held-out"]["rows"], report["lists"]["table"]["rows"]
+    assert len(held_out) == len(HELD_OUT) and len(table) == 11
+    assert not any(r["in_grid"] for r in held_out)
+    for row in held_out + table:
+        for pick in row["picks"].values():
+            assert pick["us"] is not None and pick["vs_fastest"] <= 1.0 + 1e-9, row["call"]
+    rules = {r["call"]: r["picks"]["rules"]["kernel"] for r in table}
+    assert rules["flux_1024"] == "flash4" and rules["sdxl_l2"] == "sdpa"
+    assert rules["wan_480p"] == "sage_qk_int8_pv_fp8_cuda_sm90"
+    assert "targets" in (tmp_path / "evaluation.md").read_text()
