@@ -10,9 +10,10 @@ signature (`Backend.configure`), so a call pays for nothing but the kernel.
   attends the key blocks its pooled scores route exactly (threshold `tau`, or top-k),
   its diagonal neighbours, the sink blocks, and optionally `extra_tokens` single
   high-scoring tokens; every other block enters the softmax as one pooled term.
-- `SpargeSettings`: SpargeAttention's recommended top-k API
-  (`spas_sage2_attn_meansim_topk_cuda`): per 128/64-token block pair a pooled-score
-  top-k selection, with INT8 Q·K and FP8 (sm89/sm90) or FP16 (sm80) P·V.
+- `SpargeSettings`: SpargeAttention's recommended API
+  (`spas_sage2_attn_meansim_topk_cuda`): per query block a pooled-score selection of key
+  blocks (top-k, or a softmax-mass threshold), with INT8 Q·K and FP8 (sm89/sm90) or FP16
+  (sm80) P·V.
 """
 
 from __future__ import annotations
@@ -100,28 +101,48 @@ class SolSettings:
         return f"{selection}, extra tokens {self.extra_tokens}{text}"
 
 
+# SpargeAttention's block sizes on sm90 (query 64, key 128 tokens; 128/64 on sm80/sm89):
+# its top-k keeps int(topk * key blocks) blocks per query block (truncated), so at the
+# 12288-token floor (96 key blocks of 128) topk must be >= 1/96 to keep any; 0.05 keeps 4.
+SPARGE_MIN_TOPK = 0.05
+
+
 @dataclasses.dataclass(frozen=True)
 class SpargeSettings:
-    """SpargeAttention (`spas_sage2_attn_meansim_topk_cuda`) knobs; its defaults.
+    """SpargeAttention knobs, passed to `spas_sage2_attn_meansim_topk_cuda` (SpargeAttn
+    at commit bfd980b, 2025-12: `topk=0.5, simthreshd1=-0.1, cdfthreshd=None,
+    pvthreshd=50` are its defaults there; the README's recommended call is `topk=0.5`).
 
-    topk: fraction of key blocks each query block computes (its README: higher is
-        more accurate, lower is sparser).
-    simthreshd1: blocks whose tokens are less alike than this (mean cosine similarity
-        within the block) are always computed; raising it computes more blocks. The
-        library's top-k default, -0.1, lets the top-k decide almost everywhere.
-    pvthreshd: inside the kernel, the P·V product of a key block is skipped when the
-        block's scores trail the row's running maximum by more than this; larger skips
-        less (more exact, slower).
+    Selection, per query block (64 tokens on sm90, 128 on sm80/sm89), over mean-pooled
+    key blocks (128 tokens on sm90, 64 otherwise) scored by softmax(pooled q·k / sqrt(d)):
+    topk: the int(topk × key blocks) best-scoring key blocks are computed (README: higher
+        is more accurate, lower is sparser). Used when cdfthreshd is 0.
+    cdfthreshd: above 0, the fewest best-scoring key blocks whose pooled softmax mass
+        reaches this fraction are computed instead (adaptive: more blocks where attention
+        is flat, fewer where it is peaked; the library's `spas_sage2_attn_meansim_cuda`
+        default is 0.98, which its README no longer recommends without per-model tuning).
+    simthreshd1: a block whose tokens are less alike than this (mean pairwise cosine
+        similarity, diagonal included) cannot be summarised by its mean, so it is always
+        computed, as a query block (every key) and as a key block (every query); raising it
+        computes more blocks. -0.1 (the top-k default) lets the selection decide almost
+        everywhere; 0.6 is the cdf API's default.
+    pvthreshd: inside the kernel, a computed key block's P·V product is skipped when the
+        block's largest score trails the row's running maximum by more than this (in
+        the kernel's scaled log2 units; 50 skips nothing that would show in bf16); larger
+        skips less (more exact, slower).
     """
 
     topk: float = 0.5
     simthreshd1: float = -0.1
     pvthreshd: float = 50.0
+    cdfthreshd: float = 0.0
 
     def problems(self) -> list[str]:
         found = []
-        if not _finite(self.topk) or not 0 < self.topk <= 1:
-            found.append(f"sparge topk must be in (0, 1] (got {self.topk})")
+        if not _finite(self.topk) or not SPARGE_MIN_TOPK <= self.topk <= 1:
+            found.append(f"sparge topk must be in [{SPARGE_MIN_TOPK}, 1] (got {self.topk})")
+        if not _finite(self.cdfthreshd) or not 0 <= self.cdfthreshd <= 1:
+            found.append(f"sparge cdfthreshd must be 0 (select by topk) or in (0, 1] (got {self.cdfthreshd})")
         if not _finite(self.simthreshd1) or not -1 <= self.simthreshd1 <= 1:
             found.append(f"sparge simthreshd1 must be in [-1, 1] (got {self.simthreshd1})")
         if not _finite(self.pvthreshd) or self.pvthreshd <= 0:
@@ -129,7 +150,12 @@ class SpargeSettings:
         return found
 
     def kernel_arguments(self, tokens: int) -> dict:
-        return {"topk": float(self.topk), "simthreshd1": float(self.simthreshd1), "pvthreshd": float(self.pvthreshd)}
+        """Keyword arguments of `spas_sage2_attn_meansim_topk_cuda`: it asserts that
+        exactly one of `topk` and `cdfthreshd` is set (the other None)."""
+        selection = ({"topk": None, "cdfthreshd": float(self.cdfthreshd)} if self.cdfthreshd
+                     else {"topk": float(self.topk), "cdfthreshd": None})
+        return {**selection, "simthreshd1": float(self.simthreshd1), "pvthreshd": float(self.pvthreshd)}
 
     def describe(self) -> str:
-        return f"top-k {self.topk:g}, simthreshd1 {self.simthreshd1:g}, pvthreshd {self.pvthreshd:g}"
+        selection = f"cdf {self.cdfthreshd:g}" if self.cdfthreshd else f"top-k {self.topk:g}"
+        return f"{selection}, simthreshd1 {self.simthreshd1:g}, pvthreshd {self.pvthreshd:g}"

@@ -13,10 +13,12 @@ are plain Gaussian. Random weights, no trained model behind them.
 
 Rows per shape: SDPA (PyTorch's choice), SDPA timed again as a second row (the noise
 floor: two timings of one kernel), SageAttention 2 `sage_qk_int8_pv_fp8_cuda_sm90`, `sol`
-at several settings, `sparge` at several settings when SpargeAttention is installed, and
-the quality monitor's check of one sampled call (exact attention on 256 query rows and
-one synchronisation: what a sampled call adds). Every kernel row is a call through the
-pack's Dispatcher, as the node makes it. Time: steady-state cost per call in a stream of
+at several settings, `sparge` at several settings (SPARGE_ROWS) when SpargeAttention is
+installed, and the quality monitor's check of one sampled call (exact attention on 256
+query rows and one synchronisation: what a sampled call adds). Every kernel row is a
+call through the pack's Dispatcher, as the node makes it. `blocks kept`: the fraction of
+(query block, key block) pairs SpargeAttention computes on these inputs (its own count,
+from a separate call; sol reports none). Time: steady-state cost per call in a stream of
 calls, median of interleaved shuffled rounds (attention.measure). Error: against fp32
 exact attention on 2048 query rows spread over the sequence (relative L1, cosine, max
 abs difference).
@@ -109,13 +111,39 @@ def candidates(shape: VideoShape) -> list[Candidate]:
            ("sol tau 0.5, extra 0", SolSettings(extra_tokens=0, **text)),
            ("sol tau 1.0 (kitchen default)", SolSettings(tau=1.0, **text)),
            ("sol tau 1.3 (core node default)", SolSettings(tau=1.3, **text)),
+           ("sol top-k 0.5 (sparge's default share)", SolSettings(topk_ratio=0.5, **text)),
            ("sol top-k 0.2", SolSettings(topk_ratio=0.2, **text))]
     if shape.text_tokens:
         sol.append(("sol default, text not kept exact", SolSettings()))
     rows += [Candidate(label, "sol", settings) for label, settings in sol]
-    rows += [Candidate("sparge default (top-k 0.5)", "sparge", SpargeSettings()),
-             Candidate("sparge top-k 0.3", "sparge", SpargeSettings(topk=0.3))]
+    rows += [Candidate(label, "sparge", settings) for label, settings in SPARGE_ROWS]
     return rows
+
+
+# SpargeAttention (`spas_sage2_attn_meansim_topk_cuda`) from every block kept (its INT8/FP8
+# kernel's own cost and error, the floor under every sparse setting) to sparse.
+SPARGE_ROWS = (
+    ("sparge every block (top-k 1.0)", SpargeSettings(topk=1.0)),
+    ("sparge default (top-k 0.5)", SpargeSettings()),
+    ("sparge top-k 0.3", SpargeSettings(topk=0.3)),
+    ("sparge top-k 0.2", SpargeSettings(topk=0.2)),
+    ("sparge top-k 0.1", SpargeSettings(topk=0.1)),
+    ("sparge cdf 0.98, simthreshd1 0.6 (its cdf API defaults)", SpargeSettings(cdfthreshd=0.98, simthreshd1=0.6)),
+    ("sparge cdf 0.9", SpargeSettings(cdfthreshd=0.9)),
+)
+
+
+def sparge_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, settings: SpargeSettings) -> Optional[float]:
+    """The fraction of (query block, key block) pairs SpargeAttention computes for these
+    inputs (its `return_sparsity`), or None where it cannot say."""
+    try:
+        from spas_sage_attn import spas_sage2_attn_meansim_topk_cuda
+        _, sparsity = spas_sage2_attn_meansim_topk_cuda(q, k, v, is_causal=False, return_sparsity=True,
+                                                        **settings.kernel_arguments(q.shape[2]))
+        return 1.0 - float(sparsity)
+    except Exception as error:  # an extra column, never a failed row
+        log.warning("sparge block count: %s", describe_exception(error))
+        return None
 
 
 def use_kitchen_reference_on_cpu() -> None:
@@ -166,6 +194,8 @@ def bench_shape(shape: VideoShape, device: torch.device, dtype: torch.dtype, rep
             out = dispatcher(q, k, v, shape.heads, **form)  # plans, loads, warms up
             row["error"] = errors(out[:, :, rows], reference)
             del out
+            if candidate.backend == "sparge":
+                row["kept"] = sparge_kept(q, k, v, candidate.settings)
         except Exception as error:  # a kernel that breaks on a shape is a result, not a crash
             row.update(status="failed", reasons=[describe_exception(error)])
             continue
@@ -199,15 +229,16 @@ def markdown(results: list[dict], shapes: tuple[VideoShape, ...], wall_s: float,
     for shape in shapes:
         rows = [r for r in results if r["shape"] == shape.key]
         lines += [f"## {shape.label} (B={shape.batch}, H={shape.heads}, N={shape.tokens})", "",
-                  "| row | ms | × SDPA | rel. L1 | cosine | max abs |", "|---|---|---|---|---|---|"]
+                  "| row | ms | × SDPA | rel. L1 | cosine | max abs | blocks kept |", "|---|---|---|---|---|---|---|"]
         for row in rows:
             if row["status"] != "ok":
-                lines.append(f"| {row['label']} | – | – | – | – | {row['status']}: {'; '.join(row['reasons'])[:120]} |")
+                lines.append(f"| {row['label']} | – | – | – | – | – | {row['status']}: "
+                             f"{'; '.join(row['reasons'])[:120]} |")
                 continue
             error = row.get("error") or {}
-            lines.append("| {} | {} | {} | {} | {} | {} |".format(
+            lines.append("| {} | {} | {} | {} | {} | {} | {} |".format(
                 row["label"], _fmt(row.get("ms"), 3), _fmt(row.get("speedup"), 2), _fmt(error.get("rel_l1"), 4),
-                _fmt(error.get("cosine"), 5), _fmt(error.get("max_abs"), 3)))
+                _fmt(error.get("cosine"), 5), _fmt(error.get("max_abs"), 3), _fmt(row.get("kept"), 3)))
         again = next((r for r in rows if r["label"] == "sdpa (timed again)" and r.get("speedup")), None)
         if again:
             lines += ["", f"Noise floor: SDPA timed twice reads {again['speedup']:.3f}×."]

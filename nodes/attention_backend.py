@@ -8,7 +8,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..attention import AUTO, Priority, PriorityError, parse_priority, sparse_names
 from ..attention.quality import DEFAULT_BUDGET_REL_L1
-from ..attention.sparsity import SOL_MAX_EXTRA_TOKENS, TEXT_FIRST, TEXT_POSITIONS, SolSettings, SpargeSettings
+from ..attention.sparsity import (SOL_MAX_EXTRA_TOKENS, SPARGE_MIN_TOPK, TEXT_FIRST, TEXT_POSITIONS, SolSettings,
+                                  SpargeSettings)
 from .patch import FALL_BACK, ON_UNSUPPORTED, patch_model, resolve_priority
 from .raw_inputs import BOOLEAN_INPUTS, not_boolean_problem
 from .routes import selectable
@@ -224,18 +225,26 @@ class AttentionBackendSparse(io.ComfyNode):
                                       "outside the chosen blocks are attended exactly too (0, 64, 128, 192, 256). "
                                       "More is closer to exact for some attention time; core ComfyUI recommends "
                                       "256.")),
-                io.Float.Input("sparge_topk", default=_SPARGE.topk, min=0.05, max=1.0, step=0.05,
-                               tooltip=("sparge: fraction of key blocks each query block computes. Higher is closer "
-                                        "to exact and slower; 0.5 is SpargeAttention's default.")),
+                io.Float.Input("sparge_topk", default=_SPARGE.topk, min=SPARGE_MIN_TOPK, max=1.0, step=0.05,
+                               tooltip=("sparge: fraction of key blocks (128 tokens on sm90) each query block "
+                                        "computes, chosen by pooled scores. Higher is closer to exact and slower; "
+                                        "0.5 is SpargeAttention's default. Ignored when sparge_cdfthreshd > 0.")),
+                io.Float.Input("sparge_cdfthreshd", default=_SPARGE.cdfthreshd, min=0.0, max=1.0, step=0.01,
+                               tooltip=("sparge: 0 selects key blocks by sparge_topk. Above 0, each query block "
+                                        "computes the fewest best-scoring key blocks whose pooled attention mass "
+                                        "reaches this fraction instead: adaptive, more blocks where attention is "
+                                        "flat. Higher is closer to exact and slower (SpargeAttention's threshold "
+                                        "API default: 0.98).")),
                 io.Float.Input("sparge_simthreshd1", default=_SPARGE.simthreshd1, min=-1.0, max=1.0, step=0.05,
                                tooltip=("sparge: blocks whose tokens are less alike than this (mean cosine "
-                                        "similarity) are always computed. Raising it computes more blocks: closer "
-                                        "to exact, slower. The default -0.1 lets the top-k decide almost "
-                                        "everywhere.")),
+                                        "similarity) cannot be summarised by their mean and are always computed. "
+                                        "Raising it computes more blocks: closer to exact, slower. The default "
+                                        "-0.1 lets the selection decide almost everywhere.")),
                 io.Float.Input("sparge_pvthreshd", default=_SPARGE.pvthreshd, min=1.0, max=1000.0, step=1.0,
                                tooltip=("sparge: inside the kernel, a key block's P·V product is skipped when its "
-                                        "scores trail the row's running maximum by more than this. Larger skips "
-                                        "less: closer to exact, slower.")),
+                                        "scores trail the row's running maximum by more than this (log2 units: "
+                                        "50 skips weights under 2^-50). Larger skips less: closer to exact, "
+                                        "slower.")),
                 io.Int.Input("text_tokens", default=0, min=0, max=65536,
                              tooltip=("sol only: conditioning tokens that share the self-attention sequence (joint "
                                       "attention: Flux, Qwen-Image, SD3, HunyuanVideo) stay exact: every query "
@@ -282,13 +291,14 @@ class AttentionBackendSparse(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, backend: str, sol_tau: float, sol_topk_ratio: float, sol_extra_tokens: int,
-                sparge_topk: float, sparge_simthreshd1: float, sparge_pvthreshd: float, text_tokens: int,
-                text_position: str, step_start: float, step_end: float, exact_first_blocks: int,
+                sparge_topk: float, sparge_cdfthreshd: float, sparge_simthreshd1: float, sparge_pvthreshd: float,
+                text_tokens: int, text_position: str, step_start: float, step_end: float, exact_first_blocks: int,
                 exact_last_blocks: int, error_budget: float) -> io.NodeOutput:
         settings = settings_for(backend, sol_tau=sol_tau, sol_topk_ratio=sol_topk_ratio,
                                 sol_extra_tokens=sol_extra_tokens, sparge_topk=sparge_topk,
                                 sparge_simthreshd1=sparge_simthreshd1, sparge_pvthreshd=sparge_pvthreshd,
-                                text_tokens=text_tokens, text_position=text_position)
+                                sparge_cdfthreshd=sparge_cdfthreshd, text_tokens=text_tokens,
+                                text_position=text_position)
         rules = RoutingRules(step_start=step_start, step_end=step_end, first_blocks=exact_first_blocks,
                              last_blocks=exact_last_blocks)
         policy = policy_for(rules, error_budget)

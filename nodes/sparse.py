@@ -40,13 +40,14 @@ def policy_for(rules: RoutingRules, budget_rel_l1: float = DEFAULT_BUDGET_REL_L1
 
 def settings_for(backend: str, *, sol_tau: float, sol_topk_ratio: float, sol_extra_tokens: int, sparge_topk: float,
                  sparge_simthreshd1: float, sparge_pvthreshd: float, text_tokens: int,
-                 text_position: str) -> SolSettings | SpargeSettings:
+                 text_position: str, sparge_cdfthreshd: float = 0.0) -> SolSettings | SpargeSettings:
     """The chosen backend's settings from the node's inputs (the other backend's are unused)."""
     if backend == SOL:
         return SolSettings(tau=sol_tau, topk_ratio=sol_topk_ratio, extra_tokens=sol_extra_tokens,
                            text_tokens=text_tokens, text_position=text_position)
     if backend == SPARGE:
-        return SpargeSettings(topk=sparge_topk, simthreshd1=sparge_simthreshd1, pvthreshd=sparge_pvthreshd)
+        return SpargeSettings(topk=sparge_topk, simthreshd1=sparge_simthreshd1, pvthreshd=sparge_pvthreshd,
+                              cdfthreshd=sparge_cdfthreshd)
     raise ValueError(f"the sparse backend must be one of {sparse_names()}, not {backend!r}")
 
 

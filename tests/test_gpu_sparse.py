@@ -54,9 +54,36 @@ def test_with_every_block_kept_a_sparse_kernel_is_as_close_as_a_quantized_one(na
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v))), f"{name} modified its inputs"
     assert torch.isfinite(out).all()
+    assert out.dtype == q.dtype and out.shape == q.shape
     rows = row_indices(q.shape[2], 1024, q.device)
     error = _rel_l1(out[:, :, rows], _float64_rows(q, k, v, rows))
     assert error < QUANTIZED_REL_L1, f"{name} with every block kept: relative L1 {error:.4g}"
+
+
+def test_sparge_serves_head_dim_64_in_fp16_with_every_block_kept():
+    _available("sparge")
+    q, k, v = video_qkv(2, HEADS, 64, GRID, torch.device("cuda"), torch.float16, seed=3)
+    out = Dispatcher(["sparge"], strict=True, settings={"sparge": SpargeSettings(topk=1.0)})(q, k, v, HEADS, **FORM)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    rows = row_indices(q.shape[2], 1024, q.device)
+    error = _rel_l1(out[:, :, rows], _float64_rows(q, k, v, rows))
+    assert error < QUANTIZED_REL_L1, f"sparge, head dim 64, fp16: relative L1 {error:.4g}"
+
+
+@pytest.mark.parametrize("settings", [SpargeSettings(topk=0.5), SpargeSettings(topk=0.2),
+                                      SpargeSettings(cdfthreshd=0.98, simthreshd1=0.6), SpargeSettings(cdfthreshd=0.9)],
+                         ids=lambda settings: settings.describe())
+def test_sparge_selections_stay_near_the_float64_reference(settings):
+    # Both of SpargeAttention's selections (top-k and softmax mass) through the pack's
+    # keyword arguments: the library asserts that exactly one of them is set.
+    _available("sparge")
+    q, k, v = video_qkv(1, HEADS, DIM, GRID, torch.device("cuda"), torch.bfloat16, seed=4)
+    out = Dispatcher(["sparge"], strict=True, settings={"sparge": settings})(q, k, v, HEADS, **FORM)
+    assert torch.isfinite(out).all()
+    rows = row_indices(q.shape[2], 1024, q.device)
+    error = _rel_l1(out[:, :, rows], _float64_rows(q, k, v, rows))
+    print(f"sparge {settings.describe()}: relative L1 {error:.4f}")
+    assert error < 1.0, f"sparge {settings.describe()} is not attention any more: relative L1 {error:.3f}"
 
 
 @pytest.mark.parametrize("name", ["sol", "sparge"])

@@ -159,8 +159,22 @@ def test_sol_settings_name_their_problems():
 
 def test_sparge_settings_name_their_problems():
     assert SpargeSettings().problems() == []
-    problems = " | ".join(SpargeSettings(topk=0.0, simthreshd1=2.0, pvthreshd=0).problems())
-    assert "topk must be in (0, 1]" in problems and "simthreshd1" in problems and "pvthreshd" in problems
+    problems = " | ".join(SpargeSettings(topk=0.0, simthreshd1=2.0, pvthreshd=0, cdfthreshd=1.5).problems())
+    for fragment in ("topk must be in [0.05, 1]", "cdfthreshd must be 0", "simthreshd1", "pvthreshd"):
+        assert fragment in problems
+    # Below 0.05 the top-k keeps no 128-token key block at the 12288-token floor (int(topk x 96)).
+    assert SpargeSettings(topk=0.01).problems()
+
+
+def test_sparge_settings_set_exactly_one_of_its_selections():
+    # spas_sage2_attn_meansim_topk_cuda asserts that one of topk and cdfthreshd is None.
+    assert SpargeSettings().kernel_arguments(75600) == {"topk": 0.5, "cdfthreshd": None, "simthreshd1": -0.1,
+                                                        "pvthreshd": 50.0}
+    by_mass = SpargeSettings(topk=0.3, cdfthreshd=0.98, simthreshd1=0.6)
+    assert by_mass.problems() == []
+    assert by_mass.kernel_arguments(75600) == {"topk": None, "cdfthreshd": 0.98, "simthreshd1": 0.6,
+                                               "pvthreshd": 50.0}
+    assert by_mass.describe().startswith("cdf 0.98") and SpargeSettings().describe().startswith("top-k 0.5")
 
 
 def test_sol_sinks_cover_the_conditioning_tokens_in_whole_blocks():

@@ -17,9 +17,17 @@ Per-call rules, from the packages' own checks:
   its break-even was not measured here, so it shares the floor;
 - `sol`: (B, T, H, 128) bf16/fp16, a contiguous last dim and 16-byte aligned strides
   (ComfyUI's views are), sm80+; an INT8 kernel inside, so precision requests go dense.
-- `sparge`: head dim 64 or 128, fp16/bf16, built for sm80/86/87/89/90 only; its wrapper
-  copies q, k and v to contiguous tensors (v always in fp16) and calls
-  `torch.cuda.set_device` on v's device; INT8 Q·K, FP8 (sm89/90) or FP16 (sm80) P·V.
+- `sparge` (`spas_sage2_attn_meansim_topk_cuda`, SpargeAttn bfd980b): head dim 64 or
+  128 (its assert), q and k with the same head count (its block map is built per q head
+  from k's pooled blocks: no GQA), at least 128 query tokens (its assert); built for
+  sm80/86/87/89/90 only (its setup.py; sm90 compiles as sm_90a). Its wrapper ignores
+  `attn_mask`, `dropout_p` and `output_dtype`, copies q, k and v to contiguous tensors
+  (fp32/fp16 inputs become fp16, bf16 stays bf16 for q and k, v always fp16), returns a
+  tensor of q's converted dtype (so of ours: fp16/bf16 only), in NHD layout a view
+  (B, N, H, D) of an HND buffer, and calls `torch.cuda.set_device` on v's device. INT8
+  Q·K per block, FP8 P·V (sm89/sm90) or FP16 (sm80); on sm90 the kernel is non-causal
+  whatever `is_causal` says (only the block map honours it; we never ask). Needs
+  triton and einops at import.
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ BACKENDS = (
     Backend(
         name="sparge",
         family="sparse",
-        description="SpargeAttention sparse attention (top-k key blocks, INT8 Q·K, FP8/FP16 P·V)",
+        description="SpargeAttention sparse attention (top-k or score-mass key blocks, INT8 Q·K, FP8/FP16 P·V)",
         quantized=True,
         layouts=(BHND, BNHD),
         constraints=_COMMON + (ComputeCapability((8, 0), (9, 0)), HeadDims(allowed=frozenset({64, 128}), equal_v=True)),

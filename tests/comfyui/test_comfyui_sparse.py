@@ -70,7 +70,8 @@ def test_the_sparse_node_is_registered_with_its_knobs(pack):
     inputs = _inputs(node)
     assert inputs["backend"].options == ["sol", "sparge"] and inputs["backend"].default == "sol"
     assert list(inputs) == ["model", "backend", "sol_tau", "sol_topk_ratio", "sol_extra_tokens", "sparge_topk",
-                            "sparge_simthreshd1", "sparge_pvthreshd", "text_tokens", "text_position", "step_start",
+                            "sparge_cdfthreshd", "sparge_simthreshd1", "sparge_pvthreshd", "text_tokens",
+                            "text_position", "step_start",
                             "step_end", "exact_first_blocks", "exact_last_blocks", "error_budget"]
     assert all(entry.tooltip for entry in schema.inputs)
     assert (inputs["sol_tau"].default, inputs["step_start"].default, inputs["step_end"].default,
