@@ -450,6 +450,10 @@ class Dispatcher:
         return (plan.backend is not None and plan.name == TRACED_BACKEND and plan.backend.runtime_check is None
                 and not plan.retry)
 
+    def current_plan(self, key: tuple) -> Optional[Plan]:
+        """The plan cached under `key` now, if any."""
+        return self._plans.get(key)
+
     def traced_plan(self, key: tuple, call: CallSignature) -> Plan:
         """The plan that counts the calls a compiled graph ran as traced SDPA: the plan an
         eager call of `call` finds or makes under the same key."""

@@ -4,10 +4,14 @@
 #
 #   1 stash   carry .kit/s1: the CuTe DSL's cu13 library waits under /tmp/stash
 #   2 kernels carry .kit/s2: install the registry kernels, build SageAttention 2 (~200 s),
-#             the GPU suite (incl. every kernel inside torch.compile), the cost-model grid
+#             the GPU suite (incl. every kernel inside torch.compile); the cost-model grid
+#             when GRID_S (seconds) is set
+#     sparse-tests  the sparse backends against a float64 reference (after a SpargeAttn
+#             build into /tmp/site, which is not part of this repository)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
-#   4 tables  held-out calls (with the model fitted from stage 2), masked calls, sparse
-#             kernels, dispatch overhead
+#   4 tables  held-out calls (with the committed sm90 fit), sparse kernels, the Wan step
+#             through the Sparse node (needs stage 3's ComfyUI on the same machine);
+#             masked calls when MASKED_S (seconds) is set
 #   parallel  on a 2- or 4-GPU kind (after stages 1-2 on the same machine for the kit's
 #             kernels; without them every GPU runs sdpa): the head_parallel GPU suite, then
 #             benchmarks/multi_gpu.py (head_parallel and Ulysses on 1/2/4 GPUs, topology)
@@ -36,10 +40,16 @@ case $stage in
     timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider \
       -k "inside_torch_compile or matches_reference or auto" > "$out/gpu-tests.txt" 2>&1
     tail -4 "$out/gpu-tests.txt"
-    left=$(( 560 - ($(date +%s) - started) ))
-    echo "grid budget: $left s"
-    python3 benchmarks/cost_grid.py --out "$out/grid" --budget-s "$left" > "$out/grid.log" 2>&1
-    tail -5 "$out/grid.log"
+    if [ -n "${GRID_S:-}" ]; then
+      python3 benchmarks/cost_grid.py --out "$out/grid" --budget-s "$GRID_S" > "$out/grid.log" 2>&1
+      tail -5 "$out/grid.log"
+    fi
+    ;;
+  sparse-tests)
+    site_path
+    timeout 120 python3 -m pytest -m gpu tests/test_gpu_sparse.py -q -rs -p no:cacheprovider \
+      > "$out/gpu-sparse-tests.txt" 2>&1
+    tail -6 "$out/gpu-sparse-tests.txt"
     ;;
   e2e)
     site_path
@@ -53,18 +63,21 @@ case $stage in
     tail -40 "$out/e2e.log"
     ;;
   tables)
-    # At most 8 files come back: the four tables' JSON and markdown, one log for all.
+    # At most 8 files come back: the tables' JSON and markdown, one log for all.
     # With NO_SAGE_BUILD=1 the kit installs without building SageAttention 2 (a short session).
     if [ -n "${NO_SAGE_BUILD:-}" ]; then mv .kit/s2/sage_src.tar.xz /tmp/ 2>/dev/null; fi
     # shellcheck disable=SC1091
     [ -d .kit/s2 ] && source .kit/s2/device-install.sh .kit/s2
     site_path
-    timeout 70 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider -k inside_torch_compile \
-      > "$out/gpu-compile-tests.txt" 2>&1; tail -3 "$out/gpu-compile-tests.txt"
+    export PYTHONPATH="/tmp/e2e:$PYTHONPATH"
     {
-      python3 benchmarks/heldout.py --out "$out/heldout" --model attention/cost_models/sm90.json --budget-s "${HELDOUT_S:-170}"
-      python3 benchmarks/masked.py --out "$out/masked" --budget-s "${MASKED_S:-110}"
-      [ -n "${NO_SPARSE:-}" ] || python3 benchmarks/sparse.py --out "$out/sparse" --budget 120
+      python3 benchmarks/heldout.py --out "$out/heldout" --model benchmarks/results/h200/cost_model/sm90.json \
+        --budget-s "${HELDOUT_S:-150}"
+      [ -z "${MASKED_S:-}" ] || python3 benchmarks/masked.py --out "$out/masked" --budget-s "$MASKED_S"
+      [ -n "${NO_SPARSE:-}" ] || python3 benchmarks/sparse.py --out "$out/sparse" --budget "${SPARSE_S:-170}"
+      [ -d /tmp/comfy/ComfyUI ] && (cd benchmarks && COMFYUI_PATH=/tmp/comfy/ComfyUI python3 end_to_end.py \
+        --models wan --backends auto --sparse "${E2E_SPARSE:-sol,sparge}" --steps 4 --repeats 3 \
+        --time-budget "${E2E_SPARSE_S:-150}" --out "$out/e2e_sparse")
     } > "$out/tables.log" 2>&1
     tail -60 "$out/tables.log"
     ;;

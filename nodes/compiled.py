@@ -257,25 +257,29 @@ class TracedSdpa:
             return
         state.invoked = True
         counts = state.traced_counts.get(graph)
-        if counts is None:
-            counts = state.traced_counts[graph] = self._counts_for(state.main, graph)
+        dispatcher = state.main
+        if counts is None or any(dispatcher.current_plan(key) is not plan for key, plan, _ in counts):
+            # Worked out once per graph and kept across runs while the plans stay (a plan
+            # made again, after a failure or an eviction, makes it work out again).
+            counts = state.traced_counts[graph] = self._counts_for(dispatcher, graph)
         if not counts:
             state.traced_mismatch = True
             return
-        for plan, calls in counts:
+        for _, plan, calls in counts:
             _consume(plan.counter, calls)
             _consume(state.traced_calls, calls)
 
-    def _counts_for(self, dispatcher: Dispatcher, graph: int) -> list[tuple[Plan, int]]:
-        """Calls per plan of one run of `graph`, for this dispatcher; empty when it would
-        not run every site of the graph as SDPA."""
+    def _counts_for(self, dispatcher: Dispatcher, graph: int) -> list[tuple[tuple, Plan, int]]:
+        """(plan key, plan, calls) for one run of `graph`, for this dispatcher; empty when it
+        would not run every site of the graph as SDPA."""
         sites = self._graphs.get(graph, [])
-        by_plan: dict[Plan, int] = collections.Counter()
+        calls: dict[tuple, int] = collections.Counter()
         for key, call in sites:
             if not dispatcher.runs_traced_sdpa(call):
                 return []
-            by_plan[dispatcher.traced_plan(key, call)] += 1
-        return list(by_plan.items())
+            dispatcher.traced_plan(key, call)
+            calls[key] += 1
+        return [(key, dispatcher.current_plan(key), n) for key, n in calls.items()]
 
 
 TRACED_SDPA = TracedSdpa()

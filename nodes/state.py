@@ -39,6 +39,8 @@ class PatchState:
         # The override's serving path, for calls that come back from a compiled graph (compiled.py).
         self.serve: Optional[Callable] = None
         self.last_report: Optional[dict] = None
+        # Per compiled graph id: the plans its traced-SDPA calls count for (compiled.py).
+        self.traced_counts: dict[int, list] = {}
         self.begin_run()
 
     def dispatchers(self) -> list[tuple[str, Dispatcher]]:
@@ -68,9 +70,8 @@ class PatchState:
         self.compiled = False
         self.compiled_calls = itertools.count()
         # Calls a compiled graph ran as traced SDPA (compiled.py: TracedSdpa), counted per
-        # run of the graph; per graph id, the plans they count for (empty: decided otherwise).
+        # run of the graph.
         self.traced_calls = itertools.count()
-        self.traced_counts: dict[int, list] = {}
         self.traced_mismatch = False
         self.recompiled_stale = 0
         # Calls the override passed on unread because their form was not ComfyUI's.

@@ -141,7 +141,9 @@ def test_workflow_sequence_on_one_compiled_model_never_goes_stale(pack, tiny, fl
     again, again_state = patch(compiled, "sdpa")
     check(tiny.sample(again))
     assert _served(again_state) == {"sdpa": 4}
-    assert again_state.last_report["compiled"]["recompiled_stale_graphs"] == 0
+    # The graph traced while the node was gone holds no call of ours: re-adding it traces
+    # once more (0.3.64: dynamo's own guards on the override do it).
+    assert again_state.last_report["compiled"]["recompiled_stale_graphs"] == stale
 
     rules = pack.nodes.routing.RoutingRules(first_blocks=1)
     advanced, advanced_state = patch(compiled, "sdpa_math", rules=rules, guard=True)
