@@ -161,8 +161,7 @@ class PlanCount:
         return {"required": {"model": ("MODEL",), "samples": ("LATENT",)}}
 
     def count(self, model, samples):
-        override = model.model_options["transformer_options"][OVERRIDE_KEY]
-        state = getattr(override, "state", None) or _closure_state(override)
+        state = _closure_state(model.model_options["transformer_options"][OVERRIDE_KEY])
         plans = {route: len(dispatcher._plans) for route, dispatcher in state.dispatchers()}
         limit = _pack_modules("attention.dispatch")[0].MAX_PLANS
         return {"ui": {"plans": [json.dumps(plans)], "limit": [limit]}}
