@@ -1,8 +1,12 @@
 """Fault suite through a real ComfyUI server: what a user sees when the files next to the
-pack are damaged or huge, and when a prompt carries values the node cannot use.
+pack are damaged or huge, when a prompt carries values the node cannot use, when a kernel
+raises or returns NaN, when a run is interrupted, after many runs and resolutions, and when
+routes are called the wrong way or all at once.
 
-Two servers: one started with a damaged tuning file (Notepad's UTF-16 "{}") and a
-truncated ATTENTION_BACKENDS_AUTO table, one with a 100,000-entry tuning file.
+Servers: one with a damaged tuning file (Notepad's UTF-16 "{}") and a truncated
+ATTENTION_BACKENDS_AUTO table; one with a 100,000-entry tuning file; a clean one for the
+kernel faults (test-only nodes in fixture_nodes/faults.py), growth and routes; one whose
+tuning file is a link out of the user directory; one whose tuning folder cannot be made.
 """
 
 from __future__ import annotations
