@@ -323,10 +323,23 @@ class TuningStore:
                 json.dump(payload, handle, indent=1, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())  # the new file is complete before it replaces the old one
+            _warn_if_link(self.path)
             os.replace(handle.name, self.path)
         except BaseException:
             os.unlink(handle.name)
             raise
+
+
+def _warn_if_link(path: str) -> None:
+    """The file is replaced, never written through: a link (to a shared file, or anywhere
+    else the server's user can write) becomes a plain file here and its target stays as
+    it was. Said once per write, because decisions the user meant to share stop going there."""
+    if os.path.islink(path):
+        log.warning("attention backends: the tuning file %s is a symbolic link to %s; the pack never writes "
+                    "through a link, so the decisions (those read from it included) are saved in a plain file "
+                    "at %s and %s is left as it was. To share decisions between installs, point ComfyUI's "
+                    "--user-directory at the shared folder instead", path, os.path.realpath(path), path,
+                    os.path.realpath(path))
 
 
 _stores: dict[tuple[str, str], TuningStore] = {}

@@ -29,3 +29,10 @@ def register(server: Any) -> None:
     @server.routes.post(CLEAR_ROUTE)
     async def clear_failures(request: web.Request) -> web.Response:
         return web.json_response({"cleared": forget_failures()})
+
+    # Without it a GET falls through to ComfyUI's static files and reads as "no such route".
+    @server.routes.get(CLEAR_ROUTE)
+    async def clear_failures_needs_post(request: web.Request) -> web.Response:
+        return web.json_response({"error": f"{CLEAR_ROUTE} clears the remembered kernel failures on POST; "
+                                           "GET /attention_backends/status lists them (kernel_failures)"},
+                                 status=405, headers={"Allow": "POST"})

@@ -60,7 +60,7 @@ def register(server: Any) -> None:
         if node is None:
             return web.json_response({"reports": reports})
         if node not in reports:
-            return web.json_response({"error": f"no report for node {node} yet"}, status=404)
+            return web.json_response({"error": f"no report for node {shown_name(node)} yet"}, status=404)
         return web.json_response(reports[node])
 
     def no_chart(message: str, code: int) -> web.Response:

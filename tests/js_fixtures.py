@@ -228,6 +228,51 @@ def _no_measuring(*args: Any) -> dict:
     raise AssertionError("the fixtures' tuner measures nothing: its decisions are the committed ones")
 
 
+@contextlib.contextmanager
+def _raising_sage() -> Iterator[None]:
+    """`sage` as a kernel that raises on every call (registered for the block only), and
+    no failure remembered before or after."""
+    dispatch, registry = module("attention.dispatch"), module("attention.registry")
+    backend_module, constraints = module("attention.backend"), module("attention.constraints")
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    backend = backend_module.Backend(
+        name="sage", family="sage", description="a kernel that raises", quantized=True,
+        layouts=(backend_module.BHND,), constraints=(constraints.Exactness(quantized=True),), load=lambda: broken)
+    dispatch.forget_failures()
+    with mock.patch.dict(registry._BY_NAME, {"sage": backend}):
+        try:
+            yield
+        finally:
+            dispatch.forget_failures()
+
+
+def kernel_failures() -> dict:
+    """The status route's kernel_failures after a kernel raised: once on one call shape
+    (tried again at the next run), RETRY_LIMIT times on another (off until cleared)."""
+    dispatch, failures = module("attention.dispatch"), module("nodes.failures")
+    once, repeated = torch.zeros(1, 16, 64), torch.zeros(1, 32, 64)
+    with _raising_sage():
+        attend = dispatch.Dispatcher(["sage", "sdpa"])
+        attend(once, once, once, 2)
+        for _ in range(dispatch.RETRY_LIMIT):
+            attend.begin_run()
+            attend(repeated, repeated, repeated, 2)
+        return failures.failures_status()
+
+
+def report_kernel_failed() -> dict:
+    """A run on the CPU whose sage kernel raised on its first call: the rest of the run on sdpa."""
+    q = torch.zeros(1, 16, 64)
+    with _raising_sage():
+        state = _state(["sage", "sdpa"], node_id="4", selection="sage > sdpa", node_type="AttentionBackendAdvanced")
+        for _ in range(3):
+            state.main(q, q, q, 2)
+        return report(state, "Flux", 0.5)
+
+
 def priority_cases() -> list[dict]:
     contract = module("attention.contract")
     return [contract.priority_case(text) for text in PRIORITY_TEXTS]
@@ -241,6 +286,8 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "report_never_invoked.json": report_never_invoked,
     "report_auto_tuned.json": report_auto_tuned,
     "priority_cases.json": priority_cases,
+    "status_kernel_failures.json": kernel_failures,
+    "report_kernel_failed.json": report_kernel_failed,
 }
 
 

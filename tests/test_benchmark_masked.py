@@ -20,7 +20,9 @@ def _script():
 
 
 def test_smoke_run_serves_and_keeps_masks(tmp_path):
-    assert _script().main(["--out", str(tmp_path), "--smoke", "--cases", "ltxv_cross,flux_bias,lumina2_main,hunyuan_refiner"]) == 0
+    # No time budget: on a loaded CI machine the default one skipped whole cases (flaky).
+    cases = "ltxv_cross,flux_bias,lumina2_main,hunyuan_refiner"
+    assert _script().main(["--out", str(tmp_path), "--smoke", "--cases", cases, "--budget-s", "1e9"]) == 0
     rows = json.loads((tmp_path / "masked.json").read_text())["rows"]
     served = {(row["case"], row["candidate"]): (row.get("backend"), row.get("service")) for row in rows}
     assert served[("ltxv_cross", "cpu_maskless")] == ("cpu_maskless", "per_row")

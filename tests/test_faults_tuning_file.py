@@ -256,3 +256,23 @@ def test_decisions_left_unwritten_are_written_at_exit(tmp_path):
     assert not path.exists()
     tuning_store.flush_loaded_stores()  # registered with atexit
     assert signature_key(CALL) in parse(path.read_bytes())[0]["decisions"]
+
+
+def test_a_linked_file_is_read_then_replaced_not_written_through(tmp_path, caplog):
+    outside = tmp_path / "elsewhere" / "shared.json"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps(file_with([(MACHINE, 0, 2)])))
+    before = outside.read_bytes()
+    path = tmp_path / "user" / "tuning.json"
+    path.parent.mkdir()
+    path.symlink_to(outside)
+    store = TuningStore(str(path), MACHINE)
+    assert len(store) == 2  # what the link led to is used
+    store.put(key(10), decision(stamp(10)))
+    with caplog.at_level(logging.WARNING, logger="attention.tuning_store"):
+        assert store.flush()
+    assert outside.read_bytes() == before and not path.is_symlink()
+    [machine] = parse(path.read_bytes())
+    assert sorted(machine["decisions"]) == sorted([key(0), key(1), key(10)])  # nothing lost
+    [record] = [r for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert str(path) in record.getMessage() and str(outside) in record.getMessage()

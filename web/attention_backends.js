@@ -4,7 +4,8 @@
 //   (GET /attention_backends/status) and, after a run, the run report (websocket event
 //   "attention_backends.report", also GET /attention_backends/report).
 // - An "Attention" sidebar tab with the backend table, auto's choices, what auto_tuned has
-//   saved for this GPU, the last runs (with their tuning decisions) and the benchmark chart.
+//   saved for this GPU, the kernel failures the server remembers (with a Clear button), the
+//   last runs (with their tuning decisions) and the benchmark chart.
 //
 // Extension APIs used (present in comfyui-frontend-package 1.27 … 1.42):
 //   app.registerExtension({setup, nodeCreated, loadedGraphNode}), node.addDOMWidget,
@@ -14,7 +15,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { describePriority, describeSelection } from "./lib/status.js";
-import { REPORT_EVENT, oneLine, planLines, reportsFromResponse, summariseReport } from "./lib/report.js";
+import { REPORT_EVENT, kernelFailedInRun, oneLine, planLines, reportsFromResponse, summariseReport } from "./lib/report.js";
 import {
   PANEL_WIDGET, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, nodeTuning, nodeType,
   reportMatchesNode, resolveReportNode,
@@ -34,6 +35,7 @@ const state = {
   panels: new Set(), // live panel controllers
   sidebarEls: new Set(),
   expanded: new Set(), // open decision tables in the sidebar, kept across re-renders
+  clearError: null, // why the last "Clear" of the kernel failures did not work
 };
 
 // ---------------------------------------------------------------- server data
@@ -52,6 +54,18 @@ function loadStatus(force = false) {
       .finally(refreshEverything);
   }
   return state.statusPromise;
+}
+
+/** POST the clear route, then show the server's status (the failures it still holds). */
+async function clearFailures(route) {
+  state.clearError = null;
+  try {
+    const res = await api.fetchApi(route, { method: "POST", cache: "no-store" });
+    if (!res.ok) throw new Error(`${route}: HTTP ${res.status}`);
+  } catch (err) {
+    state.clearError = err && err.message ? err.message : String(err);
+  }
+  await loadStatus(true);
 }
 
 async function loadReports() {
@@ -80,6 +94,8 @@ function onReport(event) {
     if (panel) panel.render();
   }
   renderSidebars();
+  // The server now remembers a failure: the sidebar lists it (with its Clear button).
+  if (kernelFailedInRun(report)) loadStatus(true);
 }
 
 // ---------------------------------------------------------------- node panel
@@ -239,6 +255,8 @@ function renderSidebar(el) {
     error: state.statusError,
     reports: sidebarReports(),
     onRefresh: () => { loadStatus(true); loadReports(); },
+    onClearFailures: clearFailures,
+    clearError: state.clearError,
     chartSrc: (url) => api.apiURL(url), // under /api, and the frontend's API base
     expanded: state.expanded,
   }));

@@ -529,6 +529,63 @@ for (const version of VERSIONS) {
       await closeSidebar(page);
     });
 
+    it("a kernel that raised is listed in the sidebar and its Clear button makes the server forget it", { timeout: RUN_TIMEOUT * 2 }, async () => {
+      await closeSidebar(page);
+      await resetGraph(page);
+      // The fixture pack's FaultyKernel makes sdpa_math raise on its first call of the run.
+      const n = await addNodes(page, [
+        { key: "model", type: "AttentionBackendsTestTinyFlux", pos: [0, 0] },
+        { key: "fault", type: "AttentionBackendsTestFaultyKernel", pos: [0, 150],
+          widgets: { backend: "sdpa_math", fault: "raise", on_call: 1, token: 1 } },
+        { key: "cond", type: "AttentionBackendsTestFluxConditioning", pos: [0, 420] },
+        { key: "latent", type: "EmptySD3LatentImage", pos: [0, 590], widgets: { width: 64, height: 64, batch_size: 1 } },
+        { key: "ab", type: "AttentionBackend", pos: [390, 0], widgets: { backend: "sdpa_math" } },
+        { key: "sampler", type: "KSampler", pos: [710, 0], widgets: { seed: 11, steps: 2, cfg: 1.0 } },
+        { key: "save", type: "SaveLatent", pos: [1040, 0] },
+      ]);
+      await connect(page, [
+        [n.model, 0, n.fault, "model"],
+        [n.fault, 0, n.ab, "model"],
+        [n.ab, 0, n.sampler, "model"],
+        [n.cond, 0, n.sampler, "positive"],
+        [n.cond, 1, n.sampler, "negative"],
+        [n.latent, 0, n.sampler, "latent_image"],
+        [n.sampler, 0, n.save, "samples"],
+      ]);
+      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      const p = await waitPanel(page, n.ab, (x) => x.report === "warn", "a report with the fallback", RUN_TIMEOUT);
+      assert.match(p.text, /↪ sdpa_math → sdpa ×\d+: raised RuntimeError: injected fault on call 1/);
+
+      // The report of a run whose kernel raised reloads the status: no Refresh needed.
+      await openSidebar(page);
+      const failure = '.ab-side .ab-failure[data-backend="sdpa_math"]';
+      await page.waitForSelector(failure, { timeout: 15_000 });
+      const listed = await page.evaluate((sel) => ({
+        text: document.querySelector(sel).innerText,
+        title: document.querySelector(".ab-side .ab-failures .ab-title").textContent,
+      }), failure);
+      assert.equal(listed.title, "Kernel failures (1)");
+      assert.match(listed.text, /raised RuntimeError: injected fault on call 1/);
+      assert.match(listed.text, /tried again at the next run \(1 failure of 3\)/);
+      const before = await fetchJson(`${server.url}/attention_backends/status`);
+      assert.deepEqual(before.kernel_failures.failures.map((f) => f.backend), ["sdpa_math"]);
+      await shotElement(page, ".ab-side .ab-failures", `sidebar-kernel-failures-${version}.png`);
+
+      await page.click(".ab-side .ab-clear-failures");
+      await page.waitForFunction(() => document.querySelector(".ab-side .ab-failures")?.dataset.count === "0",
+        null, { timeout: 15_000 });
+      const cleared = await page.evaluate(() => ({
+        text: document.querySelector(".ab-side .ab-failures").innerText,
+        button: !!document.querySelector(".ab-side .ab-clear-failures"),
+        error: window.__attentionBackends.state.clearError,
+      }));
+      assert.deepEqual([cleared.button, cleared.error], [false, null]);
+      assert.match(cleared.text, /No kernel has raised/);
+      const after = await fetchJson(`${server.url}/attention_backends/status`);
+      assert.deepEqual(after.kernel_failures.failures, []);
+      await closeSidebar(page);
+    });
+
     it("in the Nodes 2.0 (Vue) node design the panel renders inside the node", async (t) => {
       const { has, frontend } = await page.evaluate(() => {
         const setting = window.app.extensionManager?.setting;

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  REPORT_EVENT, fallbackLines, planLines, formatCount, formatDuration, formatShare, noteLines, oneLine, qualityLines,
+  REPORT_EVENT, fallbackLines, kernelFailedInRun, planLines, formatCount, formatDuration, formatShare, noteLines, oneLine, qualityLines,
   reportsFromResponse, shareRows, summariseReport,
 } from "../../web/lib/report.js";
 import { fixture } from "./helpers.mjs";
@@ -138,4 +138,17 @@ test("the sparse node's quality lines", () => {
   ]);
   assert.deepEqual(summariseReport(report, { currentSelection: "sol" }).notes, qualityLines(report));
   assert.deepEqual(qualityLines(flux), []);
+});
+
+test("a run whose kernel raised is told apart (the sidebar then reloads the remembered failures)", () => {
+  // sage raised on its first call; the rest of the run went to sdpa (tests/js_fixtures.py).
+  const failed = fixture("report_kernel_failed.json");
+  assert.equal(kernelFailedInRun(failed), true);
+  assert.deepEqual(fallbackLines(failed).map((l) => l.text),
+    ["sage → sdpa ×3: raised RuntimeError: CUDA error: an illegal memory access was encountered"]);
+  for (const name of ["report_flux.json", "report_auto_tuned.json", "report_never_invoked.json"]) {
+    assert.equal(kernelFailedInRun(fixture(name)), false, name);
+  }
+  assert.equal(kernelFailedInRun(null), false);
+  assert.equal(kernelFailedInRun({ plans: [{ passed_over: [null] }, {}] }), false);
 });

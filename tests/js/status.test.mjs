@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   autoSource, backendTable, benchmarkRuns, describeAuto, describePriority, describeSelection, findBackend, groupTypical,
-  installText, machineSummary, missingFromAutoOrder, parsePriority, selectableNames,
+  installText, kernelFailures, machineSummary, missingFromAutoOrder, parsePriority, selectableNames,
 } from "../../web/lib/status.js";
 import { AUTO, AUTO_TUNED, BACKEND, priorityEntry, priorityProblem, readPriority } from "../../web/lib/priority.js";
 import { fixture } from "./helpers.mjs";
@@ -235,4 +235,29 @@ test("auto says whether it runs on this GPU's calibration, the default model or 
   assert.equal(autoSource(null).kind, "rules");
   // The CPU has SDPA only: no line about models.
   assert.ok(!describeAuto(cpu).lines.some((l) => /auto runs on/.test(l.text)));
+});
+
+test("kernel failures: each remembered one with its reason and whether the next run retries it", () => {
+  // A kernel that raised once on one call shape and RETRY_LIMIT times on another (tests/js_fixtures.py).
+  const failures = kernelFailures({ ...cpu, kernel_failures: fixture("status_kernel_failures.json") });
+  assert.equal(failures.title, "Kernel failures (2)");
+  assert.equal(failures.clearRoute, "/attention_backends/failures/clear");
+  assert.deepEqual(failures.rows.map((r) => [r.backend, r.signature, r.count, r.permanent, r.state]), [
+    ["sage", "B=1 H=2 Nq=16 Nk=16 D=32 float32 cpu", 1, false, "tried again at the next run (1 failure of 3)"],
+    ["sage", "B=1 H=2 Nq=32 Nk=32 D=32 float32 cpu", 3, true, "off for this call shape until cleared (3 failures)"],
+  ]);
+  assert.ok(failures.rows.every((r) => r.reason === "raised RuntimeError: CUDA error: an illegal memory access was encountered"));
+});
+
+test("kernel failures: none, a server without the field, and a clear route off this server", () => {
+  const none = kernelFailures(cpu);
+  assert.deepEqual([none.title, none.rows, none.clearRoute], ["Kernel failures", [], "/attention_backends/failures/clear"]);
+  assert.match(none.empty, /No kernel has raised/);
+  assert.deepEqual([kernelFailures(null).rows, kernelFailures(null).clearRoute], [[], null]);
+  const routes = ["//evil.example/clear", "/\\evil.example", "https://example.com/x", 42].map(
+    (clear_route) => kernelFailures({ kernel_failures: { clear_route, failures: [] } }).clearRoute);
+  assert.deepEqual(routes, [null, null, null, null]);
+  const odd = kernelFailures({ kernel_failures: { failures: [null, { backend: 7 }, { backend: "flash4" }] } });
+  assert.deepEqual(odd.rows.map((r) => [r.backend, r.signature, r.state]),
+    [["flash4", "?", "tried again at the next run (0 failures)"]]);
 });

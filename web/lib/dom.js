@@ -1,7 +1,7 @@
 // DOM rendering of the view models built by status.js and report.js.
 // Needs `document` (a browser) but nothing from ComfyUI, so the glue stays thin.
 
-import { backendTable, benchmarkRuns, describeAuto, machineSummary } from "./status.js";
+import { backendTable, benchmarkRuns, describeAuto, kernelFailures, machineSummary } from "./status.js";
 import { formatCount } from "./report.js";
 import { tunedOnThisMachine } from "./tuning.js";
 
@@ -181,8 +181,30 @@ function tunedBlock(tuned, expanded) {
       device.decisions.map((d) => decisionDetails(d, `gpu${device.index}|${d.signature}`, expanded)))));
 }
 
+/**
+ * "Kernel failures": what the server keeps off a call shape because its kernel raised, and
+ * a Clear button (onClear(route)) that makes the server try every one of them again.
+ */
+function failuresBlock(failures, onClear, clearError) {
+  return h("div", { class: "ab-failures", dataset: { count: String(failures.rows.length) } },
+    h("div", { class: "ab-title" }, failures.title),
+    failures.rows.length
+      ? failures.rows.map((row) => h("div", { class: "ab-failure", dataset: { backend: row.backend } },
+          h("div", { class: `ab-line ${row.permanent ? "ab-bad" : "ab-warn"}` },
+            h("span", { class: "ab-name" }, row.backend), ` ✗ ${row.signature}`),
+          h("div", { class: "ab-muted ab-small ab-sub ab-failure-reason" }, row.reason),
+          h("div", { class: "ab-muted ab-small ab-sub" }, row.state)))
+      : h("div", { class: "ab-line ab-muted" }, failures.empty),
+    failures.rows.length && failures.clearRoute && onClear
+      ? h("button", { class: "ab-clear-failures", type: "button", onclick: () => onClear(failures.clearRoute),
+                      title: "Forget these failures: every backend is tried again on its next call" }, "Clear")
+      : null,
+    clearError ? h("div", { class: "ab-line ab-bad ab-clear-error" }, `Could not clear the failures: ${clearError}`) : null);
+}
+
 /** The sidebar / floating panel content. */
-export function sidebarContent({ status, error, reports = [], onRefresh, chartSrc = (u) => u, expanded = new Set() }) {
+export function sidebarContent({ status, error, reports = [], onRefresh, onClearFailures, clearError = null,
+                                 chartSrc = (u) => u, expanded = new Set() }) {
   const header = h("div", { class: "ab-side-head" },
     h("h3", {}, "Attention backends"),
     onRefresh ? h("button", { class: "ab-refresh", type: "button", onclick: onRefresh, title: "Reload from the server" }, "Refresh") : null);
@@ -234,6 +256,7 @@ export function sidebarContent({ status, error, reports = [], onRefresh, chartSr
   return h("div", { class: "ab-side" }, header,
     h("div", { class: "ab-muted ab-summary" }, machineSummary(status)),
     autoBlock,
+    status.kernel_failures ? failuresBlock(kernelFailures(status), onClearFailures, clearError) : null,
     tuned ? tunedBlock(tuned, expanded) : null,
     reportBlock,
     h("div", { class: "ab-title" }, "Backends"), list,

@@ -151,6 +151,14 @@ export function planLines(report, limit = 8) {
     (p.refused ? `, ${formatCount(p.refused)} refused` : "") + (p.tuned ? ` · tuned, ${p.tuned}` : ""));
 }
 
+/**
+ * Whether a kernel raised during the run: a plan passed a backend over because it failed
+ * (kind "failed"). The server then remembers a failure that the status lists.
+ */
+export function kernelFailedInRun(report) {
+  return ((report && report.plans) || []).some((plan) => (plan.passed_over || []).some((r) => r && r.kind === "failed"));
+}
+
 /** Normalise GET /attention_backends/report into {nodeId: report}. */
 export function reportsFromResponse(json) {
   if (!json || typeof json !== "object") return {};

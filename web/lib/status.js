@@ -334,3 +334,34 @@ export function benchmarkRuns(status) {
       url: typeof run.chart === "string" && /^\/(?![/\\])/.test(run.chart) ? run.chart : null,
     }));
 }
+
+/**
+ * The kernel failures the server remembers (`status.kernel_failures`, docs/api.md), for the
+ * sidebar: {title, rows: [{backend, signature, reason, count, permanent, state}], clearRoute,
+ * empty}. A server without the field sends no rows and no route (nothing to clear).
+ */
+export function kernelFailures(status) {
+  const block = (status && status.kernel_failures) || {};
+  const limit = Number(block.retry_limit) || 0;
+  const rows = (Array.isArray(block.failures) ? block.failures : [])
+    .filter((f) => f && typeof f.backend === "string")
+    .map((f) => {
+      const count = Number(f.count) || 0;
+      const permanent = f.retried_next_run === false;
+      return {
+        backend: f.backend, signature: String(f.signature || "?"), reason: String(f.reason || ""), count, permanent,
+        state: permanent
+          ? `off for this call shape until cleared (${plural(count, "failure", "failures")})`
+          : `tried again at the next run (${plural(count, "failure", "failures")}${limit ? ` of ${limit}` : ""})`,
+      };
+    });
+  // POSTed to: a path on this server, nothing else (benchmarkRuns' rule).
+  const clearRoute = typeof block.clear_route === "string" && /^\/(?![/\\])/.test(block.clear_route)
+    ? block.clear_route : null;
+  return {
+    title: rows.length ? `Kernel failures (${rows.length})` : "Kernel failures",
+    rows,
+    clearRoute,
+    empty: "No kernel has raised since ComfyUI started or the failures were last cleared.",
+  };
+}

@@ -1,6 +1,8 @@
 """Test-only ComfyUI nodes: a tiny real Flux model and conditioning for it, so a server
-test can run a whole workflow on a CPU without model files. Never shipped."""
+test can run a whole workflow on a CPU without model files, and the fault suite's probes
+(faults.py). Never shipped."""
 
+from . import faults
 from .tiny_models import flux_conditioning, tiny_flux
 
 
@@ -34,4 +36,5 @@ class TinyFluxConditioning:
 NODE_CLASS_MAPPINGS = {
     "AttentionBackendsTestTinyFlux": TinyFluxModel,
     "AttentionBackendsTestFluxConditioning": TinyFluxConditioning,
+    **faults.NODE_CLASS_MAPPINGS,
 }
