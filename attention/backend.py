@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
@@ -88,11 +89,23 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+# The version reported for a package importable without install metadata: a source tree
+# built in place and put on the path (SpargeAttn's `setup.py build_ext --inplace`).
+UNVERSIONED = "source build"
+
+
 def installed_version(distribution: str) -> Optional[str]:
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _importable(import_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(import_name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclasses.dataclass(eq=False)
@@ -207,6 +220,8 @@ class Backend:
         version = None
         if self.package is not None:
             version = installed_version(self.package.distribution)
+            if version is None and not self.package.min_version and _importable(self.package.import_name):
+                version = UNVERSIONED  # no version to check against; loading it below decides
             if version is None:
                 return Availability(False, None, (f"{self.package.distribution} is not installed "
                                                   f"({self.package.hint()})",))

@@ -408,3 +408,26 @@ def test_the_sparse_benchmark_smoke_run_writes_its_tables(tmp_path, monkeypatch)
     assert rows["sage2 fp8 sm90"]["status"] in ("unavailable", "unsupported")
     assert data["shapes"][0]["tokens"] == 16 + 3 * 6 * 8 and data["input_model"]["noise"] == 0.5
     assert "Noise floor: SDPA timed twice" in (tmp_path / "sparse.md").read_text()
+
+
+def test_a_source_build_without_install_metadata_is_found(tmp_path, monkeypatch):
+    """SpargeAttn built in place and put on the path has no install metadata: the backend
+    still finds it (and says it is a source build) rather than calling it not installed."""
+    from attention.backend import UNVERSIONED, Package
+
+    package_dir = tmp_path / "sourcebuilt_kernel_pkg"
+    package_dir.mkdir()
+    (package_dir / "__init__.py").write_text("def attend(q, k, v):\n    return q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    backend = Backend(name="sourcebuilt_test", family="test", description="test", quantized=False,
+                      layouts=(BNHD,), constraints=(), package=Package("sourcebuilt_kernel_pkg", "sourcebuilt-kernel-pkg", None, "build it from source"),
+                      load=lambda: __import__("sourcebuilt_kernel_pkg").attend)
+    availability = backend.availability()
+    assert availability.available, availability.reasons
+    assert availability.version == UNVERSIONED
+
+    missing = Backend(name="missing_test", family="test", description="test", quantized=False,
+                      layouts=(BNHD,), constraints=(), package=Package("no_such_kernel_pkg", "no-such-kernel-pkg", None, "build it from source"),
+                      load=lambda: __import__("no_such_kernel_pkg"))
+    assert not missing.availability().available
+    assert "no-such-kernel-pkg is not installed (build it from source)" in missing.availability().reasons[0]
