@@ -293,6 +293,7 @@ def traced_decision(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: str, 
     return TRACED_SDPA.decide(q_shape, k_shape, v_shape, dtype, device, heads, skip_reshape, skip_output_reshape,
                               precision, low_precision, scale_is_none)
 
+
 # Diffusion models whose attention does not reach the override even when traced again.
 _bypassing: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
