@@ -36,7 +36,7 @@ import threading
 from typing import Any, Optional
 
 from .call import CallSignature
-from .cost_model import SAFEST, CostModel, allowed_by_accuracy, auto_order
+from .cost_model import QUANTIZED_MIN_KEYS, SAFEST, CostModel, allowed_by_accuracy, auto_order
 from .registry import get
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,13 @@ class Rule:
 
     min_tokens: int = 0  # both Nq and Nk at least this
     head_dims: Optional[frozenset[int]] = None
+    # Set on a cost model's entry for a kernel it passes over: why (the walk records it and
+    # moves on, so the report says why that kernel did not run).
+    passed_over: Optional[str] = None
 
     def reason(self, call: CallSignature) -> Optional[str]:
+        if self.passed_over is not None:
+            return self.passed_over
         if self.head_dims is not None and call.head_dim not in self.head_dims:
             return f"auto uses it for head dims {sorted(self.head_dims)} only"
         if min(call.seq_q, call.seq_k) < self.min_tokens:
@@ -245,22 +250,34 @@ def auto_entries(device_type: str, capability: Optional[tuple[int, int]],
 
 def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...]:
     """`auto`'s order for one call from a cost model: the kernels that can serve it here,
-    by predicted time, none predicted slower than SDPA (cost_model.auto_order)."""
-    names, copying = [], set()
+    by predicted time, none predicted slower than SDPA (cost_model.auto_order). The kernels
+    it passes over (predicted no faster than SDPA by the margin, or quantized on a short
+    call) come just before SDPA as entries that say why, so the report lists them."""
+    names, copying, passed = [], set(), []
     for name in model.kernels:
         backend = get(name)
         if not backend.availability().available or backend.call_reasons(call):
             continue
         if not allowed_by_accuracy(name, backend.quantized, call):
+            passed.append(AutoEntry(name, Rule(passed_over=(
+                f"auto's cost model uses quantized kernels from {QUANTIZED_MIN_KEYS} query and key tokens "
+                "(their error on shorter calls was outside auto_tuned's budget)"))))
             continue
         names.append(name)
         if backend.contiguous:
             copying.add(name)
     predicted = model.predictions(call, names, frozenset(copying))
     base = predicted.get(SAFEST)
-    return tuple(AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
-                           + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
-                 for name in auto_order(predicted, model.margin))
+    order = auto_order(predicted, model.margin)
+    entries = [AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
+                         + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
+               for name in order]
+    if base is not None:
+        passed += [AutoEntry(name, Rule(passed_over=(
+            f"{model.source} cost model: {predicted[name]:.1f} µs predicted, SDPA {base:.1f} µs (auto leaves "
+            f"SDPA only for a predicted gain over {model.margin:.0%})")))
+            for name in sorted(predicted, key=predicted.get) if name not in order]
+    return tuple(entries[:-1] + passed + entries[-1:])
 
 
 def auto_entries_for(call: CallSignature, table: dict[str, tuple[AutoEntry, ...]], model: Optional[CostModel],

@@ -5,9 +5,13 @@ committed runs and asks, per call, which kernel `auto` would run, by the cost mo
 the rule table (today's `auto`), through the dispatcher's own decision path with the
 kernels of that run taken as installed; then it reads that kernel's measured time:
 
-- the 11 shapes of the kernel table (kernels.json, bf16, steady-state ms per kernel).
-  Noise floor per shape: the widest gap between one kernel's two timings in the same
-  rounds (its own row and the `auto` or `auto_tuned` row that ran it).
+- the shapes of the kernel table: from the held-out run when it timed them too
+  (`heldout.py --table`: the image shapes, in the same rounds as the held-out calls, noise
+  floor as for those), else from kernels.json (all 11, bf16, steady-state ms per kernel;
+  noise floor per shape: the widest gap between one kernel's two timings in the same
+  rounds, its own row and the `auto` or `auto_tuned` row that ran it). Host costs read
+  2-3x apart between runs on different days, so a table from another run than the
+  held-out calls judges the two lists on different machines' terms.
 - the held-out calls (heldout/heldout.json), with the run's noise floor per call (SDPA
   timed twice). Kernels not installed in that run are not candidates. A masked call is
   decided on the mask-less call the dispatcher serves (keys trimmed, mask_serving.py);
@@ -114,8 +118,12 @@ def table_calls(path: str) -> list[EvalCall]:
     return calls
 
 
-def heldout_calls(path: str) -> list[EvalCall]:
+def heldout_calls(path: str, section: Optional[str] = None) -> list[EvalCall]:
+    """The held-out calls of a heldout.py run, or with section="table" the kernel table's
+    shapes that the same run timed (empty when it did not)."""
     data = json.load(open(path, encoding="utf-8"))
+    if section is not None:
+        data = data.get(section) or {"timings": []}
     kernels = set(registry.names())
     timings = [timing_from_json(row) for row in data["timings"]]
     installed = frozenset(n for t in timings for n in t.times_us if n in kernels)
@@ -269,14 +277,17 @@ def main(argv: list[str] | None = None) -> int:
             "the measured time of the kernel `auto` would run, from the named file.", ""]
     lines = []
     grid_path = os.path.join(args.results, "cost_model", "cost_grid.json")
+    same_run_table = heldout_calls(heldout_path, "table")
+    table_source = (f"{os.path.relpath(heldout_path, ROOT)} (table)" if same_run_table
+                    else os.path.relpath(table_path, ROOT))
     for name, source, calls in (("held-out", os.path.relpath(heldout_path, ROOT), heldout_calls(heldout_path)),
-                                ("table", os.path.relpath(table_path, ROOT), table_calls(table_path))):
+                                ("table", table_source, same_run_table or table_calls(table_path))):
         mark_grid_calls(calls, grid_path)
         rows = [judge(c, model) for c in calls]
         totals = {picker: summarize(rows, picker) for picker in (MODEL, RULES)}
         extra = versus_rules(rows)
         report["lists"][name] = {"source": source, "rows": rows, "summary": totals, "versus_rules": extra}
-        title = "Held-out calls" if name == "held-out" else "The 11 shapes of the kernel table"
+        title = "Held-out calls" if name == "held-out" else "The shapes of the kernel table"
         text.append(markdown(title, source, rows, totals, extra))
         lines += [target_line(name, picker, s) for picker, s in totals.items()]
         lines.append(f"{name}: model slower than rules outside noise on "

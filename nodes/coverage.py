@@ -13,6 +13,13 @@ with evidence:
   compares the override's call count before and after the layer ran: a layer call
   that added nothing bypassed the override. Layers keep their class's forward in a
   normal run, so no hook is added and nothing is paid per call.
+
+Finding the layers walks every module of the model (about 2,000 in SDXL's UNet, several
+ms of Python), twice per run. That was most of what a compiled SDXL run with the node
+cost over one without it, so the layers found are kept per model and re-checked each
+run along their paths only (`parent._modules[name] is child`, a few hundred lookups): a
+layer or any module above it replaced (an object patch, another pack's wrapper) makes
+the next run walk the model again.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import dis
 import functools
+import threading
 import types
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -68,9 +77,48 @@ def _is_attention_class(cls: type) -> bool:
     return calls_comfy_attention(getattr(cls, "forward", None))
 
 
+@dataclasses.dataclass(frozen=True)
+class _FoundLayers:
+    """A model's attention layers, and every (parent, child name, child) link on the paths
+    from the model to them: while each link holds, the layers are where they were found.
+    A link from the model itself has parent None: the model is the cache's weak key, and a
+    strong reference to it here would keep it alive."""
+
+    layers: tuple[tuple[str, torch.nn.Module], ...]
+    links: tuple[tuple[Optional[torch.nn.Module], str, torch.nn.Module], ...]
+
+    def still_in_place(self, root: torch.nn.Module) -> bool:
+        return all((root if parent is None else parent)._modules.get(name) is child
+                   for parent, name, child in self.links)
+
+
+def _links(root: torch.nn.Module, names: Iterable[str]) -> tuple[tuple[Optional[torch.nn.Module], str, torch.nn.Module], ...]:
+    links: dict[tuple[int, str], tuple[Optional[torch.nn.Module], str, torch.nn.Module]] = {}
+    for name in names:
+        parent = root
+        for part in filter(None, name.split(".")):
+            child = parent._modules[part]
+            links.setdefault((id(parent), part), (None if parent is root else parent, part, child))
+            parent = child
+    return tuple(links.values())
+
+
+_found: "weakref.WeakKeyDictionary[torch.nn.Module, _FoundLayers]" = weakref.WeakKeyDictionary()
+_found_lock = threading.Lock()
+
+
 def attention_layers(diffusion_model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every module whose class's forward calls ComfyUI's attention."""
-    return [(name, module) for name, module in diffusion_model.named_modules() if _is_attention_class(type(module))]
+    """(name, module) of every module whose class's forward calls ComfyUI's attention
+    (kept per model while every module on their paths stays in place)."""
+    with _found_lock:
+        found = _found.get(diffusion_model)
+    if found is None or not found.still_in_place(diffusion_model):
+        layers = tuple((name, module) for name, module in diffusion_model.named_modules()
+                       if _is_attention_class(type(module)))
+        found = _FoundLayers(layers, _links(diffusion_model, (name for name, _ in layers)))
+        with _found_lock:
+            _found[diffusion_model] = found
+    return list(found.layers)
 
 
 def replaced_forward(module: torch.nn.Module) -> Optional[Callable]:
