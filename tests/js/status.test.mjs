@@ -61,9 +61,10 @@ test("auto on GPUs groups shapes by backend and lists what is missing", () => {
   const text = view.lines.map((l) => l.text).join("\n");
   assert.match(text, /GPU 0: NVIDIA H200 \(sm90\)/);
   assert.match(text, /GPU 1: NVIDIA H200 \(sm90\)/);
-  // The simulated H200s have no calibration and no model ships for sm90: the rule table.
-  assert.match(text, /flash4 ← SD1\.5 level 1, Flux 1024², Qwen-Image 1328², Wan 2\.1 14B 480p 81f/);
-  assert.match(text, /sdpa ← SD1\.5 level 2, SD1\.5 level 3, SDXL level 1, SDXL level 2, SDXL cross-attn/);
+  // The simulated H200s have no calibration: the model shipped for sm90 decides (without
+  // SageAttention 2 there, FA4 takes the video shapes).
+  assert.match(text, /sdpa ← SD1\.5 level 1, SD1\.5 level 2, SD1\.5 level 3, SDXL level 1, SDXL level 2, SDXL cross-attn, Flux 1024²/);
+  assert.match(text, /flash4 ← Qwen-Image 1328², Wan 2\.1 14B 480p 81f, Wan 2\.1 14B 720p 81f, HunyuanVideo 720p 129f/);
   assert.match(text, /Not installed here: sage_qk_int8_pv_fp8_cuda_sm90, flash3/);
   // Their install hints are notes (built from source), no command: no copy box, the hover text says it.
   assert.equal(view.hint, "");
@@ -71,7 +72,7 @@ test("auto on GPUs groups shapes by backend and lists what is missing", () => {
 });
 
 test("groupTypical keeps first-appearance order", () => {
-  assert.deepEqual(groupTypical(gpu.devices[0]).map((g) => g.backend), ["flash4", "sdpa"]);
+  assert.deepEqual(groupTypical(gpu.devices[0]).map((g) => g.backend), ["sdpa", "flash4"]);
   assert.deepEqual(groupTypical(null), []);
   assert.deepEqual(missingFromAutoOrder(gpu, gpu.devices[0]).map((m) => [m.backend, m.install]), [
     ["sage_qk_int8_pv_fp8_cuda_sm90", { command: null, note: "SageAttention 2 is built from source: see the README's 'Optional kernels'" }],
@@ -200,8 +201,8 @@ test("backendTable says when auto uses a backend for every shape", () => {
   assert.equal(sdpa.autoForAll, true);
   const flash4 = backendTable(gpu).find((r) => r.name === "flash4");
   assert.equal(flash4.autoForAll, false);
-  assert.deepEqual(flash4.autoFor, ["SD1.5 level 1", "Flux 1024²", "Qwen-Image 1328²", "Wan 2.1 14B 480p 81f",
-    "Wan 2.1 14B 720p 81f", "HunyuanVideo 720p 129f"]);
+  assert.deepEqual(flash4.autoFor, ["Qwen-Image 1328²", "Wan 2.1 14B 480p 81f", "Wan 2.1 14B 720p 81f",
+    "HunyuanVideo 720p 129f"]);
 });
 
 test("a command with a note: the command in the copy box, the note as a line", () => {
@@ -225,8 +226,9 @@ test("no install command when the package is not what is missing", () => {
 
 test("auto says whether it runs on this GPU's calibration, the default model or the rules", () => {
   const text = describeAuto(gpu).lines.map((l) => l.text);
-  // The simulated H200s have no calibration and no model ships for sm90: the rules.
-  assert.ok(text.includes("auto runs on the rule table (no cost model for this GPU class)"), JSON.stringify(text));
+  // The simulated H200s have no calibration: the model shipped for sm90.
+  assert.ok(text.includes("auto runs on the default cost model (fitted on NVIDIA H200); python -m attention calibrate "
+    + "fits this GPU's own"), JSON.stringify(text));
   assert.equal(autoSource({ auto_source: { source: "default", gpu: "NVIDIA H200" } }).kind, "default");
   assert.equal(autoSource({ auto_source: { source: "calibrated", gpu: "NVIDIA H200" } }).text,
     "auto runs on this GPU's calibration");
