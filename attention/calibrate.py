@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -31,6 +30,7 @@ from .call import describe_call
 from .cost_fit import Sample, fit_model
 from .cost_model import CostModel, work_of
 from .errors import describe_exception
+from .progress import progress
 from .measure import interleaved_median_ms, time_ms
 from .priority import device_class
 
@@ -131,20 +131,6 @@ def time_call(call: Call, device: torch.device, names: Sequence[str], *, reps: i
 
 
 TimeCall = Callable[..., CallTiming]
-
-
-def progress(items: list, label: str) -> Iterable:
-    """tqdm (ComfyUI ships it) when present, else a counter on stderr."""
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=label, file=sys.stderr)
-    except ImportError:
-        def iterate():
-            for i, item in enumerate(items, 1):
-                sys.stderr.write(f"\r{label}: {i}/{len(items)}")
-                yield item
-            sys.stderr.write("\n")
-        return iterate()
 
 
 def measure_grid(calls: Sequence[Call], device: torch.device, names: Sequence[str], *, budget_s: float,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import tempfile
 from typing import Iterable, Optional
 
@@ -27,6 +26,7 @@ from ..shapes import ModelShape
 from ..tuning import DEFAULT_BUDGET, Tuner
 from .inputs import as_bhnd, call_form, make_qkv, reference
 from ..measure import errors, interleaved_median_ms
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,6 @@ class Row:
     # |1 - ratio| of SDPA's two timings in the same rounds (same for every row of a shape):
     # ratios closer to 1 than this are noise.
     noise_floor: Optional[float] = None
-
-
-def _progress(items: list, label: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=label, file=sys.stderr)
-    except ImportError:
-        def iterate():
-            for i, item in enumerate(items, 1):
-                sys.stderr.write(f"\r{label}: {i}/{len(items)}")
-                yield item
-            sys.stderr.write("\n")
-        return iterate()
 
 
 def _extra_mib(fn, device: torch.device, out_bytes: int) -> Optional[float]:
@@ -188,7 +175,7 @@ def run(shapes: list[ModelShape], device: torch.device, dtype: torch.dtype, *,
         tuning_file = os.path.join(tempfile.mkdtemp(prefix="attention-bench-"), "tuning.json")
     tuner = Tuner(tuning_file, retune=True)
     rows: list[Row] = []
-    for shape in _progress(shapes, "attention bench"):
+    for shape in progress(shapes, "attention bench"):
         rows.extend(bench_shape(shape, names, device, dtype, reps, budget_s, tuner))
         if device.type == "cuda":
             torch.cuda.empty_cache()
