@@ -27,6 +27,9 @@ with the device synchronised before and after. Reported per variant:
 - steady step ms: median time between consecutive sampler-step callbacks (device marks
   recorded without synchronising), i.e. a step with no per-sample setup;
 - speedup: default's time / the variant's, for both.
+The default is timed a second time in the same rounds (`default (timed again)`, and
+`compiled (timed again)` with --compile): its ratio to the first timing is the noise floor
+of the speedup columns; a ratio closer to 1 than that is not a measured difference.
 
 Attention time. One extra sample per variant with an override in the MODEL's
 `transformer_options["optimized_attention_override"]` (DESIGN §3) that marks the device
