@@ -825,7 +825,8 @@ def _compiled_table(results: dict) -> list[str]:
              "rounds; predicted from the eager twins' attention times. `compiled (timed again)` is the compiled "
              "default timed a second time in the same rounds: its ratio is the noise floor of this column. Graph "
              "breaks and frames are dynamo's counts over the variant's two warm-up samples (the node's variants "
-             "share one cache, so only the first compiles).", "", "| " + " | ".join(COMPILED_COLUMNS) + " |", "|" + "---|" * len(COMPILED_COLUMNS)]
+             "share one cache, so only the first compiles).", "",
+             "| " + " | ".join(COMPILED_COLUMNS) + " |", "|" + "---|" * len(COMPILED_COLUMNS)]
     for key, row in rows:
         dynamo = row.get("dynamo", {})
         cells = [key, row["name"], _served(row, "compiled default") if "error" not in row else "error",

@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report_overhead.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     text = (f"# The run report's coverage work per sampler run (SDXL UNet structure, CPU)\n\n"
-            f"{result['modules']} modules, {result['attention_layers']} attention layers; {result['machine']['platform']}, "
-            f"torch {torch.__version__}; medians of {args.rounds} interleaved rounds.\n\n"
+            f"{result['modules']} modules, {result['attention_layers']} attention layers; "
+            f"{result['machine']['platform']}, torch {torch.__version__}; "
+            f"medians of {args.rounds} interleaved rounds.\n\n"
             f"| per run | host ms |\n|---|---|\n| layers found afresh (before) | {medians['walk']:.2f} |\n"
             f"| layers kept, re-checked along their paths (now) | {medians['kept']:.2f} |\n")
     (out / "report_overhead.md").write_text(text, encoding="utf-8")

@@ -14,12 +14,14 @@ with evidence:
   that added nothing bypassed the override. Layers keep their class's forward in a
   normal run, so no hook is added and nothing is paid per call.
 
-Finding the layers walks every module of the model (about 2,000 in SDXL's UNet, several
-ms of Python), twice per run. That was most of what a compiled SDXL run with the node
-cost over one without it, so the layers found are kept per model and re-checked each
-run along their paths only (`parent._modules[name] is child`, a few hundred lookups): a
-layer or any module above it replaced (an object patch, another pack's wrapper) makes
-the next run walk the model again.
+Finding the layers walks every module of the model (2,034 in SDXL's UNet), twice per run:
+16 ms of Python per run on our CPU, 0.22 ms with the layers kept per model and re-checked
+each run along their paths only (`parent._modules[name] is child`, a few hundred lookups;
+benchmarks/report_overhead.py, results in benchmarks/results/cpu/report_overhead/). A
+layer or any module above it replaced (an object patch, another pack's wrapper) makes the
+next run walk the model again. An attention module added at a new path beside unchanged
+ones is not seen until one of those changes; it only ever costs the report's layer count
+and coverage warnings, never which attention a call gets.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def _is_attention_class(cls: type) -> bool:
     return calls_comfy_attention(getattr(cls, "forward", None))
 
 
+# (parent, child name, child); parent None for the model itself.
+_Link = tuple[Optional[torch.nn.Module], str, torch.nn.Module]
+
+
 @dataclasses.dataclass(frozen=True)
 class _FoundLayers:
     """A model's attention layers, and every (parent, child name, child) link on the paths
@@ -85,15 +91,15 @@ class _FoundLayers:
     strong reference to it here would keep it alive."""
 
     layers: tuple[tuple[str, torch.nn.Module], ...]
-    links: tuple[tuple[Optional[torch.nn.Module], str, torch.nn.Module], ...]
+    links: tuple[_Link, ...]
 
     def still_in_place(self, root: torch.nn.Module) -> bool:
         return all((root if parent is None else parent)._modules.get(name) is child
                    for parent, name, child in self.links)
 
 
-def _links(root: torch.nn.Module, names: Iterable[str]) -> tuple[tuple[Optional[torch.nn.Module], str, torch.nn.Module], ...]:
-    links: dict[tuple[int, str], tuple[Optional[torch.nn.Module], str, torch.nn.Module]] = {}
+def _links(root: torch.nn.Module, names: Iterable[str]) -> tuple[_Link, ...]:
+    links: dict[tuple[int, str], _Link] = {}
     for name in names:
         parent = root
         for part in filter(None, name.split(".")):
