@@ -127,12 +127,14 @@ def grid(reduced: bool = False) -> list[Call]:
             Call("long_d64_n32768_b1h32", 1, 32, 32768, 32768, 64),
         ]
     # Key counts that end inside a 128-wide tile at image lengths (joint attention over
-    # image and text tokens has them), and a video-length query over a few text keys,
-    # where each query tile's fixed cost shows.
+    # image and text tokens has them), and video-length queries over a few text keys,
+    # where each wave's fixed cost (cost_model.KernelCost.tile_us) shows.
     calls += [
         Call("ragged_d128_n3000_b2h24", 2, 24, 3000, 3000, 128),
         Call("ragged_d64_n6000_b1h20", 1, 20, 6000, 6000, 64, layout=FLAT),
         Call("cross_d128_q16384_k256_b2h16", 2, 16, 16384, 256, 128),
+        Call("cross_d128_q16384_k512_b1h24", 1, 24, 16384, 512, 128),
+        Call("cross_d64_q8192_k128_b2h32", 2, 32, 8192, 128, 64),
     ]
     # Masked calls (key padding), which only SDPA, comfy-kitchen and xFormers serve.
     calls += [

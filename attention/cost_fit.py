@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 from .cost_model import DEFAULT_MARGIN, CostModel, KernelCost, Tiling, Work
+from .cost_residuals import select
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def _features(samples: Sequence[Sample], tilings: Sequence[Tiling], sms: int, wi
 
     return {
         "elements": rows(lambda t, w: t.padded_elements(w, sms)),
+        "waves": rows(lambda t, w: float(t.waves(w, sms))),
         "dims": rows(lambda t, w: float(t.padded_dims(w))),
         "ragged": rows(lambda t, w: float(t.ragged(w))).bool(),
         "bytes": rows(lambda t, w: w.bytes_moved),
@@ -109,16 +111,16 @@ def _where(condition: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _predict_log_us(theta: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log µs per (row, sample); theta is (rows, 9): the logs of KernelCost's numbers in
+    """log µs per (row, sample); theta is (rows, 10): the logs of KernelCost's numbers in
     cost_model._PARAMS order."""
-    host, flat_host, launch, tflops, softmax, overlap, gbps, mask, ragged = theta.exp().unbind(-1)
+    host, flat_host, launch, tile, tflops, softmax, overlap, gbps, mask, ragged = theta.exp().unbind(-1)
     p = 1.0 + overlap[:, None]
     matmul_ps = 2.0 * f["dims"] / tflops[:, None]
     softmax_ps = (1e3 / softmax)[:, None]
     slower = torch.maximum(matmul_ps, softmax_ps.expand_as(matmul_ps))
     per_element_us = slower * ((matmul_ps / slower) ** p + (softmax_ps / slower) ** p) ** (1.0 / p) * 1e-6
     compute = f["elements"] * per_element_us * _where(f["masked"], mask) * _where(f["ragged"], ragged)
-    gpu = launch[:, None] + compute + f["bytes"] / (gbps[:, None] * 1e3)
+    gpu = launch[:, None] + f["waves"] * tile[:, None] + compute + f["bytes"] / (gbps[:, None] * 1e3)
     return torch.maximum(host[:, None] * _where(f["flat"], flat_host), gpu).log()
 
 
@@ -138,12 +140,16 @@ def _losses(theta: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
 # floor, or by both. Under max(host, gpu) the smaller one gets no gradient, so a start
 # on the wrong side can stall; one of these is on the right side.
 _HOST_SHARES = (0.95, 0.5, 0.05)
+# A wave's fixed cost starts at a tenth of a microsecond: below what a Q-tile load and an
+# O-tile store take on any GPU, so the descent grows it where the calls ask for it.
+_TILE_START_US = 0.1
 
 
 def _initial(samples: Sequence[Sample]) -> list[list[float]]:
-    """One start per host share (_HOST_SHARES): Hopper-like rates, every factor 1."""
+    """One start per host share (_HOST_SHARES): Hopper-like rates, every factor 1, and a
+    per-wave tile cost of _TILE_START_US (a log-space parameter cannot start at 0)."""
     shortest = min(s.us for s in samples)
-    return [[share * shortest, 1.0, (1 - share) * shortest, 300.0, 30_000.0, 0.5, 2_000.0, 1.0, 1.0]
+    return [[share * shortest, 1.0, (1 - share) * shortest, _TILE_START_US, 300.0, 30_000.0, 0.5, 2_000.0, 1.0, 1.0]
             for share in _HOST_SHARES]
 
 
@@ -224,11 +230,19 @@ def fit_model(samples_by_kernel: Mapping[str, Sequence[Sample]], *, gpu_class: s
               margin: float = DEFAULT_MARGIN, source: str = "default", min_points: int = 8,
               steps: int = _STEPS, time_limit_s: Optional[float] = None) -> tuple[CostModel, dict[str, KernelFit]]:
     """Fit every kernel with at least `min_points` measured calls (within `time_limit_s`)."""
-    fits = fit_kernels({name: samples for name, samples in samples_by_kernel.items() if len(samples) >= min_points},
-                       sms, steps=steps, time_limit_s=time_limit_s)
+    kept = {name: samples for name, samples in samples_by_kernel.items() if len(samples) >= min_points}
+    fits = fit_kernels(kept, sms, steps=steps, time_limit_s=time_limit_s)
     model = CostModel(gpu_class=gpu_class, gpu=gpu, sms=sms, kernels={n: f.cost for n, f in fits.items()},
-                      margin=margin, source=source, fit={n: f.summary() for n, f in fits.items()})
+                      margin=margin, source=source, fit={n: f.summary() for n, f in fits.items()},
+                      correction=select({name: gpu_bound_residuals(fits[name].cost, kept[name], sms) for name in fits}))
     return model, fits
+
+
+def gpu_bound_residuals(cost: KernelCost, samples: Sequence[Sample], sms: int) -> list[tuple[Work, float]]:
+    """(work, log(measured / predicted)) of the samples the fit predicts GPU-bound: what the
+    correction (cost_residuals.py) learns from."""
+    return [(s.work, math.log(s.us / cost.gpu_us(s.work, sms))) for s in samples
+            if cost.gpu_us(s.work, sms) > cost.host(s.work)]
 
 
 def residual_table(fits: Mapping[str, KernelFit], keys: Optional[Iterable[str]] = None) -> str:

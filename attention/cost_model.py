@@ -14,7 +14,7 @@ model pays) is the larger of the host's path and the GPU's time:
     t = max(host, gpu)
     host = host_us, times flat_host_factor when the call comes in ComfyUI's (B, N, H·D)
            form (the adapter's views and the output's reshape run on the host)
-    gpu = launch + compute · mask_factor? · ragged_factor? + bytes / bandwidth
+    gpu = launch + waves · tile + compute · mask_factor? · ragged_factor? + bytes / bandwidth
     compute = padded score elements · ((2·(Dq + Dv) / matmul_rate)^p + (1 / softmax_rate)^p)^(1/p)
 
 "Padded" is the tiling: a kernel computes whole tiles of `block_q` queries by `block_k`
@@ -25,12 +25,19 @@ softmax term is why small head dims run at a lower TFLOP/s: the exponentials gro
 Nq·Nk, not D; p says how far a kernel overlaps the two (p = 1: they add; large p: the
 slower one decides). "Ragged" calls have a key count that is not a whole number of
 tiles: some kernels take a slower bounds-checked path in every query tile's key loop
-then, which padding alone does not explain.
+then, which padding alone does not explain. `tile` is what each wave of query tiles pays
+whatever the key count: loading its Q tile, the pipeline's fill and drain, the softmax's
+final rescale and the O tile's store. It decides calls with many queries and few keys
+(a video's cross-attention to its prompt: Wan 2.1 1.3B's 32760 queries over 512 keys
+read FlashAttention-4 at 0.80x SDPA in benchmarks/results/h200/heldout/run2/, where the
+model without the term predicted it 3% faster).
 
-Nine numbers per kernel (host, flat-form host factor, launch, matmul rate, softmax rate,
-overlap, bandwidth, mask factor, ragged factor) and a tiling are fitted to a measured grid
-(`attention.cost_fit`). Prediction is pure Python arithmetic on a CallSignature: no torch
-ops, no allocation; `auto` calls it once per call signature, never per call.
+Ten numbers per kernel (host, flat-form host factor, launch, per-wave tile cost, matmul
+rate, softmax rate, overlap, bandwidth, mask factor, ragged factor) and a tiling are
+fitted to a measured grid (`attention.cost_fit`), and the grid's residuals, smoothed,
+correct the GPU time where the form misses (`attention.cost_residuals`). Prediction is
+pure Python arithmetic on a CallSignature: no torch ops, no allocation; `auto` calls it
+once per call signature, never per call.
 """
 
 from __future__ import annotations
@@ -38,27 +45,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from .call import FLAT, MASK_NONE, CallSignature, canonical_mask_shape
+from .cost_residuals import InvalidCorrection, ResidualCorrection
+from .cost_residuals import parse as parse_correction
 
 FORMAT = "comfyui-attention-backends/cost-model"
-VERSION = 2
+VERSION = 3
+# Files of version 2 have no per-wave tile cost: read as 0, which is what they predicted.
+_READABLE_VERSIONS = (2, VERSION)
 # The kernel measured safest: every ComfyUI install runs it, and `auto` never predicts
 # slower than it (see `auto_order`).
 SAFEST = "sdpa"
-# A kernel must be predicted this much faster than SDPA to take a call from it. Two timings
-# of one kernel in the same rounds differ by about this much on short calls (the noise
-# floor columns of benchmarks/results/h200/), and the model's own error is larger than
-# that on calls near a crossover (cost_model/residuals.md), so smaller predicted gains are
-# noise.
+# A kernel must be predicted this much faster than SDPA to take a call from it: smaller
+# predicted gains are noise. How much is noise depends on the call's length. On the H200
+# grid (cost_model/cost_grid.json), SDPA timed twice in the same rounds differed by a
+# median 1.5% and a p90 of 10% on calls under 100 µs, where host paths decide, and by a
+# median 0.6% and a p90 of 1.7% on calls from LONG_MARGIN_FROM_US up, where the GPU does:
+# DEFAULT_MARGIN for the short calls, DEFAULT_LONG_MARGIN from there (by SDPA's predicted
+# time).
 DEFAULT_MARGIN = 0.03
+DEFAULT_LONG_MARGIN = 0.01
+LONG_MARGIN_FROM_US = 300.0
+# A kernel predicted host-bound on a call (its host path longer than its GPU time) needs
+# this much more: its time is then the speed of the user's CPU and Python, which no GPU
+# fit knows. On one H200 type, FlashAttention-4 read 1.10x SDPA at SD1.5's level 1 in one
+# run (kernels.json) and 0.77x in another (heldout/run2/heldout.md), the machines' hosts
+# apart.
+HOST_BOUND_MARGIN = 0.15
 # Quantized kernels only where their error was measured inside auto_tuned's budget on the
 # H200: from this many keys (short cross-attention with FP8 P·V was outside it,
 # benchmarks/results/h200/kernels.md). The model speaks for speed, not for accuracy.
 QUANTIZED_MIN_KEYS = 1024
 
-_PARAMS = ("host_us", "flat_host_factor", "launch_us", "tflops", "softmax_gelems", "overlap", "gbps",
+_PARAMS = ("host_us", "flat_host_factor", "launch_us", "tile_us", "tflops", "softmax_gelems", "overlap", "gbps",
            "mask_factor", "ragged_factor")
 _TILING_FIELDS = ("block_q", "block_k", "dim_quantum", "dim_pow2")
 
@@ -122,11 +143,14 @@ class Tiling:
     dim_quantum: int
     dim_pow2: bool = False
 
+    def waves(self, work: Work, sms: int) -> int:
+        """Waves of query tiles, one tile per SM at a time: a call of 1.1 waves runs two."""
+        tiles = work.batch * work.heads_q * -(-work.seq_q // self.block_q)
+        return -(-tiles // sms)
+
     def padded_elements(self, work: Work, sms: int) -> float:
         """Score elements the kernel computes, counting whole tiles and whole waves."""
-        tiles = work.batch * work.heads_q * -(-work.seq_q // self.block_q)
-        waves = -(-tiles // sms)
-        return float(waves * sms * self.block_q * _ceil_to(work.seq_k, self.block_k))
+        return float(self.waves(work, sms) * sms * self.block_q * _ceil_to(work.seq_k, self.block_k))
 
     def padded_dim(self, dim: int) -> int:
         return _next_pow2(dim, self.dim_quantum) if self.dim_pow2 else _ceil_to(dim, self.dim_quantum)
@@ -152,6 +176,8 @@ class KernelCost:
         (B, H, N, D) form; a stream of calls cannot go faster than this whatever the GPU does.
     flat_host_factor: the host path's multiplier for a call in ComfyUI's (B, N, H·D) form.
     launch_us: GPU time of the smallest call (launch latency, extra passes' floors).
+    tile_us: GPU time each wave of query tiles pays whatever the key count (Q tile load,
+        pipeline fill and drain, final rescale, O tile store).
     tflops: matrix-multiply rate; softmax_gelems: score elements per second (10⁹) for the
         exponentials and rescaling; gbps: bytes per second (10⁹) for Q/K/V/O and the mask.
     overlap: how far the matrix multiplies and the softmax run at once: per score element
@@ -165,6 +191,7 @@ class KernelCost:
     host_us: float
     flat_host_factor: float
     launch_us: float
+    tile_us: float
     tflops: float
     softmax_gelems: float
     overlap: float
@@ -185,7 +212,8 @@ class KernelCost:
         per_element_s = slower * ((matmul_ps / slower) ** p + (softmax_ps / slower) ** p) ** (1.0 / p) * 1e-12
         compute_s = elements * per_element_s * (self.mask_factor if work.masked else 1.0) * (
             self.ragged_factor if self.tiling.ragged(work) else 1.0)
-        return self.launch_us + (compute_s + work.bytes_moved / (self.gbps * 1e9)) * 1e6
+        return (self.launch_us + self.tiling.waves(work, sms) * self.tile_us
+                + (compute_s + work.bytes_moved / (self.gbps * 1e9)) * 1e6)
 
     def predict_us(self, work: Work, sms: int) -> float:
         """Steady-state microseconds per call in a stream of such calls."""
@@ -198,7 +226,7 @@ class KernelCost:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "KernelCost":
-        return cls(**{name: float(data[name]) for name in _PARAMS}, tiling=Tiling(**data["tiling"]))
+        return cls(**{name: float(data.get(name, 0.0)) for name in _PARAMS}, tiling=Tiling(**data["tiling"]))
 
 
 class InvalidCostModel(ValueError):
@@ -216,30 +244,62 @@ class CostModel:
     margin: float = DEFAULT_MARGIN
     source: str = "default"  # "default" (shipped with the pack) or "calibrated" (this machine)
     fit: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per kernel: points, residuals
+    long_margin: float = DEFAULT_LONG_MARGIN
+    correction: Optional[ResidualCorrection] = None  # the grid's smoothed residuals (cost_residuals.py)
+
+    def margin_for(self, sdpa_us: float, host_bound: bool = False) -> float:
+        """The predicted gain over SDPA a kernel needs to take a call SDPA is predicted to
+        run in `sdpa_us` (see DEFAULT_MARGIN and HOST_BOUND_MARGIN)."""
+        if host_bound:
+            return HOST_BOUND_MARGIN
+        return self.long_margin if sdpa_us >= LONG_MARGIN_FROM_US else self.margin
+
+    def host_bound(self, name: str, call: CallSignature, copies: bool = False) -> bool:
+        """Whether kernel `name`'s predicted time on the call is its host path."""
+        cost, work = self.kernels[name], work_of(call, copies)
+        return cost.host(work) >= cost.gpu_us(work, self.sms)
+
+    def margins(self, call: CallSignature, predicted: Mapping[str, float],
+                copying: frozenset[str] = frozenset()) -> dict[str, float]:
+        """Each predicted kernel's margin over SDPA on this call (margin_for)."""
+        base = predicted.get(SAFEST, 0.0)
+        return {name: self.margin_for(base, self.host_bound(name, call, name in copying)) for name in predicted}
+
+    def _predict(self, name: str, work: Work) -> float:
+        cost = self.kernels[name]
+        gpu = cost.gpu_us(work, self.sms)
+        host = cost.host(work)
+        if self.correction is not None and gpu > host:
+            gpu *= self.correction.factor(name, work)
+        return max(host, gpu)
 
     def predict_us(self, name: str, call: CallSignature, copies: bool = False) -> Optional[float]:
         """Predicted µs per call of kernel `name`; None for a kernel the model has not fitted."""
-        cost = self.kernels.get(name)
-        return None if cost is None else cost.predict_us(work_of(call, copies), self.sms)
+        return self._predict(name, work_of(call, copies)) if name in self.kernels else None
 
     def predictions(self, call: CallSignature, names: Iterable[str],
                     copying: frozenset[str] = frozenset()) -> dict[str, float]:
         """Predicted µs per call of each fitted kernel among `names`; `copying`: the kernels
         whose adapter copies q/k/v on this call's layout."""
         plain, copied = work_of(call), work_of(call, copies=True)
-        return {name: self.kernels[name].predict_us(copied if name in copying else plain, self.sms)
+        return {name: self._predict(name, copied if name in copying else plain)
                 for name in names if name in self.kernels}
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "gpu_class": self.gpu_class, "gpu": self.gpu, "sms": self.sms,
-                "margin": self.margin, "kernels": {n: k.to_json() for n, k in sorted(self.kernels.items())},
-                "fit": dict(self.fit)}
+        data = {"format": FORMAT, "version": VERSION, "gpu_class": self.gpu_class, "gpu": self.gpu, "sms": self.sms,
+                "margin": self.margin, "long_margin": self.long_margin,
+                "kernels": {n: k.to_json() for n, k in sorted(self.kernels.items())}, "fit": dict(self.fit)}
+        if self.correction is not None:
+            data["correction"] = self.correction.to_json()
+        return data
 
 
-def auto_order(predicted: Mapping[str, float], margin: float, safest: str = SAFEST) -> list[str]:
+def auto_order(predicted: Mapping[str, float], margin: Union[float, Mapping[str, float]],
+               safest: str = SAFEST) -> list[str]:
     """The kernels `auto` tries for a call, best first, from their predicted times.
 
-    Only kernels predicted faster than `safest` by more than `margin` come before it, and
+    Only kernels predicted faster than `safest` by more than `margin` (one for all, or per
+    kernel) come before it, and
     nothing comes after it: `auto` is never predicted slower than SDPA, by construction.
     A kernel within the margin of SDPA leaves the call on SDPA (a noise-level gain is not
     worth moving off the kernel measured safest). Ties break by name, so the order is
@@ -247,8 +307,9 @@ def auto_order(predicted: Mapping[str, float], margin: float, safest: str = SAFE
     """
     if safest not in predicted:
         return [safest]
-    bar = predicted[safest] / (1.0 + margin)
-    faster = sorted((t, name) for name, t in predicted.items() if name != safest and t < bar)
+    margins = margin if isinstance(margin, Mapping) else dict.fromkeys(predicted, margin)
+    faster = sorted((t, name) for name, t in predicted.items()
+                    if name != safest and t < predicted[safest] / (1.0 + margins[name]))
     return [name for _, name in faster] + [safest]
 
 
@@ -268,13 +329,20 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
+def _non_negative(value: Any, what: str) -> float:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
+           f"{what} is not a finite number >= 0")
+    return float(value)
+
+
 def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> CostModel:
     """A cost model from its JSON form, checked field by field; raises InvalidCostModel
     with the first problem."""
     known = set(known_kernels)
     _check(isinstance(data, dict), "the top level is not an object")
     _check(data.get("format") == FORMAT, f"format is {data.get('format')!r}, not {FORMAT!r}")
-    _check(data.get("version") == VERSION, f"version is {data.get('version')!r}, not {VERSION}")
+    version = data.get("version")
+    _check(version in _READABLE_VERSIONS, f"version is {version!r}, not one of {_READABLE_VERSIONS}")
     _check(isinstance(data.get("gpu_class"), str), "gpu_class is not a string")
     _check(isinstance(data.get("gpu"), str), "gpu is not a string")
     sms = data.get("sms")
@@ -282,6 +350,9 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
     margin = data.get("margin", DEFAULT_MARGIN)
     _check(isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin < 1,
            "margin is not a fraction in [0, 1)")
+    long_margin = data.get("long_margin", margin if version == 2 else DEFAULT_LONG_MARGIN)
+    _check(isinstance(long_margin, (int, float)) and not isinstance(long_margin, bool) and 0 <= long_margin < 1,
+           "long_margin is not a fraction in [0, 1)")
     kernels_data = data.get("kernels")
     _check(isinstance(kernels_data, dict) and kernels_data, "kernels is not a non-empty object")
     _check(SAFEST in kernels_data, f"the model has no {SAFEST!r} entry, which auto needs to compare against")
@@ -290,7 +361,10 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
         _check(name in known, f"kernel {name!r} is not a backend of this pack")
         _check(isinstance(entry, dict), f"entry of {name} is not an object")
         for param in _PARAMS:
-            _positive(entry.get(param), f"{param} of {name}")
+            if param == "tile_us":
+                _non_negative(entry.get(param, 0.0 if version == 2 else None), f"{param} of {name}")
+            else:
+                _positive(entry.get(param), f"{param} of {name}")
         tiling = entry.get("tiling")
         _check(isinstance(tiling, dict) and set(tiling) == set(_TILING_FIELDS),
                f"tiling of {name} is not {{{', '.join(_TILING_FIELDS)}}}")
@@ -302,8 +376,14 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
         kernels[name] = KernelCost.from_json(entry)
     fit = data.get("fit", {})
     _check(isinstance(fit, dict), "fit is not an object")
+    correction = None
+    if data.get("correction") is not None:
+        try:
+            correction = parse_correction(data["correction"], kernels)
+        except InvalidCorrection as error:
+            raise InvalidCostModel(str(error)) from None
     return CostModel(gpu_class=data["gpu_class"], gpu=data["gpu"], sms=sms, kernels=kernels, margin=float(margin),
-                     source=source, fit=fit)
+                     source=source, fit=fit, long_margin=float(long_margin), correction=correction)
 
 
 def load(path: str, known_kernels: Iterable[str], source: str = "default") -> CostModel:

@@ -229,7 +229,7 @@ def describe(device_type: str, capability: Optional[tuple[int, int]]) -> dict[st
     if model is None:
         return {"source": "rules", "gpu": None, "kernels": [], "files": _calibration_files()}
     return {"source": model.source, "gpu": model.gpu, "kernels": sorted(model.kernels), "margin": model.margin,
-            "files": _calibration_files()}
+            "long_margin": model.long_margin, "corrected": model.correction is not None, "files": _calibration_files()}
 
 
 def forget() -> None:

@@ -36,7 +36,7 @@ import threading
 from typing import Any, Optional
 
 from .call import CallSignature
-from .cost_model import QUANTIZED_MIN_KEYS, SAFEST, CostModel, allowed_by_accuracy, auto_order
+from .cost_model import HOST_BOUND_MARGIN, QUANTIZED_MIN_KEYS, SAFEST, CostModel, allowed_by_accuracy, auto_order
 from .registry import get
 
 log = logging.getLogger(__name__)
@@ -268,14 +268,16 @@ def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...
             copying.add(name)
     predicted = model.predictions(call, names, frozenset(copying))
     base = predicted.get(SAFEST)
-    order = auto_order(predicted, model.margin)
+    margins = model.margins(call, predicted, frozenset(copying))
+    order = auto_order(predicted, margins)
     entries = [AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
                          + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
                for name in order]
     if base is not None:
         passed += [AutoEntry(name, Rule(passed_over=(
             f"{model.source} cost model: {predicted[name]:.1f} µs predicted, SDPA {base:.1f} µs (auto leaves "
-            f"SDPA only for a predicted gain over {model.margin:.0%})")))
+            f"SDPA only for a predicted gain over {margins[name]:.0%}"
+            f"{' when the host path decides' if margins[name] == HOST_BOUND_MARGIN else ''})")))
             for name in sorted(predicted, key=predicted.get) if name not in order]
     return tuple(entries[:-1] + passed + entries[-1:])
 

@@ -10,7 +10,9 @@
 #             build into /tmp/site, which is not part of this repository)
 #     calibrate  `python -m attention calibrate` timed as a user runs it, then the held-out
 #             calls and the kernel table's image shapes with the rules, the committed fit
-#             and this calibration, in one run
+#             (or HELDOUT_MODEL: /tmp/fit/sm90.json is the fit of a grid measured by stage 2
+#             with GRID_S on the same machine) and this calibration, in one run
+#     overhead  the node's override against a direct call of the kernel it chose (auto)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #             (E2E_MODELS, default flux,wan,sdxl); with E2E_SPARSE_S also the Wan step
 #             through the Sparse node
@@ -50,6 +52,10 @@ case $stage in
     if [ -n "${GRID_S:-}" ]; then
       python3 benchmarks/cost_grid.py --out "$out/grid" --budget-s "$GRID_S" > "$out/grid.log" 2>&1
       tail -5 "$out/grid.log"
+      # The fit of this grid, also under /tmp/fit for the next stage on the same machine.
+      python3 benchmarks/fit_cost_model.py "$out/grid/cost_grid.json" --out "$out/fit/sm90.json" \
+        --residuals-dir "$out/fit" > "$out/fit.log" 2>&1 && mkdir -p /tmp/fit && cp "$out/fit/sm90.json" /tmp/fit/
+      tail -12 "$out/fit.log"
     fi
     ;;
   sparse-tests)
@@ -64,10 +70,16 @@ case $stage in
       started=$(date +%s)
       timeout 330 python3 -m attention calibrate --file "$out/calibration.json"
       echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
-      python3 benchmarks/heldout.py --out "$out/heldout" --model benchmarks/results/h200/cost_model/sm90.json \
+      python3 benchmarks/heldout.py --out "$out/heldout" \
+        --model "${HELDOUT_MODEL:-benchmarks/results/h200/cost_model/sm90.json}" \
         --calibration "$out/calibration.json" --table --budget-s "${HELDOUT_S:-170}"
     } > "$out/calibrate.log" 2>&1
     tail -30 "$out/calibrate.log"
+    ;;
+  overhead)
+    site_path
+    python3 benchmarks/overhead.py --out "$out/overhead" > "$out/overhead.log" 2>&1
+    tail -10 "$out/overhead.log"
     ;;
   e2e)
     site_path

@@ -23,9 +23,9 @@ from attention.tuning_store import forget_loaded_stores, store_for
 
 from library_support import sdpa_kernel
 
-SDPA = KernelCost(host_us=20.0, flat_host_factor=1.5, launch_us=6.0, tflops=600.0, softmax_gelems=2_500.0, overlap=0.2,
+SDPA = KernelCost(host_us=20.0, flat_host_factor=1.5, launch_us=6.0, tile_us=0.3, tflops=600.0, softmax_gelems=2_500.0, overlap=0.2,
                   gbps=3_000.0, mask_factor=2.0, ragged_factor=1.2, tiling=Tiling(128, 128, 32))
-FAST = KernelCost(host_us=70.0, flat_host_factor=1.0, launch_us=4.0, tflops=900.0, softmax_gelems=4_000.0, overlap=2.0,
+FAST = KernelCost(host_us=70.0, flat_host_factor=1.0, launch_us=4.0, tile_us=0.2, tflops=900.0, softmax_gelems=4_000.0, overlap=2.0,
                   gbps=3_000.0, mask_factor=1.0, ragged_factor=1.0, tiling=Tiling(128, 128, 32))
 CPU = torch.device("cpu")
 

@@ -27,7 +27,7 @@ from attention.priority import AUTO_TABLE, model_entries
 from library_support import ROOT, sdpa_kernel
 
 SMS = 132
-TRUTH = KernelCost(host_us=72.0, flat_host_factor=1.3, launch_us=8.0, tflops=550.0, softmax_gelems=4_000.0,
+TRUTH = KernelCost(host_us=72.0, flat_host_factor=1.3, launch_us=8.0, tile_us=1.2, tflops=550.0, softmax_gelems=4_000.0,
                    overlap=0.5, gbps=3_000.0, mask_factor=1.6, ragged_factor=1.15, tiling=Tiling(128, 128, 32))
 
 
@@ -44,8 +44,9 @@ def _cost(**changes) -> KernelCost:
 # --- prediction -------------------------------------------------------------------------
 
 def _compute_us(cost: KernelCost, work) -> float:
-    """The score-element part of a GPU time: less the launch and the bytes."""
-    return cost.gpu_us(work, SMS) - cost.launch_us - work.bytes_moved / (cost.gbps * 1e3)
+    """The score-element part of a GPU time: less the launch, the waves' fixed cost and the bytes."""
+    return (cost.gpu_us(work, SMS) - cost.launch_us - cost.tiling.waves(work, SMS) * cost.tile_us
+            - work.bytes_moved / (cost.gbps * 1e3))
 
 
 def test_short_calls_cost_the_host_path_and_long_ones_the_gpu():
@@ -122,7 +123,7 @@ def _synthetic(truth: KernelCost, calls: list[Call], noise: float, seed: int = 0
 
 @pytest.mark.parametrize("truth", [
     TRUTH,  # FA4-like: a long host path
-    _cost(host_us=18.0, flat_host_factor=2.0, launch_us=12.0, tflops=620.0, softmax_gelems=2_500.0, overlap=0.1,
+    _cost(host_us=18.0, flat_host_factor=2.0, launch_us=12.0, tile_us=2.0, tflops=620.0, softmax_gelems=2_500.0, overlap=0.1,
           mask_factor=2.5, ragged_factor=1.25, tiling=Tiling(128, 128, 32, dim_pow2=True)),  # SDPA-like
 ])
 def test_fit_recovers_known_parameters_from_a_noisy_grid(truth):
