@@ -311,6 +311,17 @@ class Dispatcher:
             return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
                                       skip_output_reshape=skip_output_reshape, scale=scale,
                                       attn_precision=attn_precision, low_precision=low_precision)
+        return self.serve(q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale, attn_precision,
+                          low_precision, fallback)
+
+    def serve(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Optional[torch.Tensor],
+              skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],
+              attn_precision: Optional[torch.dtype], low_precision: bool,
+              fallback: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """An eager call, every argument positional: the hot path of ComfyUI's override,
+        which has checked it is not tracing. Keyword passing costs about a microsecond a
+        call on our CPU, a fifth of what the override adds on SDXL's 1024-token calls
+        (benchmarks/results/h200/overhead.json)."""
         mask_class = None
         if mask is not None:
             if skip_reshape:
@@ -334,8 +345,8 @@ class Dispatcher:
             return plan.run(q, k, v, mask, scale)
         except Exception as error:
             self._record_failure(key, plan, error)
-            return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-                        scale=scale, attn_precision=attn_precision, low_precision=low_precision, fallback=fallback)
+            return self.serve(q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale, attn_precision,
+                              low_precision, fallback)
 
     def serve_compiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                        heads: int, *, skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],

@@ -115,13 +115,12 @@ def build_override(state: PatchState, previous: Optional[Override] = None,
     def serve(func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, options: dict,
               args: tuple, kwargs: dict) -> torch.Tensor:
         state.invoked = True
-        skip_reshape = options.get("skip_reshape", False)
+        get = options.get
+        skip_reshape = get("skip_reshape", False)
         dispatcher = main if route is None else route(q, k, skip_reshape, options)
-        return dispatcher(q, k, v, heads, options.get("mask"), skip_reshape=skip_reshape,
-                          skip_output_reshape=options.get("skip_output_reshape", False),
-                          scale=options.get("scale"), attn_precision=options.get("attn_precision"),
-                          low_precision=options.get("low_precision_attention", True),
-                          fallback=lambda: pass_on(func, args, kwargs))
+        return dispatcher.serve(q, k, v, heads, get("mask"), skip_reshape, get("skip_output_reshape", False),
+                                get("scale"), get("attn_precision"), get("low_precision_attention", True),
+                                lambda: pass_on(func, args, kwargs))
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if is_compiling():

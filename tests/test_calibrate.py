@@ -14,7 +14,7 @@ from attention import calibrate as calibration
 from attention.backend import BHND, Backend
 from attention import cost_store
 from attention.calibrate import BASELINE, REPEAT, CallTiming, measure_grid, samples
-from attention.calibration_calls import grid
+from attention.calibration_calls import Call, grid
 from attention.call import CallSignature
 from attention.cost_model import KernelCost, Tiling, work_of
 from attention.dispatch import Dispatcher
@@ -23,10 +23,10 @@ from attention.tuning_store import forget_loaded_stores, store_for
 
 from library_support import sdpa_kernel
 
-SDPA = KernelCost(host_us=20.0, flat_host_factor=1.5, launch_us=6.0, tile_us=0.3, tflops=600.0, softmax_gelems=2_500.0, overlap=0.2,
-                  gbps=3_000.0, mask_factor=2.0, ragged_factor=1.2, tiling=Tiling(128, 128, 32))
-FAST = KernelCost(host_us=70.0, flat_host_factor=1.0, launch_us=4.0, tile_us=0.2, tflops=900.0, softmax_gelems=4_000.0, overlap=2.0,
-                  gbps=3_000.0, mask_factor=1.0, ragged_factor=1.0, tiling=Tiling(128, 128, 32))
+SDPA = KernelCost(host_us=20.0, flat_host_factor=1.5, launch_us=6.0, tile_us=0.3, tflops=600.0, softmax_gelems=2_500.0,
+                  overlap=0.2, gbps=3_000.0, mask_factor=2.0, ragged_factor=1.2, tiling=Tiling(128, 128, 32))
+FAST = KernelCost(host_us=70.0, flat_host_factor=1.0, launch_us=4.0, tile_us=0.2, tflops=900.0, softmax_gelems=4_000.0,
+                  overlap=2.0, gbps=3_000.0, mask_factor=1.0, ragged_factor=1.0, tiling=Tiling(128, 128, 32))
 CPU = torch.device("cpu")
 
 
@@ -195,3 +195,31 @@ def test_calibrate_on_a_machine_without_a_gpu_says_so(monkeypatch, caplog):
     with caplog.at_level(logging.ERROR):
         assert calibration.calibrate_main() == 2
     assert "no" in caplog.text.lower() and "CUDA GPU" in caplog.text
+
+
+def test_the_noise_floor_is_the_widest_gap_of_any_kernel_timed_twice():
+    from attention.calibrate import repeat_label
+    call = Call("c", 1, 2, 64, 64, 32)
+    timing = CallTiming(call, {"sdpa": 100.0, repeat_label("sdpa"): 101.0, "flash4": 50.0,
+                               repeat_label("flash4"): 52.0, "auto (model)": 55.0})
+    assert timing.noise_floor == pytest.approx(0.04)
+    assert CallTiming(call, {"sdpa": 100.0}).noise_floor is None
+    # Two auto rows that ran the same kernel are two timings of it; different kernels are not.
+    autos = CallTiming(call, {"sdpa": 100.0, repeat_label("sdpa"): 100.5, "auto (rules)": 60.0, "auto (model)": 63.0,
+                              "auto (other)": 90.0},
+                       chose={"auto (rules)": "sage", "auto (model)": "sage", "auto (other)": "flash4"})
+    assert autos.noise_floor == pytest.approx(1 - 60.0 / 63.0)
+
+
+def test_time_call_times_each_kernel_an_auto_chose_twice():
+    from attention.calibrate import kernel_names, repeat_label, time_call
+    names = kernel_names(CPU)
+    assert "sdpa_flash" in names
+    call = Call("c", 1, 2, 64, 64, 32, dtype="fp32")
+    timing = time_call(call, CPU, names, reps=3, budget_s=0.5, repeat_chosen=True,
+                       extra={"auto (test)": lambda: Dispatcher("sdpa_flash > sdpa")})
+    assert timing.chose == {"auto (test)": "sdpa_flash"}
+    assert {repeat_label("sdpa"), repeat_label("sdpa_flash"), "sdpa_flash", "auto (test)"} <= set(timing.times_us)
+    without = time_call(call, CPU, names, reps=3, budget_s=0.5,
+                        extra={"auto (test)": lambda: Dispatcher("sdpa_flash > sdpa")})
+    assert repeat_label("sdpa_flash") not in without.times_us

@@ -178,19 +178,20 @@ class TestAutoOnSyntheticCalls:
 
 @pytest.mark.skipif(cost_store.shipped_model("sm90") is None, reason="no cost model shipped for sm90 yet")
 class TestShippedModelOnMeasuredCalls:
-    """The shipped H200 model decided through the dispatcher on the two committed held-out
-    runs (benchmarks/results/h200/heldout/heldout.json and run2/), whose rounds also timed
+    """The shipped H200 model decided through the dispatcher on the committed held-out runs
+    (benchmarks/results/h200/heldout/heldout.json, run2/ to run4/), whose rounds also timed
     the kernel table's image shapes: on both lists it is never more than 2% slower than
     SDPA, and every call it moves off SDPA runs within 3% of the fastest kernel, each
-    outside the call's noise floor (SDPA timed twice in the same rounds), on the table
-    shapes. On the held-out list one choice misses (Wan 2.2 5B: Sage 2 fp8 at 0.956 of FA4,
-    in both runs; issue 11 stays open on it), which the README reports.
+    outside the call's noise floor (two timings of one kernel in the same rounds), on the
+    table shapes. The held-out list is left to the targets of benchmarks/heldout.py: Wan 2.2
+    5B's choice (Sage 2 fp8) read 0.956-0.958 of FA4 in run2 and run3 and 0.981-1.000 in
+    run4 and the latest run, which the README reports.
 
     What staying on SDPA costs is not asserted: at SD1.5's level 1, FA4 read 0.76x SDPA
-    in run2 and 1.07x in the latest run (0.93 for the model's SDPA there), one H200 type,
-    the hosts apart; the README reports it."""
+    in run2, 1.07x in run3 and 0.79x in the latest run, one H200 type, the hosts apart; the
+    README reports it."""
 
-    RUNS = ("heldout.json", "run2/heldout.json")
+    RUNS = ("heldout.json", "run2/heldout.json", "run3/heldout.json", "run4/heldout.json")
 
     @pytest.fixture(autouse=True)
     def everything_available(self, monkeypatch):
@@ -215,7 +216,7 @@ class TestShippedModelOnMeasuredCalls:
 
     def test_every_table_call_moved_off_sdpa_runs_within_3_percent_of_the_fastest(self):
         table = self.measured("table")
-        assert len(table) == 16
+        assert len(table) >= 30
         moved = 0
         for timing in table:
             kernels = {n: us for n, us in timing.times_us.items() if n in registry.names()}

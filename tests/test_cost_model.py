@@ -123,8 +123,8 @@ def _synthetic(truth: KernelCost, calls: list[Call], noise: float, seed: int = 0
 
 @pytest.mark.parametrize("truth", [
     TRUTH,  # FA4-like: a long host path
-    _cost(host_us=18.0, flat_host_factor=2.0, launch_us=12.0, tile_us=2.0, tflops=620.0, softmax_gelems=2_500.0, overlap=0.1,
-          mask_factor=2.5, ragged_factor=1.25, tiling=Tiling(128, 128, 32, dim_pow2=True)),  # SDPA-like
+    _cost(host_us=18.0, flat_host_factor=2.0, launch_us=12.0, tile_us=2.0, tflops=620.0, softmax_gelems=2_500.0,
+          overlap=0.1, mask_factor=2.5, ragged_factor=1.25, tiling=Tiling(128, 128, 32, dim_pow2=True)),  # SDPA-like
 ])
 def test_fit_recovers_known_parameters_from_a_noisy_grid(truth):
     tilings = (Tiling(64, 64, 8), Tiling(128, 128, 32, dim_pow2=True), Tiling(128, 128, 32), Tiling(128, 64, 64))
@@ -348,8 +348,11 @@ def test_the_offline_evaluation_decides_every_committed_call_through_the_dispatc
     assert module.main(["--model", model, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "evaluation.json").read_text())
     held_out, table = report["lists"]["held-out"]["rows"], report["lists"]["table"]["rows"]
-    # The committed held-out run timed the table's image shapes too: the table is judged from it.
-    assert len(held_out) == len(HELD_OUT) and len(table) == 8
+    # The committed held-out run timed the table's image shapes too (but those its budget
+    # left out): the table is judged from it.
+    with open(os.path.join(ROOT, "benchmarks", "results", "h200", "heldout", "heldout.json"), encoding="utf-8") as f:
+        run = json.load(f)
+    assert len(held_out) == len(HELD_OUT) and len(table) == 8 - len(run["left_out"]) >= 7
     assert report["lists"]["table"]["source"].endswith("heldout.json (table)")
     assert not any(r["in_grid"] for r in held_out)
     for row in held_out + table:
