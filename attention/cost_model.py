@@ -71,7 +71,7 @@ LONG_MARGIN_FROM_US = 300.0
 # A kernel predicted host-bound on a call (its host path longer than its GPU time) needs
 # this much more: its time is then the speed of the user's CPU and Python, which no GPU
 # fit knows. On one H200 type, FlashAttention-4 read 1.10x SDPA at SD1.5's level 1 in one
-# run (kernels.json) and 0.77x in another (heldout/run2/heldout.md), the machines' hosts
+# run (kernels.json) and 0.76x in another (heldout/run2/heldout.md), the machines' hosts
 # apart.
 HOST_BOUND_MARGIN = 0.15
 # Quantized kernels only where their error was measured inside auto_tuned's budget on the

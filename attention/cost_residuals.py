@@ -3,7 +3,7 @@
 The physical form (cost_model.py) gets a kernel's curve right and its level wrong in
 places, by a few percent that are exactly the size of the decisions between fast kernels:
 on the H200 grid, SDPA at head dim 128 and 9216 tokens ran 4% slower than its fit and
-FlashAttention-4 1% faster, so the fit put FA4 2% behind SDPA where the grid measured it
+FlashAttention-4 1% faster, so the form put FA4 0.7% behind SDPA where the grid measured it
 4.5% ahead (cost_model/residuals.md). One set of rates per kernel cannot follow each head
 dim's template: the kernels are different code per head dim.
 

@@ -10,8 +10,8 @@ kernels of that run taken as installed; then it reads that kernel's measured tim
   floor as for those), else from kernels.json (all 11, bf16, steady-state ms per kernel;
   noise floor per shape: the widest gap between one kernel's two timings in the same
   rounds, its own row and the `auto` or `auto_tuned` row that ran it). Runs on different
-  days disagree (FA4 read 1.10x SDPA at SD1.5's level 1 in kernels.json, 0.77x in the
-  held-out run of 2026-12-02), so a table from another run judges the two lists on
+  days disagree (FA4 read 1.10x SDPA at SD1.5's level 1 in kernels.json, 0.74x to 1.07x
+  in the held-out runs of 2026-12-02), so a table from another run judges the two lists on
   different terms.
 - the held-out calls (heldout/heldout.json), with the run's noise floor per call (SDPA
   timed twice). Kernels not installed in that run are not candidates. A masked call is

@@ -15,9 +15,10 @@ judges a model offline on this run's committed table.
 With --table, the image shapes of the kernel table (attention/shapes.py) are timed in the
 same run as a second list, judged the same way: the issue's other target is that `auto`
 does no worse there than the rule table, and two runs on different days differ more than
-the picks do (FA4 read 1.10x SDPA at SD1.5's level 1 in the kernel table's run, 0.77x in
-this script's run of 2026-12-02). The video shapes are left out: every `auto` gives them the same quantized
-kernel, and they would take most of the budget.
+the picks do (FA4 read 1.10x SDPA at SD1.5's level 1 in the kernel table's run, 0.74x to
+1.07x in this script's four runs of 2026-12-02, heldout/run2/ to heldout/). The video
+shapes are left out: every `auto` gives them the same quantized kernel, and they would
+take most of the budget.
 
 Usage:
   python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]

@@ -2,7 +2,7 @@
 
 On the GPU, `benchmarks/overhead.py` times the override against the kernel called
 directly; at SDXL's 1024-token calls the difference is a few microseconds of host work on
-a call of 35-65 µs, which is what this script isolates on the CPU: the installed override
+a call of 33-59 µs, which is what this script isolates on the CPU: the installed override
 called as ComfyUI's `wrap_attn` calls it (q, k, v, heads + keywords), with the chosen
 plan's function replaced by one that returns q, so only the path around the kernel is
 timed. Minimum over repeats of many calls (the CPU's noise is one-sided).

@@ -188,7 +188,7 @@ class TestShippedModelOnMeasuredCalls:
     run4 and the latest run, which the README reports.
 
     What staying on SDPA costs is not asserted: at SD1.5's level 1, FA4 read 0.76x SDPA
-    in run2, 1.07x in run3 and 0.79x in the latest run, one H200 type, the hosts apart; the
+    in run2, 1.07x in run3, 0.74x in run4 and 0.79x in the latest run, one H200 type; the
     README reports it."""
 
     RUNS = ("heldout.json", "run2/heldout.json", "run3/heldout.json", "run4/heldout.json")
