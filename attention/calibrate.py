@@ -99,7 +99,7 @@ def time_call(call: Call, device: torch.device, names: Sequence[str], *, reps: i
 
     repeat_chosen: also time twice each kernel an `extra` dispatcher chose, so the noise
     floor is measured on the kernels being judged (on the H200's long calls one kernel's
-    two rows read up to 5% apart where SDPA's read 0.2-2%: heldout/run3/heldout.md). The
+    two rows read up to 5% apart where SDPA's read 0.2-2.2%: heldout/run3/heldout.md). The
     order of the rounds is shuffled from a seed of the call's key, so no row sits in the
     same places on every call."""
     from .dispatch import Dispatcher  # the dispatcher imports the tuner, which imports measure
