@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate = commands.add_parser("calibrate", help="fit this GPU's cost model for auto (at most 5 minutes)")
     calibrate.add_argument("--budget", type=float, default=240.0, help="seconds of measuring (the fit follows)")
     calibrate.add_argument("--file", help="calibration file (default: beside the tuning file)")
+    calibrate.add_argument("--grid", help="also write the measured calls to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return doctor_main(as_json=args.json)
     if args.command == "calibrate":
         from .calibrate import calibrate_main
-        return calibrate_main(budget_s=args.budget, path=args.file)
+        return calibrate_main(budget_s=args.budget, path=args.file, grid_path=args.grid)
     from .bench import main as bench_main
     split = lambda text: [p.strip() for p in text.split(",") if p.strip()] if text else None  # noqa: E731
     return bench_main(quick=args.quick, shapes=split(args.shapes), backends=split(args.backends),

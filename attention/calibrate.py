@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 import zlib
@@ -30,6 +31,7 @@ from .calibration_calls import Call
 from .call import describe_call
 from .cost_fit import Sample, fit_model
 from .cost_model import CostModel, work_of
+from .cost_rescale import rescale_model, with_kernels
 from .errors import describe_exception
 from .progress import progress
 from .measure import interleaved_median_ms, time_ms
@@ -237,6 +239,49 @@ def fit_timings(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, sms:
                      time_limit_s=time_limit_s, **kwargs)
 
 
+def fit_calibration(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, sms: int,
+                    capability: Optional[tuple[int, int]], device_type: str, prior: Optional[CostModel],
+                    steps: Optional[int] = None, time_limit_s: Optional[float] = None) -> CostModel:
+    """This machine's model from its reduced grid: the shipped model of its GPU class
+    rescaled where one exists (cost_rescale.py), kernels it lacks or does not fit fitted
+    afresh beside it; without a shipped model (or when SDPA does not fit it), every kernel
+    fitted afresh."""
+    from . import cost_store
+
+    by_kernel = samples(timings, capability, device_type)
+    model, afresh = None, list(by_kernel)
+    if prior is not None:
+        model, rescales, afresh = rescale_model(prior, by_kernel, gpu=gpu, sms=sms, source=cost_store.CALIBRATED)
+        for name, r in rescales.items():
+            error = "-" if r.median_log_error is None else f"{100 * r.median_log_error:.1f}%"
+            log.info("attention backends: %s against the shipped %s model: host x%.3f (%d calls), GPU x%.3f "
+                     "(%d calls), median error after %s%s", name, prior.gpu, r.host, r.host_points, r.gpu,
+                     r.gpu_points, error, "; fitting it afresh" if name in afresh else "")
+    afresh = [name for name in afresh if len(by_kernel[name]) >= _MIN_FIT_POINTS]
+    if model is not None and not afresh:
+        return model
+    log.info("attention backends: fitting %s to %d calls (at most %.0f s)", ", ".join(afresh), len(timings),
+             time_limit_s or 0)
+    # The fit is many small tensor ops: one thread runs them fastest.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fitted, fits = fit_model({name: by_kernel[name] for name in afresh}, gpu_class=gpu_class, gpu=gpu, sms=sms,
+                                 source=cost_store.CALIBRATED, min_points=_MIN_FIT_POINTS, time_limit_s=time_limit_s,
+                                 **({} if steps is None else {"steps": steps}))
+    finally:
+        torch.set_num_threads(threads)
+    for name, fit in fits.items():
+        s = fit.summary()
+        log.info("attention backends: %s fitted on %d calls, median error %.1f%%, worst %.1f%%", name, s["points"],
+                 100 * s["median_abs_error"], 100 * s["max_abs_error"])
+    return fitted if model is None else with_kernels(model, fitted)
+
+
+# A kernel fitted afresh needs this many measured calls (cost_fit.fit_model's default).
+_MIN_FIT_POINTS = 8
+
+
 # `calibrate` ends within CALIBRATE_LIMIT_S: it stops starting calls after
 # CALIBRATE_BUDGET_S of measuring, and the fit then gets what is left but FIT_RESERVE_S
 # (saving the file), never less than MIN_FIT_S. A call started before the measuring budget
@@ -251,9 +296,12 @@ MIN_FIT_S = 15.0
 
 def calibrate(device: torch.device, *, budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None,
               time_one: TimeCall = time_call, clock: Callable[[], float] = time.perf_counter,
-              steps: Optional[int] = None, limit_s: float = CALIBRATE_LIMIT_S) -> tuple[CostModel, str, list[str]]:
+              steps: Optional[int] = None, limit_s: float = CALIBRATE_LIMIT_S,
+              grid_path: Optional[str] = None) -> tuple[CostModel, str, list[str]]:
     """Measure the reduced grid on `device`, fit this GPU's cost model and save it under
-    the machine's fingerprint; returns the model, the file and the calls left out."""
+    the machine's fingerprint; returns the model, the file and the calls left out.
+    grid_path: also write the measured calls there (cost_grid.json's form), to refit or
+    judge offline."""
     from . import cost_store
     from .calibration_calls import grid
 
@@ -263,32 +311,26 @@ def calibrate(device: torch.device, *, budget_s: float = CALIBRATE_BUDGET_S, pat
     timings, left_out = measure_grid(grid(reduced=True), device, names,
                                      budget_s=min(budget_s, limit_s - FIT_RESERVE_S - MIN_FIT_S),
                                      call_budget_s=CALL_BUDGET_S, time_one=time_one, clock=clock, label="calibrating")
+    if grid_path is not None:
+        with open(grid_path, "w", encoding="utf-8") as handle:
+            json.dump({"gpu_class": gpu_class, "gpu": gpu, "sms": sms, "capability": capability,
+                       "left_out": left_out, "rows": [t.to_json() for t in timings]}, handle, indent=1)
     fit_s = max(MIN_FIT_S, limit_s - (clock() - started) - FIT_RESERVE_S)
-    log.info("attention backends: fitting the cost model to %d calls (at most %.0f s)", len(timings), fit_s)
-    # The fit is many small tensor ops: one thread runs them fastest.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, fits = fit_timings(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
-                                  device_type=device.type, source=cost_store.CALIBRATED, steps=steps,
-                                  time_limit_s=fit_s)
-    finally:
-        torch.set_num_threads(threads)
-    for name, fit in fits.items():
-        s = fit.summary()
-        log.info("attention backends: %s fitted on %d calls, median error %.1f%%, worst %.1f%%", name, s["points"],
-                 100 * s["median_abs_error"], 100 * s["max_abs_error"])
+    model = fit_calibration(timings, gpu_class=gpu_class, gpu=gpu, sms=sms, capability=capability,
+                            device_type=device.type, prior=cost_store.shipped_model(gpu_class), steps=steps,
+                            time_limit_s=fit_s)
     saved = cost_store.save_calibration(model, device, path)
     return model, saved, left_out
 
 
-def calibrate_main(budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None) -> int:
+def calibrate_main(budget_s: float = CALIBRATE_BUDGET_S, path: Optional[str] = None,
+                   grid_path: Optional[str] = None) -> int:
     """`python -m attention calibrate`."""
     if not torch.cuda.is_available():
         log.error("attention backends: calibrate measures kernels on a CUDA GPU, and none is visible here; "
                   "on the CPU auto always runs sdpa")
         return 2
-    model, saved, left_out = calibrate(torch.device("cuda"), budget_s=budget_s, path=path)
+    model, saved, left_out = calibrate(torch.device("cuda"), budget_s=budget_s, path=path, grid_path=grid_path)
     log.info("attention backends: calibrated %s (%s): %d kernels; saved to %s%s. auto uses it from now on.",
              model.gpu, model.gpu_class, len(model.kernels), saved,
              f"; {len(left_out)} calls left out for time" if left_out else "")

@@ -68,7 +68,7 @@ case $stage in
     site_path
     {
       started=$(date +%s)
-      timeout 330 python3 -m attention calibrate --file "$out/calibration.json"
+      timeout 330 python3 -m attention calibrate --file "$out/calibration.json" --grid "$out/calibration_grid.json"
       echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
       python3 benchmarks/heldout.py --out "$out/heldout" \
         --model "${HELDOUT_MODEL:-benchmarks/results/h200/cost_model/sm90.json}" \

@@ -93,13 +93,13 @@ def test_samples_leave_out_the_repeat_extra_rows_and_sdpas_own_sub_backends():
 def test_calibrate_keeps_time_for_the_fit_inside_its_limit(folder, monkeypatch):
     clock = FakeClock()
     limits = {}
+    fit_model = calibration.fit_model
 
-    def fit_timings(timings, **kwargs):
-        limits["fit_s"], limits["calls"] = kwargs["time_limit_s"], len(timings)
-        return calibration.fit_timings.__wrapped__(timings, **{**kwargs, "steps": 20})
+    def limited_fit(samples_by_kernel, **kwargs):
+        limits["fit_s"], limits["calls"] = kwargs["time_limit_s"], len(samples_by_kernel[BASELINE])
+        return fit_model(samples_by_kernel, **{**kwargs, "steps": 20})
 
-    fit_timings.__wrapped__ = calibration.fit_timings
-    monkeypatch.setattr(calibration, "fit_timings", fit_timings)
+    monkeypatch.setattr(calibration, "fit_model", limited_fit)
     limit = 60.0
     _, _, left_out = calibration.calibrate(CPU, budget_s=1000.0, limit_s=limit, time_one=fake_measure(clock, 4.0),
                                            clock=clock)
@@ -111,8 +111,10 @@ def test_calibrate_keeps_time_for_the_fit_inside_its_limit(folder, monkeypatch):
 def test_calibrate_fits_saves_and_auto_uses_it(folder):
     clock = FakeClock()
     model, path, left_out = calibration.calibrate(CPU, budget_s=200.0, time_one=fake_measure(clock, 1.0),
-                                                  clock=clock, steps=400)
+                                                  clock=clock, steps=400, grid_path=str(folder / "grid.json"))
     assert not left_out and path == str(folder / "standalone" / "calibration.json")
+    written = json.loads((folder / "grid.json").read_text())
+    assert [calibration.timing_from_json(row).call.key for row in written["rows"]] == [c.key for c in grid(True)]
     assert set(model.kernels) == {"sdpa", "fast_exact"} and model.source == cost_store.CALIBRATED
     for name, truth in (("sdpa", SDPA), ("fast_exact", FAST)):
         assert model.kernels[name].host_us == pytest.approx(truth.host_us, rel=0.05)

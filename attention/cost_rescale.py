@@ -1,0 +1,152 @@
+"""Calibrate by rescaling the shipped model: two numbers per kernel instead of ten.
+
+`calibrate` measures a reduced grid in a few minutes: 40-odd calls per kernel. Refitting
+the model's ten numbers and its tiling to them (cost_fit.py) follows each machine's
+noise: on the H200, the reduced grid of one machine, fitted afresh, sent SD1.5 and SDXL's
+4096-token calls to FlashAttention-4 at 0.74-0.92x SDPA and kept Qwen-Image-Edit on SDPA
+where FA4 ran 8% faster (cost_model/evaluation_calibrated/), while the shipped model,
+fitted to 500-odd calls, chose right on both.
+
+What differs between two machines of one GPU class is mostly two levels per kernel: the
+host path (the CPU, Python, the driver) and the GPU's speed (clocks, power limit, memory:
+an H100 PCIe runs the H200's kernels, slower). Where a shipped model exists for the GPU
+class, the calibration keeps its shape (rates, tiling, correction) and measures those
+two levels:
+
+    host scale: the median of measured / predicted over the calls the shipped model
+                predicts clearly host-bound (host path at least CLEAR x the GPU time),
+                moved towards 1 by twice its standard error
+    GPU scale:  the same over the calls it predicts clearly GPU-bound, with at least
+                GPU_LEVEL_FROM_US of GPU time beyond the launch floor
+
+A kernel with fewer than MIN_POINTS such calls keeps scale 1 on that side. The result is
+kept only if it explains the reduced grid (median |log error| of the GPU-bound calls at
+most MAX_MEDIAN_LOG_ERROR); a GPU whose kernels the shipped shape does not fit (another
+chip sold under the same class) gets the full fit instead, and a kernel the shipped
+model lacks is fitted afresh beside the rescaled ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import Any, Mapping, Optional, Sequence
+
+from .cost_fit import Sample
+from .cost_model import LONG_MARGIN_FROM_US, SAFEST, CostModel, KernelCost, Work
+
+# A call is counted for one side only when that side is this much longer than the other:
+# near the crossing, which side a measurement shows is the noise's choice.
+CLEAR = 1.25
+MIN_POINTS = 3
+# A level moves only by what its calls establish beyond their scatter: the median's
+# standard error (1.2533 sigma / sqrt(n) for a normal sample, sigma from the median
+# absolute deviation) times SIGNIFICANCE. On one H200 the `sageattn` wrapper's 21 long
+# calls put its level at 0.984 with a 7.5% scatter, and that 1.6% alone moved Wan 2.2 5B
+# from the fp8 kernel to the wrapper, measured 4-6% slower (cost_model/grid_2026-12-02b/,
+# judged on heldout/ runs 3-5).
+SIGNIFICANCE = 2.0
+_SIGMA_PER_MAD = 1.4826
+_MEDIAN_SE = 1.2533
+# The GPU level is read from calls whose predicted GPU time beyond the launch floor is at
+# least this long. Below it a call the model calls GPU-bound can still be paced by the host
+# on a machine whose CPU is slower than the grid's: the fit of SageAttention's `sageattn`
+# wrapper put its host path into a 289 µs launch floor, and it read 0.42-0.76x its
+# prediction on short calls of one H200 and 0.98-1.06x on every call from 1 ms
+# (cost_model/grid_2026-12-02b/). The decisions a 1% margin separates are made on the
+# long calls (cost_model.LONG_MARGIN_FROM_US).
+GPU_LEVEL_FROM_US = LONG_MARGIN_FROM_US
+# The shipped H200 model's own error on its GPU-bound grid calls is a median 3% (a mean
+# 7.6%, leave-one-out: cost_model/residuals.md); a rescaled model that misses the reduced
+# grid by more than twice the mean is not this GPU's shape.
+MAX_MEDIAN_LOG_ERROR = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class Rescale:
+    """One kernel's two levels on this machine against the shipped model."""
+
+    host: float
+    gpu: float
+    host_points: int
+    gpu_points: int
+    median_log_error: Optional[float]  # of the rescaled prediction, over the GPU-bound calls
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def scaled(cost: KernelCost, host: float, gpu: float) -> KernelCost:
+    """`cost` with its host path multiplied by `host` and its GPU time by `gpu` (every
+    GPU term is a time or a rate, so the form's shape is unchanged)."""
+    return dataclasses.replace(cost, host_us=cost.host_us * host, launch_us=cost.launch_us * gpu,
+                               tile_us=cost.tile_us * gpu, tflops=cost.tflops / gpu,
+                               softmax_gelems=cost.softmax_gelems / gpu, gbps=cost.gbps / gpu)
+
+
+def _gpu_time(model: CostModel, name: str, work: Work, sms: int) -> float:
+    """The model's GPU time of a call, correction included, on a GPU of `sms` SMs."""
+    gpu = model.kernels[name].gpu_us(work, sms)
+    if model.correction is not None:
+        gpu *= model.correction.factor(name, work)
+    return gpu
+
+
+def _level(logs: Sequence[float]) -> float:
+    """exp of the median log ratio, moved towards 0 by SIGNIFICANCE standard errors (a soft
+    threshold): a level the measurements cannot tell from the prior's stays the prior's."""
+    if len(logs) < MIN_POINTS:
+        return 1.0
+    middle = statistics.median(logs)
+    spread = statistics.median(abs(x - middle) for x in logs) * _SIGMA_PER_MAD
+    error = _MEDIAN_SE * spread / math.sqrt(len(logs))
+    return math.exp(math.copysign(max(0.0, abs(middle) - SIGNIFICANCE * error), middle))
+
+
+def fit_rescale(prior: CostModel, name: str, samples: Sequence[Sample], sms: int) -> Rescale:
+    """Kernel `name`'s host and GPU levels on `samples` against `prior`."""
+    cost = prior.kernels[name]
+    host_logs, gpu_logs, bound = [], [], []
+    for sample in samples:
+        host, gpu = cost.host(sample.work), _gpu_time(prior, name, sample.work, sms)
+        if host >= CLEAR * gpu:
+            host_logs.append(math.log(sample.us / host))
+        elif gpu >= CLEAR * host and gpu - cost.launch_us >= GPU_LEVEL_FROM_US:
+            gpu_logs.append(math.log(sample.us / gpu))
+            bound.append(sample)
+    host_scale, gpu_scale = _level(host_logs), _level(gpu_logs)
+    errors = [abs(math.log(s.us / (gpu_scale * _gpu_time(prior, name, s.work, sms)))) for s in bound]
+    return Rescale(host_scale, gpu_scale, len(host_logs), len(gpu_logs),
+                   statistics.median(errors) if errors else None)
+
+
+def rescale_model(prior: CostModel, samples_by_kernel: Mapping[str, Sequence[Sample]], *, gpu: str, sms: int,
+                  source: str) -> tuple[Optional[CostModel], dict[str, Rescale], list[str]]:
+    """The prior rescaled to this machine's measurements: (the model of the kernels whose
+    rescaled shape fits them, every kernel's rescale, the measured kernels to fit afresh:
+    those the prior lacks or misses by more than MAX_MEDIAN_LOG_ERROR). The model is None
+    when SDPA, which every decision is made against, is among the latter. Kernels the prior
+    has but nothing measured here are left out: they are not installed here."""
+    measured = {name: rows for name, rows in samples_by_kernel.items() if rows}
+    rescales = {name: fit_rescale(prior, name, rows, sms) for name, rows in measured.items() if name in prior.kernels}
+    kept = {name: r for name, r in rescales.items()
+            if r.median_log_error is None or r.median_log_error <= MAX_MEDIAN_LOG_ERROR}
+    afresh = [name for name in measured if name not in kept]
+    if SAFEST not in kept:
+        return None, rescales, list(measured)
+    kernels = {name: scaled(prior.kernels[name], r.host, r.gpu) for name, r in kept.items()}
+    fit = {name: {"rescaled_from": prior.gpu, **r.to_json()} for name, r in kept.items()}
+    correction = prior.correction
+    if correction is not None:
+        correction = dataclasses.replace(correction, points={n: p for n, p in correction.points.items()
+                                                             if n in kernels})
+    return CostModel(gpu_class=prior.gpu_class, gpu=gpu, sms=sms, kernels=kernels, margin=prior.margin,
+                     source=source, fit=fit, long_margin=prior.long_margin, correction=correction), rescales, afresh
+
+
+def with_kernels(model: CostModel, fitted: CostModel) -> CostModel:
+    """`model` plus the kernels of `fitted` (kernels fitted afresh beside rescaled ones).
+    They get no residual correction: theirs was chosen for another fit's widths, and a
+    kernel whose shape differed from the prior's is predicted by its own form alone."""
+    return dataclasses.replace(model, kernels={**model.kernels, **fitted.kernels}, fit={**model.fit, **fitted.fit})
