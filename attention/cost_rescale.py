@@ -9,7 +9,7 @@ fitted to 500-odd calls, chose right on both.
 
 What differs between two machines of one GPU class is mostly two levels per kernel: the
 host path (the CPU, Python, the driver) and the GPU's speed (clocks, power limit, memory:
-an H100 PCIe runs the H200's kernels, slower). Where a shipped model exists for the GPU
+an H100 and an H200 are one class). Where a shipped model exists for the GPU
 class, the calibration keeps its shape (rates, tiling, correction) and measures those
 two levels:
 
@@ -19,11 +19,12 @@ two levels:
     GPU scale:  the same over the calls it predicts clearly GPU-bound, with at least
                 GPU_LEVEL_FROM_US of GPU time beyond the launch floor
 
-A kernel with fewer than MIN_POINTS such calls keeps scale 1 on that side. The result is
-kept only if it explains the reduced grid (median |log error| of the GPU-bound calls at
-most MAX_MEDIAN_LOG_ERROR); a GPU whose kernels the shipped shape does not fit (another
-chip sold under the same class) gets the full fit instead, and a kernel the shipped
-model lacks is fitted afresh beside the rescaled ones.
+A kernel with fewer than MIN_POINTS such calls keeps scale 1 on that side. A kernel's
+rescale is kept only if it explains the reduced grid (median |log error| of its long
+GPU-bound calls at most MAX_MEDIAN_LOG_ERROR); a kernel it does not explain, or one the
+shipped model lacks, is fitted afresh beside the rescaled ones, and when SDPA (which every
+decision is made against) is not explained, every kernel is fitted afresh (another chip
+sold under the same class).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ _MEDIAN_SE = 1.2533
 # (cost_model/grid_2026-12-02b/). The decisions a 1% margin separates are made on the
 # long calls (cost_model.LONG_MARGIN_FROM_US).
 GPU_LEVEL_FROM_US = LONG_MARGIN_FROM_US
-# The shipped H200 model's own error on its GPU-bound grid calls is a median 3% (a mean
-# 7.6%, leave-one-out: cost_model/residuals.md); a rescaled model that misses the reduced
-# grid by more than twice the mean is not this GPU's shape.
+# The shipped H200 model's own errors on its grid: a median of 1.5-5.5% per kernel on the
+# calls from 1 ms, a mean |log error| of 7.6% over the GPU-bound calls (leave-one-out;
+# sm90.json's fit and correction blocks). A rescaled model that misses this machine's long
+# GPU-bound calls by a median of more than twice that mean is not this GPU's shape.
 MAX_MEDIAN_LOG_ERROR = 0.15
 
 

@@ -311,24 +311,30 @@ class Dispatcher:
             return compiled_attention(self.handle, q, k, v, heads, mask, skip_reshape=skip_reshape,
                                       skip_output_reshape=skip_output_reshape, scale=scale,
                                       attn_precision=attn_precision, low_precision=low_precision)
-        return self.serve(q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale, attn_precision,
-                          low_precision, fallback)
+        out = self.serve(q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale, attn_precision,
+                         low_precision, fallback is not None)
+        return fallback() if out is None else out
 
     def serve(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Optional[torch.Tensor],
               skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],
               attn_precision: Optional[torch.dtype], low_precision: bool,
-              fallback: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
+              may_pass: bool) -> Optional[torch.Tensor]:
         """An eager call, every argument positional: the hot path of ComfyUI's override,
-        which has checked it is not tracing. The override's path, kernel stubbed out, took
-        3.06 µs a call with keywords and 2.49 µs so on our CPU
-        (benchmarks/results/cpu/override_path/); SDXL's 1024-token calls last 33-59 µs."""
+        which has checked it is not tracing. None when no backend serves the call and
+        `may_pass` (the caller then passes it on to its own function: no fallback closure is
+        made per call); with `may_pass` false such a call raises. What this path costs a call,
+        kernel stubbed out: benchmarks/override_path.py (results in
+        benchmarks/results/cpu/override_path/), against SDXL's shortest calls on the GPU:
+        benchmarks/results/h200/overhead_2026-12-02/."""
         mask_class = None
         if mask is not None:
             if skip_reshape:
                 mask_class = self.masks.classify(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             else:
                 mask_class = self.masks.classify(mask, q.shape[0], heads, q.shape[1], k.shape[1])
-        key = (q.shape, k.shape, v.shape, q.dtype, q.device, heads, skip_reshape, skip_output_reshape,
+        # get_device(): the device's index as an int (-1 on the CPU), read and hashed in a
+        # third of the time of q.device; a dispatcher serves one device type.
+        key = (q.shape, k.shape, v.shape, q.dtype, q.get_device(), heads, skip_reshape, skip_output_reshape,
                None if mask is None else (mask.dtype, mask.shape, mask_class), attn_precision, low_precision,
                scale is None)
         plan = self._plans.get(key)
@@ -337,16 +343,16 @@ class Dispatcher:
                               attn_precision, low_precision)
         next(plan.counter)
         if plan.run is None:
-            if fallback is None or self.strict:
+            if not may_pass or self.strict:
                 plan.refused += 1
                 raise plan.error
-            return fallback()
+            return None
         try:
             return plan.run(q, k, v, mask, scale)
         except Exception as error:
             self._record_failure(key, plan, error)
             return self.serve(q, k, v, heads, mask, skip_reshape, skip_output_reshape, scale, attn_precision,
-                              low_precision, fallback)
+                              low_precision, may_pass)
 
     def serve_compiled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                        heads: int, *, skip_reshape: bool, skip_output_reshape: bool, scale: Optional[float],

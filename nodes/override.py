@@ -5,8 +5,9 @@ call of the patched MODEL (DESIGN §3). It is a closure on purpose: `ModelPatche
 deep-copies model_options, which keeps functions by reference but would copy a callable
 object, and with it the dispatcher's plans and counters.
 
-Hot path: unpack the call, pick a dispatcher, call it. No logging, no synchronisation;
-the only allocation is the fallback lambda.
+Hot path: unpack the call, pick a dispatcher, call it. No logging, no synchronisation,
+no allocation but the dispatcher's key (a call no backend serves comes back as None and
+is passed on here, so no fallback closure is made per call).
 
 Under torch.compile (TorchCompileModel) the override is traced, not run: it records
 one opaque op (compiled.py) whose real implementation, when the graph runs, serves
@@ -118,9 +119,9 @@ def build_override(state: PatchState, previous: Optional[Override] = None,
         get = options.get
         skip_reshape = get("skip_reshape", False)
         dispatcher = main if route is None else route(q, k, skip_reshape, options)
-        return dispatcher.serve(q, k, v, heads, get("mask"), skip_reshape, get("skip_output_reshape", False),
-                                get("scale"), get("attn_precision"), get("low_precision_attention", True),
-                                lambda: pass_on(func, args, kwargs))
+        out = dispatcher.serve(q, k, v, heads, get("mask"), skip_reshape, get("skip_output_reshape", False),
+                               get("scale"), get("attn_precision"), get("low_precision_attention", True), True)
+        return pass_on(func, args, kwargs) if out is None else out
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if is_compiling():

@@ -208,6 +208,15 @@ def test_unservable_calls_go_to_the_callers_fallback():
         dispatcher(q, k, v, H)  # without a fallback nothing can serve it
 
 
+def test_the_hot_path_hands_an_unservable_call_back_to_its_caller():
+    q, k, v = make(False)
+    dispatcher = Dispatcher("flash4")
+    assert dispatcher.serve(q, k, v, H, None, False, False, None, None, True, True) is None
+    assert dispatcher.counters().served == {"comfyui": 1}
+    with pytest.raises(NoBackendError, match="flash4"):
+        dispatcher.serve(q, k, v, H, None, False, False, None, None, True, False)
+
+
 def test_counters_reset():
     dispatcher = Dispatcher("auto")
     q, k, v = make(True)
