@@ -167,7 +167,6 @@ def head_parallel_rows(shape: ModelShape, devices: list[torch.device], counts: l
             summary = group.end_run()
             row.update(_split_facts(summary))
     rows[0]["peak_mib_all_variants"] = peaks
-    del q, k, v, reference
     return rows
 
 
