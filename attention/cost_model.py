@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from .call import FLAT, MASK_NONE, CallSignature, canonical_mask_shape
 from .cost_residuals import InvalidCorrection, ResidualCorrection
 from .cost_residuals import parse as parse_correction
+from .json_values import finite_number
 
 FORMAT = "comfyui-attention-backends/cost-model"
 VERSION = 3
@@ -324,14 +325,12 @@ def _check(condition: bool, what: str) -> None:
 
 
 def _positive(value: Any, what: str) -> float:
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-           f"{what} is not a positive finite number")
+    _check(finite_number(value) and value > 0, f"{what} is not a positive finite number")
     return float(value)
 
 
 def _non_negative(value: Any, what: str) -> float:
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
-           f"{what} is not a finite number >= 0")
+    _check(finite_number(value) and value >= 0, f"{what} is not a finite number >= 0")
     return float(value)
 
 

@@ -28,6 +28,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
+from .json_values import finite_number
+
 if TYPE_CHECKING:  # cost_model holds a correction; the correction reads cost_model's Work
     from .cost_model import Work
 
@@ -93,8 +95,7 @@ def parse(data: Any, kernels: Iterable[str]) -> ResidualCorrection:
     check(isinstance(data, dict), "the correction is not an object")
     for key in ("scale_tokens", "scale_heads", "shrink"):
         value = data.get(key)
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-              f"correction {key} is not a positive number")
+        check(finite_number(value) and value > 0, f"correction {key} is not a positive number")
     points_data = data.get("points")
     check(isinstance(points_data, dict), "correction points is not an object")
     points: dict[str, tuple[Point, ...]] = {}
@@ -105,7 +106,7 @@ def parse(data: Any, kernels: Iterable[str]) -> ResidualCorrection:
         for row in rows:
             check(isinstance(row, list) and len(row) == 7, f"a correction point of {name} is not 7 numbers")
             numbers = row[:3] + row[6:]
-            check(all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers)
+            check(all(finite_number(x) for x in numbers)
                   and isinstance(row[3], int) and row[3] > 0 and isinstance(row[4], bool) and isinstance(row[5], bool),
                   f"a correction point of {name} is not (log B·H, log Nq, log Nk, head dim, flat, masked, residual)")
             check(abs(row[6]) < 2.0, f"a correction point of {name} has a residual over e^2: not a fit's residual")

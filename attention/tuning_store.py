@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 from . import registry
 from .backend import installed_version
+from .json_values import finite_number
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ def _check(condition: bool, what: str) -> None:
 
 
 def _check_number(value: Any, what: str) -> None:
-    _check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                             and math.isfinite(value)), f"{what} is not a finite number")
+    _check(value is None or finite_number(value), f"{what} is not a finite number")
 
 
 def _check_fingerprint(value: Any) -> None:
