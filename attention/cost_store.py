@@ -228,8 +228,17 @@ def describe(device_type: str, capability: Optional[tuple[int, int]]) -> dict[st
     model = calibrated or shipped_model(device_class(device_type, capability))
     if model is None:
         return {"source": "rules", "gpu": None, "kernels": [], "files": _calibration_files()}
-    return {"source": model.source, "gpu": model.gpu, "kernels": sorted(model.kernels), "margin": model.margin,
-            "long_margin": model.long_margin, "corrected": model.correction is not None, "files": _calibration_files()}
+    described = {"source": model.source, "gpu": model.gpu, "kernels": sorted(model.kernels), "margin": model.margin,
+                 "long_margin": model.long_margin, "corrected": model.correction is not None,
+                 "files": _calibration_files()}
+    # A calibration that rescaled the shipped model (cost_rescale.py): which, and the
+    # levels it measured per kernel; kernels fitted afresh have none.
+    levels = {name: {"host": fit["host"], "gpu": fit["gpu"]} for name, fit in sorted(model.fit.items())
+              if isinstance(fit, dict) and "rescaled_from" in fit}
+    if levels:
+        described["rescaled_from"] = next(model.fit[name]["rescaled_from"] for name in levels)
+        described["levels"] = levels
+    return described
 
 
 def forget() -> None:

@@ -31,7 +31,12 @@ def format_install(install: Optional[dict]) -> str:
 def _source_line(source: dict) -> str:
     kind = source.get("source", "rules")
     if kind == "calibrated":
-        return f"auto decides by this GPU's calibration (python -m attention calibrate; {source['files'][0]})"
+        line = f"auto decides by this GPU's calibration (python -m attention calibrate; {source['files'][0]})"
+        if source.get("rescaled_from"):
+            levels = ", ".join(f"{name} host x{level['host']:.2f} GPU x{level['gpu']:.2f}"
+                               for name, level in source["levels"].items())
+            line += f"\n    the model shipped for {source['rescaled_from']}, at this machine's levels: {levels}"
+        return line
     if kind == "default":
         return (f"auto decides by the cost model shipped for this GPU class (fitted on {source['gpu']}); "
                 "`python -m attention calibrate` fits this GPU's own")

@@ -225,3 +225,23 @@ def test_time_call_times_each_kernel_an_auto_chose_twice():
     without = time_call(call, CPU, names, reps=3, budget_s=0.5,
                         extra={"auto (test)": lambda: Dispatcher("sdpa_flash > sdpa")})
     assert repeat_label("sdpa_flash") not in without.times_us
+
+
+def test_doctor_and_the_status_route_say_a_calibration_rescaled_the_shipped_model(folder):
+    from attention.cost_model import CostModel
+    from attention.cost_rescale import rescale_model
+    from attention.doctor import _source_line
+
+    prior = CostModel("sm90", "NVIDIA H200", 1, {"sdpa": SDPA, "fast_exact": FAST})
+    clock = FakeClock()
+    timings = [fake_measure(clock, 0.0)(call, CPU, []) for call in grid(reduced=True)]
+    model, _, afresh = rescale_model(prior, samples(timings, None, "cpu"), gpu="CPU", sms=1,
+                                     source=cost_store.CALIBRATED)
+    assert afresh == []
+    cost_store.save_calibration(model, CPU)
+    source = cost_store.describe("cuda", (9, 0))
+    assert source["source"] == cost_store.CALIBRATED and source["rescaled_from"] == "NVIDIA H200"
+    assert set(source["levels"]) == {"sdpa", "fast_exact"}
+    assert source["levels"]["sdpa"] == {"host": 1.0, "gpu": 1.0}  # measured as the prior predicts
+    line = _source_line(source)
+    assert "the model shipped for NVIDIA H200" in line and "sdpa host x1.00 GPU x1.00" in line
