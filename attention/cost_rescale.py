@@ -3,9 +3,10 @@
 `calibrate` measures a reduced grid in a few minutes: 40-odd calls per kernel. Refitting
 the model's ten numbers and its tiling to them (cost_fit.py) follows each machine's
 noise: on the H200, the reduced grid of one machine, fitted afresh, sent SD1.5 and SDXL's
-4096-token calls to FlashAttention-4 at 0.74-0.92x SDPA and kept Qwen-Image-Edit on SDPA
-where FA4 ran 8% faster (cost_model/evaluation_calibrated/), while the shipped model,
-fitted to 500-odd calls, chose right on both.
+4096-token calls to FlashAttention-4, slower there than SDPA, and kept Qwen-Image-Edit on
+SDPA where FA4 was faster, while the shipped model, fitted to 500-odd calls, chose right
+on both (benchmarks/results/h200/cost_model/evaluation_calibrated/; the README's fourth
+and fifth sessions).
 
 What differs between two machines of one GPU class is mostly two levels per kernel: the
 host path (the CPU, Python, the driver) and the GPU's speed (clocks, power limit, memory:
@@ -43,25 +44,24 @@ CLEAR = 1.25
 MIN_POINTS = 3
 # A level moves only by what its calls establish beyond their scatter: the median's
 # standard error (1.2533 sigma / sqrt(n) for a normal sample, sigma from the median
-# absolute deviation) times SIGNIFICANCE. On one H200 the `sageattn` wrapper's 21 long
-# calls put its level at 0.984 with a 7.5% scatter, and that 1.6% alone moved Wan 2.2 5B
-# from the fp8 kernel to the wrapper, measured 4-6% slower (cost_model/grid_2026-12-02b/,
-# judged on heldout/ runs 3-5).
+# absolute deviation) times SIGNIFICANCE. Without it, one H200's scattered `sageattn`
+# wrapper level (within its scatter of the prior's) moved Wan 2.2 5B from the fp8 kernel
+# to the wrapper, measured slower (cost_model/grid_2026-12-02b/ reduced, judged on the
+# held-out runs 3-5; the README's fifth session).
 SIGNIFICANCE = 2.0
 _SIGMA_PER_MAD = 1.4826
 _MEDIAN_SE = 1.2533
 # The GPU level is read from calls whose predicted GPU time beyond the launch floor is at
 # least this long. Below it a call the model calls GPU-bound can still be paced by the host
-# on a machine whose CPU is slower than the grid's: the fit of SageAttention's `sageattn`
-# wrapper put its host path into a 289 µs launch floor, and it read 0.42-0.76x its
-# prediction on short calls of one H200 and 0.98-1.06x on every call from 1 ms
-# (cost_model/grid_2026-12-02b/). The decisions a 1% margin separates are made on the
-# long calls (cost_model.LONG_MARGIN_FROM_US).
+# on a machine whose CPU differs from the grid's: the fit of SageAttention's `sageattn`
+# wrapper put its host path into its launch floor (sm90.json), and on another H200 its
+# short calls read far from their prediction while every call from 1 ms read within a
+# few percent (cost_model/grid_2026-12-02b/). The decisions a small margin separates are
+# made on the long calls (cost_model.LONG_MARGIN_FROM_US).
 GPU_LEVEL_FROM_US = LONG_MARGIN_FROM_US
-# The shipped H200 model's own errors on its grid: a median of 1.5-5.5% per kernel on the
-# calls from 1 ms, a mean |log error| of 7.6% over the GPU-bound calls (leave-one-out;
-# sm90.json's fit and correction blocks). A rescaled model that misses this machine's long
-# GPU-bound calls by a median of more than twice that mean is not this GPU's shape.
+# About twice the shipped H200 model's own mean |log error| over its GPU-bound grid calls
+# (leave-one-out: the `loo` of sm90.json's correction block). A rescaled kernel that misses
+# this machine's long GPU-bound calls by a larger median is not this GPU's shape.
 MAX_MEDIAN_LOG_ERROR = 0.15
 
 
