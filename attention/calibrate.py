@@ -260,8 +260,8 @@ def fit_calibration(timings: Sequence[CallTiming], *, gpu_class: str, gpu: str, 
     afresh = [name for name in afresh if len(by_kernel[name]) >= _MIN_FIT_POINTS]
     if model is not None and not afresh:
         return model
-    log.info("attention backends: fitting %s to %d calls (at most %.0f s)", ", ".join(afresh), len(timings),
-             time_limit_s or 0)
+    log.info("attention backends: fitting %s to %d calls%s", ", ".join(afresh), len(timings),
+             "" if time_limit_s is None else f" (at most {time_limit_s:.0f} s)")
     # The fit is many small tensor ops: one thread runs them fastest.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
