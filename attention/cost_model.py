@@ -266,13 +266,19 @@ class CostModel:
         base = predicted.get(SAFEST, 0.0)
         return {name: self.margin_for(base, self.host_bound(name, call, name in copying)) for name in predicted}
 
+    def gpu_us(self, name: str, work: Work) -> float:
+        """Kernel `name`'s GPU time on a call, the grid's residual correction applied."""
+        gpu = self.kernels[name].gpu_us(work, self.sms)
+        return gpu if self.correction is None else gpu * self.correction.factor(name, work)
+
     def _predict(self, name: str, work: Work) -> float:
+        # A host-bound call's time is the host path, which the form models directly: the
+        # correction (learnt on GPU-bound calls only) is not asked.
         cost = self.kernels[name]
-        gpu = cost.gpu_us(work, self.sms)
         host = cost.host(work)
-        if self.correction is not None and gpu > host:
-            gpu *= self.correction.factor(name, work)
-        return max(host, gpu)
+        if cost.gpu_us(work, self.sms) <= host:
+            return host
+        return max(host, self.gpu_us(name, work))
 
     def predict_us(self, name: str, call: CallSignature, copies: bool = False) -> Optional[float]:
         """Predicted µs per call of kernel `name`; None for a kernel the model has not fitted."""
@@ -329,6 +335,11 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
+def _fraction(value: Any, what: str) -> float:
+    _check(finite_number(value) and 0 <= value < 1, f"{what} is not a fraction in [0, 1)")
+    return float(value)
+
+
 def _non_negative(value: Any, what: str) -> float:
     _check(finite_number(value) and value >= 0, f"{what} is not a finite number >= 0")
     return float(value)
@@ -346,12 +357,8 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
     _check(isinstance(data.get("gpu"), str), "gpu is not a string")
     sms = data.get("sms")
     _check(isinstance(sms, int) and not isinstance(sms, bool) and 0 < sms < 10_000, "sms is not a count of SMs")
-    margin = data.get("margin", DEFAULT_MARGIN)
-    _check(isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 <= margin < 1,
-           "margin is not a fraction in [0, 1)")
-    long_margin = data.get("long_margin", margin if version == 2 else DEFAULT_LONG_MARGIN)
-    _check(isinstance(long_margin, (int, float)) and not isinstance(long_margin, bool) and 0 <= long_margin < 1,
-           "long_margin is not a fraction in [0, 1)")
+    margin = _fraction(data.get("margin", DEFAULT_MARGIN), "margin")
+    long_margin = _fraction(data.get("long_margin", margin if version == 2 else DEFAULT_LONG_MARGIN), "long_margin")
     kernels_data = data.get("kernels")
     _check(isinstance(kernels_data, dict) and kernels_data, "kernels is not a non-empty object")
     _check(SAFEST in kernels_data, f"the model has no {SAFEST!r} entry, which auto needs to compare against")
@@ -381,8 +388,8 @@ def parse(data: Any, known_kernels: Iterable[str], source: str = "default") -> C
             correction = parse_correction(data["correction"], kernels)
         except InvalidCorrection as error:
             raise InvalidCostModel(str(error)) from None
-    return CostModel(gpu_class=data["gpu_class"], gpu=data["gpu"], sms=sms, kernels=kernels, margin=float(margin),
-                     source=source, fit=fit, long_margin=float(long_margin), correction=correction)
+    return CostModel(gpu_class=data["gpu_class"], gpu=data["gpu"], sms=sms, kernels=kernels, margin=margin,
+                     source=source, fit=fit, long_margin=long_margin, correction=correction)
 
 
 def load(path: str, known_kernels: Iterable[str], source: str = "default") -> CostModel:

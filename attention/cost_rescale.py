@@ -36,7 +36,7 @@ import statistics
 from typing import Any, Mapping, Optional, Sequence
 
 from .cost_fit import Sample
-from .cost_model import LONG_MARGIN_FROM_US, SAFEST, CostModel, KernelCost, Work
+from .cost_model import LONG_MARGIN_FROM_US, SAFEST, CostModel, KernelCost
 
 # A call is counted for one side only when that side is this much longer than the other:
 # near the crossing, which side a measurement shows is the noise's choice.
@@ -87,14 +87,6 @@ def scaled(cost: KernelCost, host: float, gpu: float) -> KernelCost:
                                softmax_gelems=cost.softmax_gelems / gpu, gbps=cost.gbps / gpu)
 
 
-def _gpu_time(model: CostModel, name: str, work: Work, sms: int) -> float:
-    """The model's GPU time of a call, correction included, on a GPU of `sms` SMs."""
-    gpu = model.kernels[name].gpu_us(work, sms)
-    if model.correction is not None:
-        gpu *= model.correction.factor(name, work)
-    return gpu
-
-
 def _level(logs: Sequence[float]) -> float:
     """exp of the median log ratio, moved towards 0 by SIGNIFICANCE standard errors (a soft
     threshold): a level the measurements cannot tell from the prior's stays the prior's."""
@@ -109,16 +101,17 @@ def _level(logs: Sequence[float]) -> float:
 def fit_rescale(prior: CostModel, name: str, samples: Sequence[Sample], sms: int) -> Rescale:
     """Kernel `name`'s host and GPU levels on `samples` against `prior`."""
     cost = prior.kernels[name]
+    here = dataclasses.replace(prior, sms=sms)  # the shipped shape on this GPU's SM count
     host_logs, gpu_logs, bound = [], [], []
     for sample in samples:
-        host, gpu = cost.host(sample.work), _gpu_time(prior, name, sample.work, sms)
+        host, gpu = cost.host(sample.work), here.gpu_us(name, sample.work)
         if host >= CLEAR * gpu:
             host_logs.append(math.log(sample.us / host))
         elif gpu >= CLEAR * host and gpu - cost.launch_us >= GPU_LEVEL_FROM_US:
             gpu_logs.append(math.log(sample.us / gpu))
-            bound.append(sample)
+            bound.append((sample.us, gpu))
     host_scale, gpu_scale = _level(host_logs), _level(gpu_logs)
-    errors = [abs(math.log(s.us / (gpu_scale * _gpu_time(prior, name, s.work, sms)))) for s in bound]
+    errors = [abs(math.log(us / (gpu_scale * gpu))) for us, gpu in bound]
     return Rescale(host_scale, gpu_scale, len(host_logs), len(gpu_logs),
                    statistics.median(errors) if errors else None)
 

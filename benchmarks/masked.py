@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import time
@@ -47,23 +46,11 @@ from typing import Callable, Optional
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-PACK = "attention_backends_pack"
+from overhead import load_pack
 CANDIDATES = ("auto", "flash4", "flash3", "sage_qk_int8_pv_fp8_cuda_sm90", "sage_qk_int8_pv_fp16_triton", "sdpa")
 SMOKE_CANDIDATES = ("auto", "cpu_maskless", "cpu_maskless_varlen", "sdpa", "sdpa_math")
 COMPARED_ROWS = 1024
 BUDGET_S = 110.0
-
-
-def load_pack():
-    """Import the repository as the package ComfyUI would (relative imports inside)."""
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,12 +30,13 @@ ROOT = os.path.dirname(HERE)
 PACK = "attention_backends_pack"
 
 
-def load_pack():
-    """Import the repository as the package ComfyUI would (relative imports inside)."""
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
+def load_pack(root: str = ROOT, name: str = PACK):
+    """Import the checkout at `root` as package `name`, the way ComfyUI imports a custom
+    node pack (relative imports inside)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

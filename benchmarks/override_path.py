@@ -15,7 +15,7 @@ Usage: python benchmarks/override_path.py [--root TREE ...] [--out DIR] [--devic
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -25,17 +25,10 @@ from typing import Callable
 
 import torch
 
+from overhead import load_pack
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CALLS, REPEATS = 20_000, 25
-
-
-def load_pack(root: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "__init__.py"),
-                                                  submodule_search_locations=[root])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def installed_path(root: str, name: str, device: str) -> Callable[[], object]:
