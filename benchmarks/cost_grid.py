@@ -15,6 +15,7 @@ repeats of bf16 calls) are left out and listed in the JSON.
 
 Usage:
   python benchmarks/cost_grid.py --out DIR [--budget-s 240] [--reduced]   (GPU)
+  python benchmarks/cost_grid.py --out DIR --only window_                 (GPU: the calls whose key starts so)
   python benchmarks/cost_grid.py --out DIR --smoke                        (CPU, tiny, sdpa only)
 Writes DIR/cost_grid.json.
 """
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for cost_grid.json")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting calls after this many seconds")
     parser.add_argument("--reduced", action="store_true", help="calibrate's reduced grid")
+    parser.add_argument("--only", help="comma-separated key prefixes: measure only those grid calls (an addition "
+                                           "to a committed grid; fit_cost_model.py takes both files)")
     parser.add_argument("--kernels", help="comma-separated kernel names (default: every tunable one available)")
     parser.add_argument("--smoke", action="store_true", help="CPU proof run: tiny shapes, sdpa only")
     args = parser.parse_args(argv)
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     calls = grid(reduced=args.reduced)
+    if args.only:
+        calls = [c for c in calls if c.key.startswith(tuple(p.strip() for p in args.only.split(",") if p.strip()))]
+        if not calls:
+            parser.error(f"no grid call's key starts with {args.only!r}")
     names = kernel_names(device)
     reps = 5
     if args.smoke:

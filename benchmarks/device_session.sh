@@ -11,7 +11,9 @@
 #     calibrate  `python -m attention calibrate` timed as a user runs it, then the held-out
 #             calls and the kernel table's image shapes with the rules, the committed fit
 #             (or HELDOUT_MODEL: /tmp/fit/sm90.json is the fit of a grid measured by stage 2
-#             with GRID_S on the same machine) and this calibration, in one run
+#             with GRID_S or WINDOW on the same machine) and this calibration, in one run;
+#             PREVIOUS_MODEL adds the model a refit replaces, SHIP_FIT=1 calibrates the refit
+#   (kernels) WINDOW=window_: only those grid calls, fitted with the committed grid
 #     overhead  the node's override against a direct call of the kernel it chose (auto)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #             (E2E_MODELS, default flux,wan,sdxl); with E2E_SPARSE_S also the Wan step
@@ -57,6 +59,15 @@ case $stage in
         --residuals-dir "$out/fit" > "$out/fit.log" 2>&1 && mkdir -p /tmp/fit && cp "$out/fit/sm90.json" /tmp/fit/
       tail -12 "$out/fit.log"
     fi
+    if [ -n "${WINDOW:-}" ]; then
+      # Only the grid calls whose keys start with WINDOW, fitted with the committed grid.
+      python3 benchmarks/cost_grid.py --out "$out/window" --only "$WINDOW" > "$out/window.log" 2>&1
+      tail -3 "$out/window.log"
+      python3 benchmarks/fit_cost_model.py benchmarks/results/h200/cost_model/cost_grid.json \
+        "$out/window/cost_grid.json" --out "$out/fit/sm90.json" --residuals-dir "$out/fit" > "$out/fit.log" 2>&1 \
+        && mkdir -p /tmp/fit && cp "$out/fit/sm90.json" /tmp/fit/
+      tail -12 "$out/fit.log"
+    fi
     ;;
   sparse-tests)
     site_path
@@ -67,12 +78,15 @@ case $stage in
   calibrate)
     site_path
     {
+      # SHIP_FIT=1: calibrate rescales /tmp/fit/sm90.json as if it were shipped (this copy only).
+      [ -n "${SHIP_FIT:-}" ] && cp /tmp/fit/sm90.json attention/cost_models/sm90.json
       started=$(date +%s)
       timeout 330 python3 -m attention calibrate --file "$out/calibration.json" --grid "$out/calibration_grid.json"
       echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
       python3 benchmarks/heldout.py --out "$out/heldout" \
         --model "${HELDOUT_MODEL:-benchmarks/results/h200/cost_model/sm90.json}" \
-        --calibration "$out/calibration.json" --table --budget-s "${HELDOUT_S:-170}"
+        --calibration "$out/calibration.json" --table --budget-s "${HELDOUT_S:-170}" \
+        ${PREVIOUS_MODEL:+--previous-model "$PREVIOUS_MODEL"}
     } > "$out/calibrate.log" 2>&1
     tail -30 "$out/calibrate.log"
     ;;

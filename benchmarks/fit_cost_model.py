@@ -1,9 +1,10 @@
 """Fit the cost model to a measured grid and write it with its residuals.
 
 Usage:
-  python benchmarks/fit_cost_model.py DIR/cost_grid.json --out attention/cost_models/sm90.json
-Writes the model file, and beside it (or in --residuals-dir) residuals.md and residuals.json:
-each kernel's fit summary and predicted/measured per grid call.
+  python benchmarks/fit_cost_model.py DIR/cost_grid.json [MORE/cost_grid.json ...] --out attention/cost_models/sm90.json
+Writes the model file, and beside the first grid (or in --residuals-dir) residuals.md and
+residuals.json: each kernel's fit summary and predicted/measured per grid call. Several
+grids (one GPU class; later ones measured with cost_grid.py --only) are fitted as one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,29 @@ from attention.cost_fit import residual_table  # noqa: E402
 from attention.cost_model import CostModel, save  # noqa: E402
 
 
+def read_grids(paths: list[str]) -> tuple[dict, list]:
+    """The first grid's facts and every grid's timings; a call measured in two grids is
+    kept from the later one, and grids of another GPU class are refused."""
+    grids = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            grids.append(json.load(handle))
+    by_key = {}
+    for path, grid in zip(paths, grids):
+        if grid["gpu_class"] != grids[0]["gpu_class"]:
+            raise SystemExit(f"{path} was measured on {grid['gpu_class']}, {paths[0]} on {grids[0]['gpu_class']}: "
+                             "fit one GPU class at a time")
+        for row in grid["rows"]:
+            timing = timing_from_json(row)
+            by_key[timing.call.key] = timing
+    return grids[0], list(by_key.values())
+
+
+def _short(path: str) -> str:
+    """A grid file named by its folder and name (where it was measured is in the file)."""
+    return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
 def correction_text(model: CostModel) -> str:
     """The residual correction's settings and its leave-one-out error (cost_residuals.py)."""
     c = model.correction
@@ -38,7 +62,7 @@ def correction_text(model: CostModel) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("grid", help="cost_grid.json from benchmarks/cost_grid.py")
+    parser.add_argument("grids", nargs="+", help="cost_grid.json files from benchmarks/cost_grid.py")
     parser.add_argument("--out", required=True, help="the model file to write")
     parser.add_argument("--residuals-dir", help="where residuals.md/json go (default: beside the grid file)")
     parser.add_argument("--steps", type=int, help="optimizer steps per kernel (default: the library's)")
@@ -46,19 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The fit is many small tensor ops: one thread runs them fastest, on a busy machine most of all.
     torch.set_num_threads(1)
-    with open(args.grid, encoding="utf-8") as handle:
-        grid = json.load(handle)
-    timings = [timing_from_json(row) for row in grid["rows"]]
+    grid, timings = read_grids(args.grids)
     capability = tuple(grid["capability"]) if grid.get("capability") else None
     model, fits = fit_timings(timings, gpu_class=grid["gpu_class"], gpu=grid["gpu"], sms=grid["sms"],
                               capability=capability, device_type="cuda" if capability else "cpu",
                               steps=args.steps)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save(model, args.out)
-    folder = args.residuals_dir or os.path.dirname(os.path.abspath(args.grid))
+    folder = args.residuals_dir or os.path.dirname(os.path.abspath(args.grids[0]))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "residuals.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"# Cost model fit: {grid['gpu']} ({grid['gpu_class']}), {len(timings)} calls\n\n")
+        handle.write(f"# Cost model fit: {grid['gpu']} ({grid['gpu_class']}), {len(timings)} calls "
+                     f"({', '.join(_short(p) for p in args.grids)})\n\n")
         handle.write(residual_table(fits, [t.call.key for t in timings]))
         handle.write(correction_text(model))
     with open(os.path.join(folder, "residuals.json"), "w", encoding="utf-8") as handle:

@@ -22,7 +22,7 @@ take most of the budget.
 
 Usage:
   python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]
-                               [--calibration FILE] [--table]                        (GPU, <= 180 s)
+                               [--calibration FILE] [--previous-model FILE] [--table] (GPU, <= 180 s)
   python benchmarks/heldout.py --out DIR --smoke [--model FILE]                      (CPU, tiny, sdpa only)
   python benchmarks/heldout.py --out DIR --from-json RUN/heldout.json                (no measuring: rejudge)
 Writes DIR/heldout.json and DIR/heldout.md.
@@ -62,7 +62,8 @@ from evaluate_cost_model import TARGET_MEDIAN, TARGET_VS_SDPA, TARGET_WORST, ins
 AUTO_RULES = "auto (rules)"
 AUTO_MODEL = "auto (model)"
 AUTO_CALIBRATED = "auto (calibrated)"
-AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED)
+AUTO_PREVIOUS = "auto (previous model)"
+AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS)
 SMOKE_SHRINK = 32
 # The kernel table's image shapes, timed with --table (bf16, as the table was).
 TABLE_KEYS = ("sd15_l1", "sd15_l2", "sd15_l3", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024", "qwen_1328")
@@ -218,7 +219,8 @@ def rejudge(path: str, out: str) -> int:
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     timings = [timing_from_json(row) for row in data["timings"] + data.get("table", {}).get("timings", [])]
-    facts = {key: data[key] for key in ("environment", "model", "calibration", "elapsed_s", "left_out", "smoke")
+    facts = {key: data[key] for key in ("environment", "model", "calibration", "previous_model", "elapsed_s",
+                                        "left_out", "smoke")
              if key in data}
     write(out, timings, {**facts, "rejudged_from": os.path.basename(path)})
     return 0
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", help="a fitted cost-model file: adds the `auto (model)` row")
+    parser.add_argument("--previous-model", help="the cost-model file a refit replaces: adds the "
+                                                 "`auto (previous model)` row, in the same rounds")
     parser.add_argument("--calibration", help="a file `python -m attention calibrate --file` wrote on this "
                                               "machine: adds the `auto (calibrated)` row")
     parser.add_argument("--budget-s", type=float, default=170.0)
@@ -258,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = {AUTO_RULES: lambda: Dispatcher(registry.AUTO, auto_table=load_table())}
     if model is not None:
         extra[AUTO_MODEL] = lambda: Dispatcher(registry.AUTO, cost_model=model)
+    if args.previous_model:
+        previous = load(args.previous_model, registry.names())
+        extra[AUTO_PREVIOUS] = lambda: Dispatcher(registry.AUTO, cost_model=previous)
     if args.calibration:
         calibrated = _calibrated_model(args.calibration, device)
         extra[AUTO_CALIBRATED] = lambda: Dispatcher(registry.AUTO, cost_model=calibrated)
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                                      call_budget_s=call_budget, time_one=time_one, label="held-out")
     elapsed = time.perf_counter() - started
     write(args.out, timings, {"environment": environment(), "model": args.model, "calibration": args.calibration,
+                              "previous_model": args.previous_model,
                               "elapsed_s": round(elapsed, 1), "left_out": left_out, "smoke": args.smoke})
     logging.info("%d calls in %.0f s (%d left out); wrote %s", len(timings), elapsed, len(left_out), args.out)
     return 0
