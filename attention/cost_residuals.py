@@ -136,6 +136,18 @@ def _mean_loo_error(points: Mapping[str, tuple[Point, ...]], scale_tokens: float
     return sum(errors) / len(errors)
 
 
+def leave_one_out(correction: ResidualCorrection) -> dict[tuple, dict[str, float]]:
+    """Per grid call (its `position`), per kernel: the corrected prediction's log error with
+    that call's own residual left out of the correction (the form keeps every call)."""
+    errors: dict[tuple, dict[str, float]] = {}
+    for name, rows in correction.points.items():
+        for i, p in enumerate(rows):
+            others = rows[:i] + rows[i + 1:]
+            errors.setdefault(p[:6], {})[name] = p[6] - _smoothed(p, others, correction.scale_tokens,
+                                                                  correction.scale_heads, correction.shrink)
+    return errors
+
+
 def select(residuals: Mapping[str, Sequence[tuple["Work", float]]]) -> Optional[ResidualCorrection]:
     """The correction of a fit's GPU-bound residuals (per kernel: (work, log(measured /
     predicted))), its widths and shrink chosen by leave-one-out; None without points."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -20,9 +21,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from attention import registry  # noqa: E402
 from attention.calibrate import fit_timings, timing_from_json  # noqa: E402
 from attention.cost_fit import residual_table  # noqa: E402
 from attention.cost_model import CostModel, save  # noqa: E402
+from attention.cost_residuals import leave_one_out  # noqa: E402
 
 
 def read_grids(paths: list[str]) -> tuple[dict, list]:
@@ -60,6 +63,36 @@ def correction_text(model: CostModel) -> str:
             f"{c.loo['leave_one_out']:.3f} with the correction, each call's from the others' residuals.\n")
 
 
+def resolution_text(model: CostModel, quantized: set[str], long_from: int = 8192) -> str:
+    """How close a decision between a quantized and an exact kernel the fit can make: on
+    each grid call where both are GPU-bound, the leave-one-out error of their predicted
+    time ratio (cost_residuals.leave_one_out). A predicted gap inside it is a guess."""
+    if model.correction is None:
+        return ""
+    rows = []
+    for where, errors in leave_one_out(model.correction).items():
+        for q in sorted(set(errors) & quantized):
+            rows += [(abs(errors[q] - errors[e]), q, e, where) for e in sorted(set(errors) - quantized)]
+    if not rows:
+        return ""
+
+    def summary(selected: list) -> str:
+        values = sorted(r[0] for r in selected)
+        median, p90 = (math.exp(values[min(len(values) - 1, int(q * len(values)))]) - 1 for q in (0.5, 0.9))
+        return f"{len(values)} pair{'s' * (len(values) != 1)}, median {median:.1%}, p90 {p90:.1%}"
+
+    long = [r for r in rows if r[3][1] >= math.log(long_from) and r[3][2] >= math.log(long_from)]
+    text = ("\nHow close a decision the fit can make: the leave-one-out error of the predicted time ratio of "
+            "a quantized and an exact kernel on the same GPU-bound grid call: "
+            f"{summary(rows)}; with {long_from} or more query and key tokens (where quantized kernels and FA4 "
+            f"trade places) {summary(long) if long else 'none'}. The largest of those:\n\n"
+            "| quantized | exact | B·H | Nq | Nk | head dim | ratio error |\n|---|---|---|---|---|---|---|\n")
+    for error, q, e, where in sorted(long, key=lambda r: r[0], reverse=True)[:8]:
+        text += (f"| {q} | {e} | {round(math.exp(where[0]))} | {round(math.exp(where[1]))} | "
+                 f"{round(math.exp(where[2]))} | {where[3]} | {math.exp(error) - 1:.1%} |\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grids", nargs="+", help="cost_grid.json files from benchmarks/cost_grid.py")
@@ -84,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"({', '.join(_short(p) for p in args.grids)})\n\n")
         handle.write(residual_table(fits, [t.call.key for t in timings]))
         handle.write(correction_text(model))
+        handle.write(resolution_text(model, {n for n in model.kernels if registry.get(n).quantized}))
     with open(os.path.join(folder, "residuals.json"), "w", encoding="utf-8") as handle:
         json.dump({name: {"summary": fit.summary(), "residuals": fit.residuals} for name, fit in fits.items()},
                   handle, indent=1)

@@ -5,16 +5,19 @@ the same rounds)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 
 import pytest
 
 from attention import registry
-from attention.calibration_calls import HELD_OUT, VIDEO_WINDOW
-from attention.cost_model import load
+from attention.calibration_calls import HELD_OUT, VIDEO_WINDOW, Call
+from attention.cost_model import load, work_of
+from attention.cost_residuals import ResidualCorrection, position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -77,3 +80,22 @@ def test_heldout_times_the_previous_model_beside_the_refit(tmp_path):
     assert written["previous_model"] == previous
     assert {"auto (model)", "auto (previous model)"} <= set(written["summary"])
     assert all("auto (previous model)" in row["autos"] for row in written["rows"])
+
+
+def test_the_residuals_say_how_close_a_decision_the_fit_can_make():
+    """The leave-one-out error of a quantized/exact time ratio, per grid call: the pairs are
+    the calls where both kernels have a residual, the error the gap of their two errors."""
+    model = load(os.path.join(ROOT, "attention", "cost_models", "sm90.json"), registry.names())
+    where = [position(work_of(call.signature())) for call in (Call("a", 1, 24, 16384, 16384, 128),
+                                                               Call("b", 1, 8, 1024, 1024, 64))]
+    points = {"sage": (where[0] + (0.05,), where[1] + (0.0,)), "flash4": (where[0] + (-0.05,),),
+              "sdpa": (where[1] + (0.2,),)}
+    text = _script("fit_cost_model").resolution_text(
+        dataclasses.replace(model, correction=ResidualCorrection(0.5, 1.0, 0.5, points)), {"sage"})
+    # Far apart, each residual is its own leave-one-out error: |0.05 - -0.05| and |0 - 0.2|.
+    assert f"2 pairs, median {math.exp(0.2) - 1:.1%}" in text
+    assert f"trade places) 1 pair, median {math.exp(0.1) - 1:.1%}" in text
+    assert "| sage | flash4 | 24 | 16384 | 16384 | 128 | 10.5% |" in text and "| sage | sdpa |" not in text
+    committed = open(os.path.join(RESULTS, "residuals.md"), encoding="utf-8").read()
+    assert _script("fit_cost_model").resolution_text(model, {n for n in model.kernels
+                                                              if registry.get(n).quantized}) in committed

@@ -14,7 +14,7 @@ from attention.call import HEADS_FIRST, MASK_NONE, CallSignature
 from attention.cost_fit import Sample, fit_model
 from attention.cost_model import (DEFAULT_LONG_MARGIN, DEFAULT_MARGIN, HOST_BOUND_MARGIN, CostModel, InvalidCostModel,
                                   KernelCost, Tiling, auto_order, parse, work_of)
-from attention.cost_residuals import ResidualCorrection, position, select
+from attention.cost_residuals import ResidualCorrection, leave_one_out, position, select
 
 SMS = 132
 SDPA = KernelCost(host_us=25.0, flat_host_factor=2.0, launch_us=6.0, tile_us=1.5, tflops=700.0, softmax_gelems=2_500.0,
@@ -89,6 +89,21 @@ def test_far_from_the_grid_or_on_the_host_path_the_correction_is_silent():
     model = CostModel("sm90", "test", SMS, {"sdpa": SDPA}, correction=correction)
     short = _signature(1, 8, 256, 77, 128)
     assert model.predict_us("sdpa", short) == SDPA.host_us  # host-bound: the form's host path
+
+
+def test_leave_one_out_predicts_each_grid_call_from_the_others_only():
+    near, far = (_signature(2, 24, n, n, 128) for n in (8192, 9216)), _signature(1, 8, 256, 256, 64)
+    where = [position(work_of(s)) for s in (*near, far)]
+    points = {"sdpa": (where[0] + (0.10,), where[1] + (0.12,), where[2] + (-0.3,)), "flash4": (where[0] + (0.0,),)}
+    correction = ResidualCorrection(0.5, 1.0, 0.5, points)
+    errors = leave_one_out(correction)
+    assert set(errors) == set(where) and set(errors[where[0]]) == {"sdpa", "flash4"}
+    # Alone on its head dim, a call keeps its whole residual; a kernel's only call too.
+    assert errors[where[2]]["sdpa"] == -0.3 and errors[where[0]]["flash4"] == 0.0
+    # Two close calls of one kernel: each is predicted from the other, shrunk.
+    w = math.exp(-0.5 * ((where[0][1] - where[1][1]) ** 2 + (where[0][2] - where[1][2]) ** 2) / 0.5 ** 2)
+    assert errors[where[0]]["sdpa"] == pytest.approx(0.10 - w * 0.12 / (0.5 + w))
+    assert errors[where[1]]["sdpa"] == pytest.approx(0.12 - w * 0.10 / (0.5 + w))
 
 
 def test_select_returns_none_without_gpu_bound_points_and_the_correction_round_trips():
