@@ -248,27 +248,34 @@ def auto_entries(device_type: str, capability: Optional[tuple[int, int]],
     return table.get(device_class(device_type, capability), table["default"])
 
 
-def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...]:
-    """`auto`'s order for one call from a cost model: the kernels that can serve it here,
-    by predicted time, none predicted slower than SDPA (cost_model.auto_order). The kernels
-    it passes over (predicted no faster than SDPA by the margin, or quantized on a short
-    call) come just before SDPA as entries that say why, so the report lists them."""
-    names, copying, passed = [], set(), []
+def model_candidates(call: CallSignature, model: CostModel) -> tuple[dict[str, float], frozenset[str], list[str]]:
+    """The kernels a cost model may send `call` to here, with their predicted µs; those of
+    them whose adapter copies q/k/v; and the quantized kernels left out for accuracy."""
+    names, copying, too_short = [], set(), []
     for name in model.kernels:
         backend = get(name)
         if not backend.availability().available or backend.call_reasons(call):
             continue
         if not allowed_by_accuracy(name, backend.quantized, call):
-            passed.append(AutoEntry(name, Rule(passed_over=(
-                f"auto's cost model uses quantized kernels from {QUANTIZED_MIN_KEYS} query and key tokens "
-                "(their error on shorter calls was outside auto_tuned's budget)"))))
+            too_short.append(name)
             continue
         names.append(name)
         if backend.contiguous:
             copying.add(name)
-    predicted = model.predictions(call, names, frozenset(copying))
+    return model.predictions(call, names, frozenset(copying)), frozenset(copying), too_short
+
+
+def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...]:
+    """`auto`'s order for one call from a cost model: the kernels that can serve it here,
+    by predicted time, none predicted slower than SDPA (cost_model.auto_order). The kernels
+    it passes over (predicted no faster than SDPA by the margin, or quantized on a short
+    call) come just before SDPA as entries that say why, so the report lists them."""
+    predicted, copying, too_short = model_candidates(call, model)
+    passed = [AutoEntry(name, Rule(passed_over=(
+        f"auto's cost model uses quantized kernels from {QUANTIZED_MIN_KEYS} query and key tokens "
+        "(their error on shorter calls was outside auto_tuned's budget)"))) for name in too_short]
     base = predicted.get(SAFEST)
-    margins = model.margins(call, predicted, frozenset(copying))
+    margins = model.margins(call, predicted, copying)
     order = auto_order(predicted, margins)
     entries = [AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
                          + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))

@@ -63,31 +63,51 @@ def correction_text(model: CostModel) -> str:
             f"{c.loo['leave_one_out']:.3f} with the correction, each call's from the others' residuals.\n")
 
 
-def resolution_text(model: CostModel, quantized: set[str], long_from: int = 8192) -> str:
-    """How close a decision between a quantized and an exact kernel the fit can make: on
-    each grid call where both are GPU-bound, the leave-one-out error of their predicted
-    time ratio (cost_residuals.leave_one_out). A predicted gap inside it is a guess."""
+# Calls with this many query and key tokens are where quantized kernels and FA4 trade places.
+LONG_FROM_TOKENS = 8192
+
+
+def ratio_errors(model: CostModel, quantized: set[str]) -> list[tuple[float, str, str, tuple]]:
+    """On each grid call where a quantized and an exact kernel are both GPU-bound: the
+    leave-one-out error of their predicted time ratio (cost_residuals.leave_one_out), as
+    (|log error|, quantized, exact, position), largest first."""
     if model.correction is None:
-        return ""
+        return []
     rows = []
     for where, errors in leave_one_out(model.correction).items():
         for q in sorted(set(errors) & quantized):
             rows += [(abs(errors[q] - errors[e]), q, e, where) for e in sorted(set(errors) - quantized)]
+    return sorted(rows, key=lambda r: r[0], reverse=True)
+
+
+def on_long_calls(rows: list, long_from: int = LONG_FROM_TOKENS) -> list:
+    return [r for r in rows if r[3][1] >= math.log(long_from) and r[3][2] >= math.log(long_from)]
+
+
+def quantile_ratio(rows: list, q: float) -> float:
+    """The q-quantile of the ratio errors of `rows`, as a fraction (0.05: 5%)."""
+    values = sorted(r[0] for r in rows)
+    return math.exp(values[min(len(values) - 1, int(q * len(values)))]) - 1
+
+
+def resolution_text(model: CostModel, quantized: set[str]) -> str:
+    """How close a decision between a quantized and an exact kernel the fit can make (see
+    ratio_errors). A predicted gap inside it is a guess."""
+    rows = ratio_errors(model, quantized)
     if not rows:
         return ""
 
     def summary(selected: list) -> str:
-        values = sorted(r[0] for r in selected)
-        median, p90 = (math.exp(values[min(len(values) - 1, int(q * len(values)))]) - 1 for q in (0.5, 0.9))
-        return f"{len(values)} pair{'s' * (len(values) != 1)}, median {median:.1%}, p90 {p90:.1%}"
+        return (f"{len(selected)} pair{'s' * (len(selected) != 1)}, median {quantile_ratio(selected, 0.5):.1%}, "
+                f"p90 {quantile_ratio(selected, 0.9):.1%}")
 
-    long = [r for r in rows if r[3][1] >= math.log(long_from) and r[3][2] >= math.log(long_from)]
+    long = on_long_calls(rows)
     text = ("\nHow close a decision the fit can make: the leave-one-out error of the predicted time ratio of "
             "a quantized and an exact kernel on the same GPU-bound grid call: "
-            f"{summary(rows)}; with {long_from} or more query and key tokens (where quantized kernels and FA4 "
-            f"trade places) {summary(long) if long else 'none'}. The largest of those:\n\n"
+            f"{summary(rows)}; with {LONG_FROM_TOKENS} or more query and key tokens (where quantized kernels and "
+            f"FA4 trade places) {summary(long) if long else 'none'}. The largest of those:\n\n"
             "| quantized | exact | B·H | Nq | Nk | head dim | ratio error |\n|---|---|---|---|---|---|---|\n")
-    for error, q, e, where in sorted(long, key=lambda r: r[0], reverse=True)[:8]:
+    for error, q, e, where in long[:8]:
         text += (f"| {q} | {e} | {round(math.exp(where[0]))} | {round(math.exp(where[1]))} | "
                  f"{round(math.exp(where[2]))} | {where[3]} | {math.exp(error) - 1:.1%} |\n")
     return text
