@@ -106,6 +106,17 @@ VIDEO_WINDOW: tuple[Call, ...] = tuple(
     for n in (20480, 24576, 28672) for b, h in ((1, 24), (2, 24), (1, 40)))
 
 
+# Not fitted: pairs that ask whether a token count inside a 128-wide tile moves the
+# FA4 / SageAttention fp8 crossover. The window measured Sage 11% faster at 20480 tokens
+# and 40 heads (2026-12-02); the next day's held-out run measured FA4 6.7% faster at Wan's
+# 20280 tokens and 80 batch·heads. Each triple is a count inside a tile, a multiple of 128
+# and a multiple of 1024 at the same batch·heads, timed one after another on one machine
+# (`cost_grid.py --only tiles_`); none is a held-out call's count.
+TILE_PROBE: tuple[Call, ...] = tuple(
+    Call(f"tiles_d128_n{n}_b2h{h}", 2, h, n, n, 128)
+    for h, counts in ((40, (20400, 20352, 20480)), (24, (27300, 27264, 27648))) for n in counts)
+
+
 def grid(reduced: bool = False) -> list[Call]:
     """The calls the cost model is fitted on, most informative first (a run out of time
     drops the tail): short calls, where host paths decide, through to a video call of

@@ -16,6 +16,7 @@ repeats of bf16 calls) are left out and listed in the JSON.
 Usage:
   python benchmarks/cost_grid.py --out DIR [--budget-s 240] [--reduced]   (GPU)
   python benchmarks/cost_grid.py --out DIR --only window_                 (GPU: the calls whose key starts so)
+  python benchmarks/cost_grid.py --out DIR --only tiles_                  (GPU: the probe pairs, not for fitting)
   python benchmarks/cost_grid.py --out DIR --smoke                        (CPU, tiny, sdpa only)
 Writes DIR/cost_grid.json.
 """
@@ -37,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 from attention.bench.report import environment  # noqa: E402
 from attention.calibrate import device_facts, kernel_names, measure_grid  # noqa: E402
-from attention.calibration_calls import grid  # noqa: E402
+from attention.calibration_calls import TILE_PROBE, grid  # noqa: E402
 
 # --smoke: every 12th call, sequences shrunk 32x, fp32, SDPA only, one second in all.
 SMOKE_SHRINK = 32
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting calls after this many seconds")
     parser.add_argument("--reduced", action="store_true", help="calibrate's reduced grid")
     parser.add_argument("--only", help="comma-separated key prefixes: measure only those grid calls (an addition "
-                                           "to a committed grid; fit_cost_model.py takes both files)")
+                                           "to a committed grid; fit_cost_model.py takes both files), or the "
+                                           "probe calls that are never fitted (tiles_: calibration_calls.TILE_PROBE)")
     parser.add_argument("--kernels", help="comma-separated kernel names (default: every tunable one available)")
     parser.add_argument("--smoke", action="store_true", help="CPU proof run: tiny shapes, sdpa only")
     args = parser.parse_args(argv)
@@ -58,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     calls = grid(reduced=args.reduced)
     if args.only:
-        calls = [c for c in calls if c.key.startswith(tuple(p.strip() for p in args.only.split(",") if p.strip()))]
+        prefixes = tuple(p.strip() for p in args.only.split(",") if p.strip())
+        calls = [c for c in calls + list(TILE_PROBE) if c.key.startswith(prefixes)]
         if not calls:
-            parser.error(f"no grid call's key starts with {args.only!r}")
+            parser.error(f"no grid or probe call's key starts with {args.only!r}")
     names = kernel_names(device)
     reps = 5
     if args.smoke:

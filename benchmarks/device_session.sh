@@ -13,7 +13,8 @@
 #             (or HELDOUT_MODEL: /tmp/fit/sm90.json is the fit of a grid measured by stage 2
 #             with GRID_S or WINDOW on the same machine) and this calibration, in one run;
 #             PREVIOUS_MODEL adds the model a refit replaces, SHIP_FIT=1 calibrates the refit
-#   (kernels) WINDOW=window_: only those grid calls, fitted with the committed grid
+#   (kernels) WINDOW=window_: only those grid calls, fitted with the committed grid;
+#             PROBE=tiles_: only those probe calls, measured and not fitted
 #     overhead  the node's override against a direct call of the kernel it chose (auto)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #             (E2E_MODELS, default flux,wan,sdxl); with E2E_SPARSE_S also the Wan step
@@ -67,6 +68,10 @@ case $stage in
         "$out/window/cost_grid.json" --out "$out/fit/sm90.json" --residuals-dir "$out/fit" > "$out/fit.log" 2>&1 \
         && mkdir -p /tmp/fit && cp "$out/fit/sm90.json" /tmp/fit/
       tail -12 "$out/fit.log"
+    fi
+    if [ -n "${PROBE:-}" ]; then
+      python3 benchmarks/cost_grid.py --out "$out/probe" --only "$PROBE" > "$out/probe.log" 2>&1
+      tail -3 "$out/probe.log"
     fi
     ;;
   sparse-tests)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from attention import registry
-from attention.calibration_calls import HELD_OUT, VIDEO_WINDOW, Call
+from attention.calibration_calls import HELD_OUT, TILE_PROBE, VIDEO_WINDOW, Call, grid
 from attention.cost_model import load, work_of
 from attention.cost_residuals import ResidualCorrection, position
 
@@ -41,6 +41,19 @@ def test_cost_grid_only_measures_the_calls_named(tmp_path):
     assert rows and all(r["call"]["key"].startswith("window_") for r in rows)
     with pytest.raises(SystemExit):
         _script("cost_grid").main(["--out", str(tmp_path), "--smoke", "--only", "no_such_call_"])
+
+
+def test_the_tile_probe_is_measured_on_request_and_never_fitted(tmp_path):
+    assert _script("cost_grid").main(["--out", str(tmp_path), "--smoke", "--only", "tiles_"]) == 0
+    rows = json.loads((tmp_path / "cost_grid.json").read_text())["rows"]
+    assert rows and all(r["call"]["key"].startswith("tiles_") for r in rows)
+    probe = {c.key for c in TILE_PROBE}
+    assert len(probe) == 6 and not probe & {c.key for c in grid() + grid(reduced=True)}
+    # Beside the held-out counts, never on them: a probe is not a held-out call measured early.
+    assert not {(c.seq_q, c.batch * c.heads) for c in TILE_PROBE} & {(c.seq_q, c.batch * c.heads) for c in HELD_OUT}
+    for fitted in GRIDS:
+        keys = {r["call"]["key"] for r in json.loads(open(fitted, encoding="utf-8").read())["rows"]}
+        assert not keys & probe
 
 
 def test_several_grids_are_read_as_one_and_the_later_measurement_wins(tmp_path):
