@@ -82,6 +82,12 @@ case $stage in
     ;;
   calibrate)
     site_path
+    model=${HELDOUT_MODEL:-benchmarks/results/h200/cost_model/sm90.json}
+    # The stash call needs benchmarks/results moved out of the tree (the carry limit); a
+    # calibrate call without it would spend its minutes before the held-out run fails.
+    for file in "$model" ${PREVIOUS_MODEL:+"$PREVIOUS_MODEL"}; do
+      [ -f "$file" ] || { echo "calibrate: $file is missing: put benchmarks/results back before this call"; exit 2; }
+    done
     {
       # SHIP_FIT=1: calibrate rescales /tmp/fit/sm90.json as if it were shipped (this copy only).
       [ -n "${SHIP_FIT:-}" ] && cp /tmp/fit/sm90.json attention/cost_models/sm90.json
@@ -89,7 +95,7 @@ case $stage in
       timeout 330 python3 -m attention calibrate --file "$out/calibration.json" --grid "$out/calibration_grid.json"
       echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
       python3 benchmarks/heldout.py --out "$out/heldout" \
-        --model "${HELDOUT_MODEL:-benchmarks/results/h200/cost_model/sm90.json}" \
+        --model "$model" \
         --calibration "$out/calibration.json" --table --budget-s "${HELDOUT_S:-170}" \
         ${PREVIOUS_MODEL:+--previous-model "$PREVIOUS_MODEL"}
     } > "$out/calibrate.log" 2>&1
