@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from attention import registry  # noqa: E402
 from attention.calibrate import BASELINE  # noqa: E402
+from attention.call import CallSignature  # noqa: E402
 from attention.cost_model import CostModel, auto_order, load  # noqa: E402
 from attention.priority import model_candidates  # noqa: E402
 from attention.tuning import Limits  # noqa: E402
@@ -52,17 +53,29 @@ FROM_US = (1000.0, 5000.0)
 WITHIN = (0.03, 0.05, 0.15)  # beside the grid's own p90 (added in main)
 
 
-def contested(call: EvalCall, model: CostModel, within: float, from_us: float) -> list[str]:
-    """The kernels `auto` would time on `call`: those it may run whose prediction is within
-    `within` of the best, when SDPA is predicted at `from_us` or more and there are two."""
-    with installed_only(call.installed):
-        predicted, copying, _ = model_candidates(call.signature, model)
+def contested_kernels(signature: CallSignature, model: CostModel, within: float,
+                      from_us: float = FROM_US[1]) -> list[str]:
+    """The kernels `auto` would time on a call: those it may run here whose prediction is
+    within `within` of the best, when SDPA is predicted at `from_us` or more and there are two."""
+    predicted, copying, _ = model_candidates(signature, model)
     if predicted.get(BASELINE, 0.0) < from_us:
         return []
-    order = auto_order(predicted, model.margins(call.signature, predicted, copying))
+    order = auto_order(predicted, model.margins(signature, predicted, copying))
     best = predicted[order[0]]
     leaders = [name for name in sorted(predicted, key=predicted.get) if predicted[name] <= best * (1.0 + within)]
     return leaders if len(leaders) > 1 else []
+
+
+def contested(call: EvalCall, model: CostModel, within: float, from_us: float) -> list[str]:
+    """contested_kernels on a committed run's call, with that run's kernels as installed."""
+    with installed_only(call.installed):
+        return contested_kernels(call.signature, model, within, from_us)
+
+
+def grid_resolution(model: CostModel) -> float:
+    """The fit's p90 ratio error on long grid calls (fit_cost_model.ratio_errors)."""
+    quantized = {n for n in model.kernels if registry.get(n).quantized}
+    return round(quantile_ratio(on_long_calls(ratio_errors(model, quantized)), 0.9), 3)
 
 
 def pessimistic_pick(call: EvalCall, names: list[str]) -> Optional[str]:
@@ -113,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="default: RESULTS/cost_model")
     args = parser.parse_args(argv)
     model = load(args.model, registry.names())
-    grid_p90 = round(quantile_ratio(on_long_calls(ratio_errors(
-        model, {n for n in model.kernels if registry.get(n).quantized})), 0.9), 3)
+    grid_p90 = grid_resolution(model)
     reps = Limits().reps
     settings = [(0.0, float("inf"))] + [(w, f) for f in FROM_US for w in sorted({*WITHIN, grid_p90})]
     report = {"model": os.path.relpath(args.model, ROOT), "grid_p90": grid_p90, "runs": {}}

@@ -12,7 +12,8 @@
 #             calls and the kernel table's image shapes with the rules, the committed fit
 #             (or HELDOUT_MODEL: /tmp/fit/sm90.json is the fit of a grid measured by stage 2
 #             with GRID_S or WINDOW on the same machine) and this calibration, in one run;
-#             PREVIOUS_MODEL adds the model a refit replaces, SHIP_FIT=1 calibrates the refit
+#             PREVIOUS_MODEL adds the model a refit replaces, SHIP_FIT=1 calibrates the refit;
+#             the contested row (heldout.py --contested) measures what the model cannot separate
 #   (kernels) WINDOW=window_: only those grid calls, fitted with the committed grid;
 #             PROBE=tiles_: only those probe calls, measured and not fitted
 #     overhead  the node's override against a direct call of the kernel it chose (auto)
@@ -96,7 +97,7 @@ case $stage in
       echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
       python3 benchmarks/heldout.py --out "$out/heldout" \
         --model "$model" \
-        --calibration "$out/calibration.json" --table --budget-s "${HELDOUT_S:-170}" \
+        --calibration "$out/calibration.json" --table --contested --budget-s "${HELDOUT_S:-170}" \
         ${PREVIOUS_MODEL:+--previous-model "$PREVIOUS_MODEL"}
     } > "$out/calibrate.log" 2>&1
     tail -30 "$out/calibrate.log"

@@ -20,9 +20,17 @@ the picks do (FA4 read 1.10x SDPA at SD1.5's level 1 in the kernel table's run, 
 shapes are left out: every `auto` gives them the same quantized kernel, and they would
 take most of the budget.
 
+With --contested, one more row: `auto` by the model, except that on a long call whose
+kernels the model cannot separate (predicted within the fit's own resolution of the best:
+benchmarks/contested.py, which judged this policy offline) those kernels and SDPA are timed
+once first and the fastest accurate one is kept, as `auto_tuned` would; the one-time cost
+of each such measurement is written as `contested_tuning_ms`. `auto` does not do this yet:
+the row measures whether it should.
+
 Usage:
   python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]
-                               [--calibration FILE] [--previous-model FILE] [--table] (GPU, <= 180 s)
+                               [--calibration FILE] [--previous-model FILE] [--contested] [--table]
+                                                                                      (GPU, <= 180 s)
   python benchmarks/heldout.py --out DIR --smoke [--model FILE]                      (CPU, tiny, sdpa only)
   python benchmarks/heldout.py --out DIR --from-json RUN/heldout.json                (no measuring: rejudge)
 Writes DIR/heldout.json and DIR/heldout.md.
@@ -50,23 +58,47 @@ from attention import registry  # noqa: E402
 from attention.bench.report import environment  # noqa: E402
 from attention.calibrate import BASELINE, CallTiming, kernel_names, measure_grid, timing_from_json  # noqa: E402
 from attention.calibration_calls import HELD_OUT, Call  # noqa: E402
-from attention.call import MASK_NONE  # noqa: E402
-from attention.cost_model import load  # noqa: E402
+from attention.call import MASK_NONE, CallSignature  # noqa: E402
+from attention.cost_model import CostModel, load  # noqa: E402
 from attention.cost_store import parse_file  # noqa: E402
 from attention.tuning_store import fingerprint  # noqa: E402
 from attention.dispatch import Dispatcher  # noqa: E402
 from attention.priority import load_table  # noqa: E402
 from attention.shapes import MODEL_SHAPES  # noqa: E402
+from attention.tuning import Decision, Tuner  # noqa: E402
+from contested import contested_kernels, grid_resolution  # noqa: E402
 from evaluate_cost_model import TARGET_MEDIAN, TARGET_VS_SDPA, TARGET_WORST, inside, target_line  # noqa: E402
 
 AUTO_RULES = "auto (rules)"
 AUTO_MODEL = "auto (model)"
 AUTO_CALIBRATED = "auto (calibrated)"
 AUTO_PREVIOUS = "auto (previous model)"
-AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS)
+AUTO_CONTESTED = "auto (model, contested measured)"
+AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS, AUTO_CONTESTED)
 SMOKE_SHRINK = 32
 # The kernel table's image shapes, timed with --table (bf16, as the table was).
 TABLE_KEYS = ("sd15_l1", "sd15_l2", "sd15_l3", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024", "qwen_1328")
+
+
+class ContestedTuner(Tuner):
+    """`auto_tuned` limited to the kernels the cost model cannot separate on a call
+    (benchmarks/contested.py, within the fit's own resolution), SDPA as the reference:
+    what `auto` would do if it measured those calls (not built). Other calls it leaves
+    to the model's order. `spent_ms` collects each measurement's one-time cost."""
+
+    def __init__(self, model: CostModel, within: float, path: str, spent_ms: dict[str, float], **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.model, self.within, self.spent_ms = model, within, spent_ms
+
+    def choose(self, call: CallSignature, tensors, runs: dict, prefer=()) -> Optional[Decision]:
+        names = contested_kernels(call, self.model, self.within)
+        if len(names) < 2:
+            return None
+        decision = super().choose(call, tensors, {n: r for n, r in runs.items() if n in names or n == BASELINE},
+                                  prefer=names)
+        if decision is not None:
+            self.spent_ms[call.describe()] = decision.tuning_ms
+        return decision
 
 
 def table_calls() -> list[Call]:
@@ -219,8 +251,8 @@ def rejudge(path: str, out: str) -> int:
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     timings = [timing_from_json(row) for row in data["timings"] + data.get("table", {}).get("timings", [])]
-    facts = {key: data[key] for key in ("environment", "model", "calibration", "previous_model", "elapsed_s",
-                                        "left_out", "smoke")
+    facts = {key: data[key] for key in ("environment", "model", "calibration", "previous_model",
+                                        "contested_tuning_ms", "elapsed_s", "left_out", "smoke")
              if key in data}
     write(out, timings, {**facts, "rejudged_from": os.path.basename(path)})
     return 0
@@ -232,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a fitted cost-model file: adds the `auto (model)` row")
     parser.add_argument("--previous-model", help="the cost-model file a refit replaces: adds the "
                                                  "`auto (previous model)` row, in the same rounds")
+    parser.add_argument("--contested", action="store_true",
+                        help="adds the `auto (model, contested measured)` row: the model's order, with the kernels it "
+                             "cannot separate on a long call timed once first (benchmarks/contested.py)")
     parser.add_argument("--calibration", help="a file `python -m attention calibrate --file` wrote on this "
                                               "machine: adds the `auto (calibrated)` row")
     parser.add_argument("--budget-s", type=float, default=170.0)
@@ -268,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration:
         calibrated = _calibrated_model(args.calibration, device)
         extra[AUTO_CALIBRATED] = lambda: Dispatcher(registry.AUTO, cost_model=calibrated)
+    contested_ms: dict[str, float] = {}
+    if args.contested:
+        if model is None:
+            parser.error("--contested needs --model")
+        within = grid_resolution(model)
+        # Its own file: the other rows' `auto` must not find these decisions saved.
+        contested_file = os.path.join(scratch, "contested.json")
+        extra[AUTO_CONTESTED] = lambda: Dispatcher(registry.AUTO_TUNED, cost_model=model, tuner=ContestedTuner(
+            model, within, contested_file, contested_ms))
 
     def time_one(call, device, names, **kwargs):
         from attention.calibrate import time_call
@@ -281,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                      call_budget_s=call_budget, time_one=time_one, label="held-out")
     elapsed = time.perf_counter() - started
     write(args.out, timings, {"environment": environment(), "model": args.model, "calibration": args.calibration,
-                              "previous_model": args.previous_model,
+                              "previous_model": args.previous_model, "contested_tuning_ms": contested_ms,
                               "elapsed_s": round(elapsed, 1), "left_out": left_out, "smoke": args.smoke})
     logging.info("%d calls in %.0f s (%d left out); wrote %s", len(timings), elapsed, len(left_out), args.out)
     return 0
