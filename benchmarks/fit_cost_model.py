@@ -81,11 +81,15 @@ def ratio_errors(model: CostModel, quantized: set[str]) -> list[tuple[float, str
 
 
 def on_long_calls(rows: list, long_from: int = LONG_FROM_TOKENS) -> list:
+    """The ratio_errors rows of calls with `long_from` or more query and key tokens."""
     return [r for r in rows if r[3][1] >= math.log(long_from) and r[3][2] >= math.log(long_from)]
 
 
 def quantile_ratio(rows: list, q: float) -> float:
     """The q-quantile of the ratio errors of `rows`, as a fraction (0.05: 5%)."""
+    if not rows:
+        raise ValueError("no ratio errors: the model has no residual correction with a quantized and an exact "
+                         "kernel on the same calls")
     values = sorted(r[0] for r in rows)
     return math.exp(values[min(len(values) - 1, int(q * len(values)))]) - 1
 

@@ -307,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.contested:
         if model is None:
             parser.error("--contested needs --model")
-        within = grid_resolution(model)
+        try:
+            within = grid_resolution(model)
+        except ValueError as error:
+            parser.error(f"--contested needs a model fitted with its residual correction ({error})")
         # Its own file: the other rows' `auto` must not find these decisions saved.
         contested_file = os.path.join(scratch, "contested.json")
         extra[AUTO_CONTESTED] = lambda: Dispatcher(registry.AUTO_TUNED, cost_model=model, tuner=ContestedTuner(

@@ -206,3 +206,10 @@ def test_heldout_smoke_with_the_contested_row(tmp_path):
     assert all("auto (model, contested measured)" in row["autos"] for row in written["rows"])
     with pytest.raises(SystemExit):
         _script("heldout").main(["--out", str(tmp_path), "--smoke", "--contested"])
+    # A model without the residual correction has no resolution to judge contests by.
+    bare = tmp_path / "bare.json"
+    data = json.loads(open(model, encoding="utf-8").read())
+    data.pop("correction")
+    bare.write_text(json.dumps(data))
+    with pytest.raises(SystemExit):
+        _script("heldout").main(["--out", str(tmp_path), "--smoke", "--model", str(bare), "--contested"])
