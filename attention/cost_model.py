@@ -79,6 +79,16 @@ HOST_BOUND_MARGIN = 0.15
 # H200: from this many keys (short cross-attention with FP8 P·V was outside it,
 # benchmarks/results/h200/kernels.md). The model speaks for speed, not for accuracy.
 QUANTIZED_MIN_KEYS = 1024
+# Kernels predicted within CONTESTED_WITHIN of the best on a call are ones the model cannot
+# separate: its leave-one-out error of a quantized/exact time ratio, at the p90, on grid
+# calls from 8192 tokens (cost_model/residuals.md; a test ties the two). Every held-out miss
+# of the model alone was such a pair (FA4 and Sage 2 fp8 at head dim 128, 18-33k tokens,
+# 1.5-6.7% apart, the winner changing between machines). `auto` times those kernels once
+# per call signature and machine, on calls whose SDPA is predicted at CONTESTED_FROM_US or
+# more: there one measurement costs about ten of the call's steps, which the run repays,
+# and shorter calls gain too little to pay for it (cost_model/contested.md).
+CONTESTED_WITHIN = 0.091
+CONTESTED_FROM_US = 5000.0
 
 _PARAMS = ("host_us", "flat_host_factor", "launch_us", "tile_us", "tflops", "softmax_gelems", "overlap", "gbps",
            "mask_factor", "ragged_factor")
@@ -318,6 +328,18 @@ def auto_order(predicted: Mapping[str, float], margin: Union[float, Mapping[str,
     faster = sorted((t, name) for name, t in predicted.items()
                     if name != safest and t < predicted[safest] / (1.0 + margins[name]))
     return [name for _, name in faster] + [safest]
+
+
+def contested(predicted: Mapping[str, float], order: list[str], within: float = CONTESTED_WITHIN,
+              from_us: float = CONTESTED_FROM_US, safest: str = SAFEST) -> list[str]:
+    """The kernels of `predicted` within `within` of the best kernel of `order` (auto's
+    order from `auto_order`), fastest predicted first, when SDPA is predicted at `from_us`
+    or more and there are at least two; else none."""
+    if predicted.get(safest, 0.0) < from_us or not order:
+        return []
+    limit = predicted[order[0]] * (1.0 + within)
+    leaders = sorted((t, name) for name, t in predicted.items() if t <= limit)
+    return [name for _, name in leaders] if len(leaders) > 1 else []
 
 
 def allowed_by_accuracy(name: str, quantized: bool, call: CallSignature) -> bool:

@@ -28,7 +28,9 @@ ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
-carries the tuner's decision, and later calls cost what any plan costs.
+carries the tuner's decision, and later calls cost what any plan costs. `auto` does the
+same on a long call whose kernels its cost model cannot separate (cost_model.contested),
+timing only those and SDPA, with a tuner of its own (`measurer`) and its own file.
 
 Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
 prepared function. A monitor (attention.quality) may watch the plans it cares about, and
@@ -55,12 +57,12 @@ from .counters import UsageCounters, count_value, summarize
 from .errors import FAILED, QUALITY, RULE, UNAVAILABLE, UNSUPPORTED, NoBackendError, Rejection, describe_exception
 from .layout import input_view, mask_adapter, native_layout, output_view
 from . import cost_store
-from .cost_model import CostModel
+from .cost_model import SAFEST, CostModel
 from .mask_serving import KEPT, served_signature, served_tensors, serving_run
 from .masks import GENERAL, MaskCache, MaskClass
 from .priority import ENV_TABLE, AutoEntry, Rule, auto_entries_for, load_table
 from .priority_list import NOTHING_AFTER, NamedBackend, Priority, TunedStrategy, parse_priority
-from .tuning import Decision, Tensors, Tuner
+from .tuning import Decision, Tensors, Tuner, auto_measured_path, auto_measures
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,15 @@ class Candidate:
     explicit: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Contest:
+    """Where `auto`'s order reaches kernels its cost model cannot separate on the call:
+    they and SDPA (the reference) are timed once on the real tensors, the fastest accurate
+    one serves. Without tensors or a measurer the walk goes on down the model's order."""
+
+    names: tuple[str, ...]
+
+
 class Prepared:
     """One backend made ready for one call signature: the views to the kernel's layout,
     the mask adapter, the kernel (with `settings` bound, for a backend that takes them;
@@ -196,11 +207,12 @@ class Plan:
     """The decision for one call signature, and the prepared function that carries it out."""
 
     __slots__ = ("backend", "name", "signature", "rejected", "run", "counter", "failed_calls", "refused", "error",
-                 "tuning", "retry", "mask_service", "masked_call", "settings")
+                 "tuning", "tuned_by", "retry", "mask_service", "masked_call", "settings")
 
     def __init__(self, backend: Optional[Backend], signature: CallSignature, rejected: tuple[Rejection, ...],
                  run: Optional[Callable], error: Optional[NoBackendError] = None,
-                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH, settings: Any = None) -> None:
+                 tuning: Optional[Decision] = None, passthrough: str = PASSTHROUGH, settings: Any = None,
+                 tuned_by: Optional[str] = None) -> None:
         self.backend = backend
         self.name = backend.name if backend is not None else passthrough
         self.signature = signature
@@ -210,7 +222,8 @@ class Plan:
         self.failed_calls = 0  # counted calls served again by another plan (kernel raised, or demoted)
         self.refused = 0  # calls that raised instead of being served (strict, or no fallback)
         self.error = error
-        self.tuning = tuning  # the tuner's decision, when auto_tuned chose this plan
+        self.tuning = tuning  # the tuner's decision, when a measurement chose this plan
+        self.tuned_by = tuned_by  # which strategy measured: registry.AUTO_TUNED, or AUTO (a contested call)
         # Made while a kernel's failure kept it off this signature: plan again next run.
         self.retry = any(r.kind == FAILED for r in rejected)
         # Masked calls: how the mask was served (mask_serving.SERVICES) and the call as
@@ -266,13 +279,18 @@ class Dispatcher:
     settings: per backend name, the settings object of a backend that takes one (the
         sparse backends); a backend named without settings runs with its defaults.
     monitor: watches the plans as they are made (the sparse node's quality monitor).
+    measurer: times the kernels `auto`'s cost model cannot separate on a long call
+        (cost_model.contested); one is made (auto_measured.json beside the default
+        tuning file) when the priority names `auto`, a cost model decides, none is given,
+        `measure_contested` is true and ATTENTION_BACKENDS_AUTO_MEASURE is not 0.
     """
 
     def __init__(self, priority: str | Sequence[str] | Priority = registry.AUTO, *, strict: bool = False,
                  auto_table: Optional[dict[str, tuple[AutoEntry, ...]]] = None,
                  tuner: Optional[Tuner] = None, cost_model: Optional[CostModel] = None,
                  passthrough: str = PASSTHROUGH, mask_cache: Optional[MaskCache] = None,
-                 settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None) -> None:
+                 settings: Optional[Mapping[str, Any]] = None, monitor: Optional[PlanMonitor] = None,
+                 measurer: Optional[Tuner] = None, measure_contested: bool = True) -> None:
         self.priority: Priority = parse_priority(priority)
         self.strict = strict
         self.settings = _checked_settings(settings or {})
@@ -286,6 +304,10 @@ class Dispatcher:
         if tuner is None and self.priority.uses_tuner:
             tuner = Tuner()
         self.tuner = tuner
+        if (measurer is None and measure_contested and self.priority.uses_auto and not self._table_decides
+                and auto_measures()):
+            measurer = Tuner(auto_measured_path())
+        self.measurer = measurer if measure_contested else None
         self.masks = mask_cache if mask_cache is not None else MaskCache()
         self._plans: dict[tuple, Plan] = {}
         self._prepared: dict[tuple[str, CallSignature, Priority], Prepared] = {}
@@ -362,24 +384,32 @@ class Dispatcher:
         return self(q, k, v, heads, mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
                     scale=scale, attn_precision=attn_precision, low_precision=low_precision)
 
-    def candidates(self, call: CallSignature) -> list[Candidate | TunedStrategy]:
+    def candidates(self, call: CallSignature) -> list[Candidate | TunedStrategy | Contest]:
         """The priority list for this call, strategies expanded, duplicates dropped.
-        `auto` becomes the auto order; `auto_tuned` stays as itself (decided with the
-        tensors), followed by the auto order for calls the tuner leaves undecided."""
-        auto_order: list[Candidate] = []
-        if self.priority.uses_auto_order:
-            auto_order = [Candidate(e.backend, e.rule, False) for e in self.auto_entries(call)]
+        `auto` becomes the auto order, with a Contest before the first kernel its cost model
+        cannot separate (when this dispatcher has a measurer); `auto_tuned` stays as itself
+        (decided with the tensors), followed by the auto order for calls the tuner leaves
+        undecided (no Contest there: auto_tuned's budget, once spent, means no timing)."""
+        auto_entries = self.auto_entries(call) if self.priority.uses_auto_order else ()
+        auto_order = [Candidate(e.backend, e.rule, False) for e in auto_entries]
+        contested = tuple(e.backend for e in auto_entries if e.measure) if self.measurer is not None else ()
         seen: set[str] = set()
-        result: list[Candidate | TunedStrategy] = []
+        result: list[Candidate | TunedStrategy | Contest] = []
         for entry in self.priority:
             if isinstance(entry, NamedBackend):
-                expanded: list[Candidate | TunedStrategy] = [Candidate(entry.name, _ALWAYS, True)]
+                expanded: list[Candidate | TunedStrategy | Contest] = [Candidate(entry.name, _ALWAYS, True)]
             elif isinstance(entry, TunedStrategy):
                 expanded = [entry, *auto_order]
             else:
                 expanded = list(auto_order)
+                if contested:
+                    first = next(i for i, e in enumerate(auto_entries) if e.measure)
+                    expanded.insert(first, Contest(contested))
             for candidate in expanded:
-                if candidate.name not in seen:
+                if isinstance(candidate, Contest):
+                    if candidate not in result:
+                        result.append(candidate)
+                elif candidate.name not in seen:
                     seen.add(candidate.name)
                     result.append(candidate)
         return result
@@ -426,6 +456,12 @@ class Dispatcher:
                 if tuned is not None:
                     return tuned
                 continue
+            if isinstance(candidate, Contest):
+                measured = (self._measured_plan(call, candidate.names, tensors, rejected, checked)
+                            if tensors is not None and self.measurer else None)
+                if measured is not None:
+                    return measured
+                continue
             backend = registry.get(candidate.name)
             why_rule = candidate.rule.reason(call)
             if why_rule is not None:
@@ -461,8 +497,11 @@ class Dispatcher:
     def runs_traced_sdpa(self, call: CallSignature) -> bool:
         """Whether a compiled graph may run `call` as PyTorch's SDPA traced into the graph
         (nodes/compiled.py): this dispatcher's plan for it is plain `sdpa`, which needs no
-        look at the tensors, and is no fallback from a kernel that failed this run (that
-        kernel is retried next run, which a graph cannot do)."""
+        look at the tensors, is no fallback from a kernel that failed this run (that
+        kernel is retried next run, which a graph cannot do), and is not a contested call
+        that `auto` decides by timing on the tensors."""
+        if any(isinstance(candidate, Contest) for candidate in self.candidates(call)):
+            return False
         plan = self.plan_for(call)
         return (plan.backend is not None and plan.name == TRACED_BACKEND and plan.backend.runtime_check is None
                 and not plan.retry)
@@ -489,12 +528,15 @@ class Dispatcher:
             return plan
 
     def eligible(self, call: CallSignature, tensors: Tensors,
-                 checked: Optional[dict[Prepared, list[str]]] = None) -> dict[str, Callable]:
-        """Every tunable backend that can serve this call here, prepared to run it
-        (`checked`: runtime checks already made on `tensors`, added to)."""
+                 checked: Optional[dict[Prepared, list[str]]] = None,
+                 only: Optional[frozenset[str]] = None) -> dict[str, Callable]:
+        """Every tunable backend (of `only`, when given) that can serve this call here,
+        prepared to run it (`checked`: runtime checks already made on `tensors`, added to)."""
         checked = {} if checked is None else checked
         runs = {}
         for backend in registry.all_backends():
+            if only is not None and backend.name not in only:
+                continue
             if not backend.tunable or not backend.availability().available or backend.call_reasons(call):
                 continue
             if _blocking_failure(backend.name, call) is not None:
@@ -512,7 +554,20 @@ class Dispatcher:
         if decision is None:
             return None
         return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
-                    passthrough=self.passthrough)
+                    passthrough=self.passthrough, tuned_by=registry.AUTO_TUNED)
+
+    def _measured_plan(self, call: CallSignature, names: tuple[str, ...], tensors: Tensors,
+                       rejected: list[Rejection], checked: dict[Prepared, list[str]]) -> Optional[Plan]:
+        """The contested kernels `names` and SDPA timed through the measurer (a saved
+        measurement of this machine is reused), the fastest accurate one planned."""
+        runs = self.eligible(call, tensors, checked, only=frozenset((*names, SAFEST)))
+        if len(runs) < 2:
+            return None
+        decision = self.measurer.choose(call, tensors, runs, prefer=names)
+        if decision is None:
+            return None
+        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
+                    passthrough=self.passthrough, tuned_by=registry.AUTO)
 
     def plans(self) -> list[Plan]:
         """Every plan of this run (including ones replaced after a failure or evicted)."""
@@ -664,6 +719,6 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
-__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Failure", "failure_rows", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Contest", "Failure", "failure_rows", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
            "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
            "FAILED", "QUALITY"]

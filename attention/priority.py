@@ -36,7 +36,8 @@ import threading
 from typing import Any, Optional
 
 from .call import CallSignature
-from .cost_model import HOST_BOUND_MARGIN, QUANTIZED_MIN_KEYS, SAFEST, CostModel, allowed_by_accuracy, auto_order
+from .cost_model import (HOST_BOUND_MARGIN, QUANTIZED_MIN_KEYS, SAFEST, CostModel, allowed_by_accuracy, auto_order,
+                         contested)
 from .registry import get
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class AutoEntry:
     backend: str
     rule: Rule = Rule()
     evidence: str = ""
+    # One of the kernels a cost model cannot separate on this call (cost_model.contested):
+    # the dispatcher times them once, with SDPA as the reference, before walking the order.
+    measure: bool = False
 
 
 _D128 = frozenset({128})
@@ -269,7 +273,8 @@ def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...
     """`auto`'s order for one call from a cost model: the kernels that can serve it here,
     by predicted time, none predicted slower than SDPA (cost_model.auto_order). The kernels
     it passes over (predicted no faster than SDPA by the margin, or quantized on a short
-    call) come just before SDPA as entries that say why, so the report lists them."""
+    call) come just before SDPA as entries that say why, so the report lists them. The
+    kernels it cannot separate (cost_model.contested) are marked `measure`."""
     predicted, copying, too_short = model_candidates(call, model)
     passed = [AutoEntry(name, Rule(passed_over=(
         f"auto's cost model uses quantized kernels from {QUANTIZED_MIN_KEYS} query and key tokens "
@@ -277,14 +282,16 @@ def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...
     base = predicted.get(SAFEST)
     margins = model.margins(call, predicted, copying)
     order = auto_order(predicted, margins)
+    measured = frozenset(contested(predicted, order))
     entries = [AutoEntry(name, _ALWAYS, f"{model.source} cost model: {predicted[name]:.1f} µs predicted"
-                         + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""))
+                         + (f", SDPA {base:.1f} µs" if base is not None and name != SAFEST else ""),
+                         measure=name in measured)
                for name in order]
     if base is not None:
         passed += [AutoEntry(name, Rule(passed_over=(
             f"{model.source} cost model: {predicted[name]:.1f} µs predicted, SDPA {base:.1f} µs (auto leaves "
             f"SDPA only for a predicted gain over {margins[name]:.0%}"
-            f"{' when the host path decides' if margins[name] == HOST_BOUND_MARGIN else ''})")))
+            f"{' when the host path decides' if margins[name] == HOST_BOUND_MARGIN else ''})")), measure=name in measured)
             for name in sorted(predicted, key=predicted.get) if name not in order]
     return tuple(entries[:-1] + passed + entries[-1:])
 

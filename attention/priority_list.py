@@ -100,6 +100,11 @@ class Priority:
         return any(isinstance(entry, TunedStrategy) for entry in self.entries)
 
     @property
+    def uses_auto(self) -> bool:
+        """Whether `auto` itself decides a position (it may then time contested calls)."""
+        return any(isinstance(entry, AutoStrategy) for entry in self.entries)
+
+    @property
     def uses_auto_order(self) -> bool:
         """Whether a strategy brings the device's auto order in (both strategies do)."""
         return any(not isinstance(entry, NamedBackend) for entry in self.entries)
@@ -127,7 +132,7 @@ class Priority:
     def with_auto_fallback(self) -> Priority:
         """This list, ending in `auto` unless it already names it: the automatic order
         serves what the named backends cannot."""
-        if any(isinstance(entry, AutoStrategy) for entry in self.entries):
+        if self.uses_auto:
             return self
         return Priority(self.entries + (AutoStrategy(),))
 

@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 
 ENV_SIGNATURE_S = "ATTENTION_BACKENDS_TUNE_SIGNATURE_S"
 ENV_RUN_S = "ATTENTION_BACKENDS_TUNE_RUN_S"
+# Set to 0 and `auto` never times the kernels its cost model cannot separate: it runs the
+# model's first choice (the same call then always gets the same kernel, on every machine).
+ENV_AUTO_MEASURE = "ATTENTION_BACKENDS_AUTO_MEASURE"
+# `auto`'s measurements live beside auto_tuned's decisions in a file of their own: one made
+# among the few contested kernels must never pass for one made among all (auto_tuned's).
+AUTO_MEASURED_FILE = "auto_measured.json"
 # Query rows compared against the reference: enough to see a kernel's error, few
 # enough that comparing costs little next to timing.
 COMPARED_ROWS = 4096
@@ -126,6 +132,16 @@ def signature_key(call: CallSignature) -> str:
         f"D{call.head_dim}", f"Dv{call.head_dim_v}", f"mask={mask}", f"in={call.layout_in}",
         f"out={call.layout_out}", f"prec={precision}", f"lowp={int(call.low_precision_ok)}",
         f"scale={int(call.custom_scale)}"))
+
+
+def auto_measures() -> bool:
+    """Whether `auto` times contested calls here (ATTENTION_BACKENDS_AUTO_MEASURE unset or not 0)."""
+    return os.environ.get(ENV_AUTO_MEASURE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def auto_measured_path(tuning_path: Optional[str] = None) -> str:
+    """The file of `auto`'s measurements: AUTO_MEASURED_FILE beside the tuning file."""
+    return os.path.join(os.path.dirname(os.path.abspath(tuning_path or default_path())), AUTO_MEASURED_FILE)
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import registry  # noqa: E402
 from attention.calibrate import BASELINE  # noqa: E402
 from attention.call import CallSignature  # noqa: E402
-from attention.cost_model import CostModel, auto_order, load  # noqa: E402
+from attention.cost_model import CONTESTED_FROM_US, CostModel, auto_order, contested as contested_of, load  # noqa: E402
 from attention.priority import model_candidates  # noqa: E402
 from attention.tuning import Limits  # noqa: E402
 from evaluate_cost_model import (TARGET_MEDIAN, TARGET_VS_SDPA, TARGET_WORST, EvalCall, decide,  # noqa: E402
@@ -48,22 +48,17 @@ from fit_cost_model import on_long_calls, quantile_ratio, ratio_errors  # noqa: 
 
 # The committed runs that timed every kernel the shipped model knows (Sage 2 built there).
 RUNS = ("heldout.json", "run2/heldout.json", "run3/heldout.json", "run4/heldout.json", "run6/heldout.json",
-        "run7/heldout.json", "run9/heldout.json")
-FROM_US = (1000.0, 5000.0)
+        "run7/heldout.json", "run9/heldout.json", "run10/heldout.json")
+FROM_US = (1000.0, CONTESTED_FROM_US)
 WITHIN = (0.03, 0.05, 0.15)  # beside the grid's own p90 (added in main)
 
 
 def contested_kernels(signature: CallSignature, model: CostModel, within: float,
                       from_us: float = FROM_US[1]) -> list[str]:
-    """The kernels `auto` would time on a call: those it may run here whose prediction is
-    within `within` of the best, when SDPA is predicted at `from_us` or more and there are two."""
+    """The kernels `auto` times on a call (cost_model.contested) at `within` and `from_us`."""
     predicted, copying, _ = model_candidates(signature, model)
-    if predicted.get(BASELINE, 0.0) < from_us:
-        return []
     order = auto_order(predicted, model.margins(signature, predicted, copying))
-    best = predicted[order[0]]
-    leaders = [name for name in sorted(predicted, key=predicted.get) if predicted[name] <= best * (1.0 + within)]
-    return leaders if len(leaders) > 1 else []
+    return contested_of(predicted, order, within, from_us)
 
 
 def contested(call: EvalCall, model: CostModel, within: float, from_us: float) -> list[str]:

@@ -20,12 +20,14 @@ the picks do (FA4 read 1.10x SDPA at SD1.5's level 1 in the kernel table's run, 
 shapes are left out: every `auto` gives them the same quantized kernel, and they would
 take most of the budget.
 
-With --contested, one more row: `auto` by the model, except that on a long call whose
-kernels the model cannot separate (predicted within the fit's own resolution of the best:
-benchmarks/contested.py, which judged this policy offline) those kernels and SDPA are timed
-once first and the fastest accurate one is kept, as `auto_tuned` would; the one-time cost
-of each such measurement is written as `contested_tuning_ms`. `auto` does not do this yet:
-the row measures whether it should.
+The `auto (model)`, `auto (calibrated)` and `auto (previous model)` rows are a model
+alone: `auto` there never times a call. With --contested, `auto` as it ships is added for
+the model and for the calibration: on a long call whose kernels the model cannot separate
+(attention.cost_model.contested; benchmarks/contested.py judged the policy offline) those
+kernels and SDPA are timed once first, before the rounds, and the fastest accurate one
+serves. Each row has a measurement file of its own, so neither reuses the other's; the
+one-time cost of each measurement is written as `contested_tuning_ms`, and what it saw
+as `contested_decisions`, per row.
 
 Usage:
   python benchmarks/heldout.py --out DIR [--model attention/cost_models/sm90.json]
@@ -65,8 +67,7 @@ from attention.tuning_store import fingerprint  # noqa: E402
 from attention.dispatch import Dispatcher  # noqa: E402
 from attention.priority import load_table  # noqa: E402
 from attention.shapes import MODEL_SHAPES  # noqa: E402
-from attention.tuning import Decision, Tuner  # noqa: E402
-from contested import contested_kernels, grid_resolution  # noqa: E402
+from attention.tuning import MEASURED, Tuner  # noqa: E402
 from evaluate_cost_model import TARGET_MEDIAN, TARGET_VS_SDPA, TARGET_WORST, inside, target_line  # noqa: E402
 
 AUTO_RULES = "auto (rules)"
@@ -74,31 +75,11 @@ AUTO_MODEL = "auto (model)"
 AUTO_CALIBRATED = "auto (calibrated)"
 AUTO_PREVIOUS = "auto (previous model)"
 AUTO_CONTESTED = "auto (model, contested measured)"
-AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS, AUTO_CONTESTED)
+AUTO_CALIBRATED_CONTESTED = "auto (calibrated, contested measured)"
+AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS, AUTO_CONTESTED, AUTO_CALIBRATED_CONTESTED)
 SMOKE_SHRINK = 32
 # The kernel table's image shapes, timed with --table (bf16, as the table was).
 TABLE_KEYS = ("sd15_l1", "sd15_l2", "sd15_l3", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024", "qwen_1328")
-
-
-class ContestedTuner(Tuner):
-    """`auto_tuned` limited to the kernels the cost model cannot separate on a call
-    (benchmarks/contested.py, within the fit's own resolution), SDPA as the reference:
-    what `auto` would do if it measured those calls (not built). Other calls it leaves
-    to the model's order. `spent_ms` collects each measurement's one-time cost."""
-
-    def __init__(self, model: CostModel, within: float, path: str, spent_ms: dict[str, float], **kwargs) -> None:
-        super().__init__(path, **kwargs)
-        self.model, self.within, self.spent_ms = model, within, spent_ms
-
-    def choose(self, call: CallSignature, tensors, runs: dict, prefer=()) -> Optional[Decision]:
-        names = contested_kernels(call, self.model, self.within)
-        if len(names) < 2:
-            return None
-        decision = super().choose(call, tensors, {n: r for n, r in runs.items() if n in names or n == BASELINE},
-                                  prefer=names)
-        if decision is not None:
-            self.spent_ms[call.describe()] = decision.tuning_ms
-        return decision
 
 
 def table_calls() -> list[Call]:
@@ -233,7 +214,7 @@ def write(out: str, timings: list[CallTiming], facts: dict) -> None:
         json.dump({**facts, "summary": totals, "rows": rows, "timings": [t.to_json() for t in held],
                    "table": {"summary": table_totals, "rows": table_rows, "timings": [t.to_json() for t in table]}},
                   handle, indent=1)
-    text = "# Held-out calls\n\n" + markdown(held, rows, totals)
+    text = "# Held-out calls\n\n" + markdown(held, rows, totals) + _measuring_cost(facts.get("contested_tuning_ms"))
     if table:
         text += ("\n# The kernel table's image shapes, in the same run\n\n" + markdown(table, table_rows, table_totals)
                  + "\n" + "\n".join(versus_rules(table_rows)) + "\n")
@@ -245,6 +226,19 @@ def write(out: str, timings: list[CallTiming], facts: dict) -> None:
             print(target_line(title, label.removeprefix("auto (").rstrip(")"), s))  # noqa: T201
 
 
+def _measuring_cost(spent: Optional[dict]) -> str:
+    """What the contested calls' one-time measurements cost, per row (a run of 2026-12-03
+    or later) or for its one contested row (earlier runs)."""
+    if not spent:
+        return ""
+    per_row = spent if all(isinstance(v, dict) for v in spent.values()) else {AUTO_CONTESTED: spent}
+    lines = ["", "One-time measurements of contested calls (each before its call's rounds, once per signature):", ""]
+    for label, by_call in per_row.items():
+        lines.append(f"- {label}: {len(by_call)} call{'s' * (len(by_call) != 1)}, "
+                     f"{sum(by_call.values()) / 1e3:.2f} s in all")
+    return "\n".join(lines) + "\n"
+
+
 def rejudge(path: str, out: str) -> int:
     """A committed run's tables again from its timings, with today's verdict rules (the
     noise floor, the targets): the measurements are untouched."""
@@ -252,7 +246,8 @@ def rejudge(path: str, out: str) -> int:
         data = json.load(handle)
     timings = [timing_from_json(row) for row in data["timings"] + data.get("table", {}).get("timings", [])]
     facts = {key: data[key] for key in ("environment", "model", "calibration", "previous_model",
-                                        "contested_tuning_ms", "elapsed_s", "left_out", "smoke")
+                                        "contested_tuning_ms", "contested_decisions", "elapsed_s", "left_out",
+                                        "smoke")
              if key in data}
     write(out, timings, {**facts, "rejudged_from": os.path.basename(path)})
     return 0
@@ -265,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--previous-model", help="the cost-model file a refit replaces: adds the "
                                                  "`auto (previous model)` row, in the same rounds")
     parser.add_argument("--contested", action="store_true",
-                        help="adds the `auto (model, contested measured)` row: the model's order, with the kernels it "
-                             "cannot separate on a long call timed once first (benchmarks/contested.py)")
+                        help="adds `auto` as it ships, for the model and the calibration: the kernels the model "
+                             "cannot separate on a long call timed once first (attention.cost_model.contested)")
     parser.add_argument("--calibration", help="a file `python -m attention calibrate --file` wrote on this "
                                               "machine: adds the `auto (calibrated)` row")
     parser.add_argument("--budget-s", type=float, default=170.0)
@@ -295,26 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ATTENTION_BACKENDS_CALIBRATION_FILE"] = os.path.join(scratch, "calibration.json")
     model = load(args.model, registry.names()) if args.model else None
     extra = {AUTO_RULES: lambda: Dispatcher(registry.AUTO, auto_table=load_table())}
+    models = {}
     if model is not None:
-        extra[AUTO_MODEL] = lambda: Dispatcher(registry.AUTO, cost_model=model)
+        models[AUTO_MODEL] = model
     if args.previous_model:
-        previous = load(args.previous_model, registry.names())
-        extra[AUTO_PREVIOUS] = lambda: Dispatcher(registry.AUTO, cost_model=previous)
+        models[AUTO_PREVIOUS] = load(args.previous_model, registry.names())
     if args.calibration:
-        calibrated = _calibrated_model(args.calibration, device)
-        extra[AUTO_CALIBRATED] = lambda: Dispatcher(registry.AUTO, cost_model=calibrated)
-    contested_ms: dict[str, float] = {}
+        models[AUTO_CALIBRATED] = _calibrated_model(args.calibration, device)
+    for label, row_model in models.items():
+        extra[label] = lambda m=row_model: Dispatcher(registry.AUTO, cost_model=m, measure_contested=False)
+    measurers: dict[str, Tuner] = {}
     if args.contested:
         if model is None:
             parser.error("--contested needs --model")
-        try:
-            within = grid_resolution(model)
-        except ValueError as error:
-            parser.error(f"--contested needs a model fitted with its residual correction ({error})")
-        # Its own file: the other rows' `auto` must not find these decisions saved.
-        contested_file = os.path.join(scratch, "contested.json")
-        extra[AUTO_CONTESTED] = lambda: Dispatcher(registry.AUTO_TUNED, cost_model=model, tuner=ContestedTuner(
-            model, within, contested_file, contested_ms))
+        contested_rows = {AUTO_CONTESTED: AUTO_MODEL, AUTO_CALIBRATED_CONTESTED: AUTO_CALIBRATED}
+        for label, alone in contested_rows.items():
+            if alone in models:
+                # A file per row: one row must not reuse the other's measurements.
+                measurers[label] = Tuner(os.path.join(scratch, f"contested-{len(measurers)}.json"))
+                extra[label] = lambda m=models[alone], t=measurers[label]: Dispatcher(registry.AUTO, cost_model=m,
+                                                                                      measurer=t)
 
     def time_one(call, device, names, **kwargs):
         from attention.calibrate import time_call
@@ -328,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                                      call_budget_s=call_budget, time_one=time_one, label="held-out")
     elapsed = time.perf_counter() - started
     write(args.out, timings, {"environment": environment(), "model": args.model, "calibration": args.calibration,
-                              "previous_model": args.previous_model, "contested_tuning_ms": contested_ms,
+                              "previous_model": args.previous_model,
+                              "contested_tuning_ms": {label: {d.key: d.tuning_ms for d in tuner.decisions
+                                                              if d.source == MEASURED}
+                                                      for label, tuner in measurers.items()},
+                              # What each measurement saw (times, errors, its noise floor): a
+                              # rule on top of it can be judged offline against the rounds.
+                              "contested_decisions": {label: {d.key: d.to_json() for d in tuner.decisions}
+                                                      for label, tuner in measurers.items()},
                               "elapsed_s": round(elapsed, 1), "left_out": left_out, "smoke": args.smoke})
     logging.info("%d calls in %.0f s (%d left out); wrote %s", len(timings), elapsed, len(left_out), args.out)
     return 0

@@ -16,7 +16,7 @@ from .override import build_override
 from .report import passthrough_name, run_wrapper
 from .routing import BlockLayout, RoutingRules, build_route, step_window_wrapper
 from .state import PatchState
-from .tuning import REUSE, make_tuner
+from .tuning import REUSE, make_measurer, make_tuner
 
 FALL_BACK = "fall back"
 STOP = "stop"
@@ -67,7 +67,7 @@ def patch_model(model: Any, *, priority: Priority | str | Sequence[str], strict:
     if main is None:
         priority = parse_priority(priority)
         main = Dispatcher(priority, strict=strict, tuner=make_tuner(priority, tuning), mask_cache=masks,
-                          passthrough=passed_on_to)
+                          passthrough=passed_on_to, measurer=make_measurer(priority, tuning))
     if exact is None and advanced:
         exact = Dispatcher(list(EXACT_PRIORITY), mask_cache=masks, passthrough=passed_on_to)
     # The Sparse node's own dispatchers report passed-on calls by where they went too.

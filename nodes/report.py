@@ -24,6 +24,8 @@ import torch
 
 from ..attention import PASSTHROUGH
 from ..attention.contract import decision_json, signature_fields
+from ..attention.registry import AUTO, AUTO_TUNED
+from ..attention.tuning import Tuner
 from .compat import OVERRIDE_KEY, prompt_server
 from .coverage import BypassProbe, Coverage, ReplacedLayers, function_label, function_origin, run_coverage
 from .executing import report_node
@@ -126,12 +128,21 @@ def _finish(state: PatchState, guider: Any, probe: Optional[BypassProbe]) -> Non
         publish(state, report)
     except Exception:
         log.exception("attention backends: could not build the run report")
-    # auto_tuned's decisions of this run: written once, here, never inside sampling.
-    if state.tuner is not None:
+    # The measured decisions of this run: written once, here, never inside sampling.
+    for tuner in state.tuners():
         try:
-            state.tuner.flush()
+            tuner.flush()
         except Exception:
             log.exception("attention backends: could not save the tuning decisions")
+
+
+def _measured_line(tuning: dict, what: str, left_to: str) -> str:
+    """The log line's words for auto_tuned's `tuning`, or `auto`'s measured contested calls."""
+    noun = "contested signatures" if tuning.get("strategy") == AUTO else "signatures"
+    return (f"{what} {tuning['measured']} {noun} measured in {tuning['tuning_s']:.2f}s, "
+            f"{tuning['reused']} reused from {tuning['file']}"
+            + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
+            + (f", {len(tuning['left_to_auto'])} left to {left_to} (run budget spent)" if tuning["left_to_auto"] else ""))
 
 
 def _model_name(model: Any) -> str:
@@ -201,6 +212,7 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
                      "unknown_form_calls_counted": not state.compiled},
         "plans": sorted(plans, key=lambda row: -row["calls"]),
         "tuning": _tuning(state),
+        "auto_measured": _auto_measured(state),
         "quality": state.monitor.summary() if state.monitor is not None else None,
         "head_parallel": head_parallel,
         "warnings": _warnings(state, received, still_installed, coverage, served, refused),
@@ -209,11 +221,22 @@ def build_report(state: PatchState, *, still_installed: bool, model_name: str,
 
 def _tuning(state: PatchState) -> Optional[dict]:
     """auto_tuned's part of the run, or None when the node does not use it."""
-    if state.tuner is None:
+    return _measured(state.tuner, state, AUTO_TUNED)
+
+
+def _auto_measured(state: PatchState) -> Optional[dict]:
+    """The contested calls `auto` timed or reused a measurement for in this run, or None
+    when there were none (most runs: image models' calls are never contested)."""
+    summary = _measured(state.measurer, state, AUTO)
+    return summary if summary is not None and summary["decisions"] else None
+
+
+def _measured(tuner: Optional[Tuner], state: PatchState, strategy: str) -> Optional[dict]:
+    if tuner is None:
         return None
-    summary = state.tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
-                                  if p.calls and p.tuning is not None)
-    return {**summary, "decisions": [decision_json(d) for d in summary["decisions"]]}
+    summary = tuner.summary(p.tuning for _, d in state.dispatchers() for p in d.plans()
+                            if p.calls and p.tuning is not None and p.tuned_by == strategy)
+    return {**summary, "strategy": strategy, "decisions": [decision_json(d) for d in summary["decisions"]]}
 
 
 def _plan_row(route: str, plan: Any) -> dict:
@@ -222,7 +245,8 @@ def _plan_row(route: str, plan: Any) -> dict:
             "refused": plan.refused, "route": route,
             "passed_over": [{"backend": r.backend, "kind": r.kind, "reasons": list(r.reasons)}
                             for r in plan.rejected],
-            "tuned": None if plan.tuning is None else plan.tuning.source, "mask": plan.mask_service,
+            "tuned": None if plan.tuning is None else plan.tuning.source, "tuned_by": plan.tuned_by,
+            "mask": plan.mask_service,
             "masked_call": None if plan.masked_call is None else plan.masked_call.describe(),
             "settings": None if plan.settings is None else plan.settings.describe()}
 
@@ -326,13 +350,11 @@ def summary(report: dict) -> str:
     routed = {rule: calls for rule, calls in report["routing"].items() if calls}
     if routed:
         parts.append("routed " + ", ".join(f"{rule} {calls}" for rule, calls in routed.items()))
-    tuning = report.get("tuning")
-    if tuning:
-        parts.append(f"auto_tuned: {tuning['measured']} signatures measured in {tuning['tuning_s']:.2f}s, "
-                     f"{tuning['reused']} reused from {tuning['file']}"
-                     + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
-                     + (f", {len(tuning['left_to_auto'])} left to auto (run budget spent)"
-                        if tuning["left_to_auto"] else ""))
+    for key, what, left_to in (("tuning", "auto_tuned:", "auto"),
+                               ("auto_measured", "auto measured", "the model's choice")):
+        tuning = report.get(key)
+        if tuning:
+            parts.append(_measured_line(tuning, what, left_to))
     quality = report.get("quality")
     if quality and quality["signatures"]:
         worst = [row["worst_rel_l1"] for row in quality["signatures"] if row["worst_rel_l1"] is not None]

@@ -14,12 +14,14 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from ..attention import AUTO, Dispatcher, sparse_names
+from ..attention import AUTO, Dispatcher, parse_priority, sparse_names
 from ..attention.quality import DEFAULT_BUDGET_REL_L1, QualityMonitor, QualityPolicy
+from ..attention.tuning import Tuner
 from ..attention.sparsity import TEXT_POSITIONS, SolSettings, SpargeSettings
 from .patch import patch_model
 from .routing import RoutingRules
 from .state import PatchState
+from .tuning import REUSE, make_measurer
 
 SOL = "sol"
 SPARGE = "sparge"
@@ -83,13 +85,16 @@ def all_problems(backend: str, settings: Any, rules: RoutingRules, policy: Quali
     return found + settings.problems()
 
 
-def sparse_dispatchers(backend: str, settings: Any,
-                       policy: QualityPolicy) -> tuple[Dispatcher, Dispatcher, QualityMonitor]:
+def sparse_dispatchers(backend: str, settings: Any, policy: QualityPolicy,
+                       measurer: Optional[Tuner] = None) -> tuple[Dispatcher, Dispatcher, QualityMonitor]:
     """(main, dense, monitor): `main` tries the sparse backend with the node's settings
-    and then `auto`, watched by the monitor; `dense` serves calls the rules route away."""
+    and then `auto`, watched by the monitor; `dense` serves calls the rules route away.
+    `measurer`, shared by both, times a contested dense call once, whichever serves it
+    (none: `auto` never times one)."""
     monitor = QualityMonitor(policy)
-    main = Dispatcher([backend] + list(DENSE_PRIORITY), settings={backend: settings}, monitor=monitor)
-    return main, Dispatcher(list(DENSE_PRIORITY)), monitor
+    timing = {"measurer": measurer, "measure_contested": measurer is not None}
+    main = Dispatcher([backend] + list(DENSE_PRIORITY), settings={backend: settings}, monitor=monitor, **timing)
+    return main, Dispatcher(list(DENSE_PRIORITY), **timing), monitor
 
 
 def sparse_rules(rules: RoutingRules) -> RoutingRules:
@@ -100,6 +105,7 @@ def sparse_rules(rules: RoutingRules) -> RoutingRules:
 def patch_sparse(model: Any, *, backend: str, settings: Any, rules: RoutingRules, policy: QualityPolicy,
                  node_id: Optional[str] = None) -> tuple[Any, PatchState]:
     """A clone of `model` whose self-attention calls go to `backend` where the rules allow."""
-    main, dense, monitor = sparse_dispatchers(backend, settings, policy)
+    main, dense, monitor = sparse_dispatchers(backend, settings, policy,
+                                              make_measurer(parse_priority(DENSE_PRIORITY), REUSE))
     return patch_model(model, priority=main.priority, strict=False, selection=backend, node_id=node_id,
                        node_type=NODE_TYPE, rules=sparse_rules(rules), main=main, exact=dense, monitor=monitor)

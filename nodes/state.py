@@ -32,6 +32,9 @@ class PatchState:
         self.main = main
         self.exact = exact  # serves calls routed to exact attention (Advanced node only)
         self.tuner: Optional[Tuner] = main.tuner  # decides auto_tuned; reports its run
+        # Times what `auto` cannot separate (contested calls); reports its run. Shared with
+        # the exact dispatcher where one is (the Sparse node's dense calls).
+        self.measurer: Optional[Tuner] = main.measurer
         self.monitor = monitor  # checks sparse plans' error (Sparse node only)
         # Splits calls across GPUs when the priority names head_parallel; reports its run.
         self.head_group: Optional[HeadGroup] = default_group() if main.priority.names_backend(HEAD_PARALLEL) else None
@@ -50,12 +53,16 @@ class PatchState:
             pairs.append(("exact", self.exact))
         return pairs
 
+    def tuners(self) -> list[Tuner]:
+        """The tuners of this node: auto_tuned's and `auto`'s measurer, where there are."""
+        return [tuner for tuner in (self.tuner, self.measurer) if tuner is not None]
+
     def begin_run(self) -> None:
         """Zero the counters and flags at the start of a sampler run (plans stay cached)."""
         for _, dispatcher in self.dispatchers():
             dispatcher.reset_counters()
-        if self.tuner is not None:
-            self.tuner.begin_run()
+        for tuner in self.tuners():
+            tuner.begin_run()
         if self.monitor is not None:
             self.monitor.begin_run()
         if self.head_group is not None:

@@ -1,5 +1,5 @@
-"""`auto_tuned` inside ComfyUI: where decisions are saved, the node's tuning choice, and
-what the status route shows of them."""
+"""`auto_tuned` inside ComfyUI, and `auto`'s timing of contested calls: where decisions
+are saved, the node's tuning choice, and what the status route shows of them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from ..attention import Priority, cost_store
 from ..attention.errors import describe_exception
-from ..attention.tuning import Tuner
+from ..attention.tuning import Tuner, auto_measured_path, auto_measures
 from ..attention.tuning_store import store_for
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,18 @@ def make_tuner(priority: Priority, mode: str) -> Tuner | None:
     if not priority.uses_tuner:
         return None
     return Tuner(tuning_file(), retune=mode == RETUNE)
+
+
+def make_measurer(priority: Priority, mode: str) -> Tuner | None:
+    """The tuner with which `auto` times the kernels its cost model cannot separate on a
+    long call (attention.cost_model.contested), saving beside auto_tuned's file; None when
+    the priority does not name `auto` or ATTENTION_BACKENDS_AUTO_MEASURE is 0. The node's
+    tuning choice applies: `re-tune` measures those calls again too."""
+    if mode not in TUNING_MODES:
+        raise ValueError(f"tuning must be one of {TUNING_MODES}, not {mode!r}")
+    if not priority.uses_auto or not auto_measures():
+        return None
+    return Tuner(auto_measured_path(tuning_file()), retune=mode == RETUNE)
 
 
 def tuning_status() -> dict[str, Any]:

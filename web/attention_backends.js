@@ -20,7 +20,7 @@ import {
   PANEL_WIDGET, attentionNodes, findWidget, isAttentionNode, nodeKind, nodePolicy, nodeSelection, nodeTuning, nodeType,
   reportMatchesNode, resolveReportNode,
 } from "./lib/nodes.js";
-import { summariseTuning, tuningTooltipLines } from "./lib/tuning.js";
+import { runTuning, tuningTooltipLines } from "./lib/tuning.js";
 import { estimateHeight, nodePanel, sidebarContent } from "./lib/dom.js";
 
 const EXTENSION = "AttentionBackends.Frontend";
@@ -243,7 +243,7 @@ function sidebarReports() {
     if ((report.warnings || []).length) parts.push(`⚠ ${report.warnings.length}`);
     out.push({
       nodeId, selection: report.selection ?? "?", text: parts.join(" · "),
-      tuning: summariseTuning(report.tuning, { plans: report.plans }),
+      tuning: runTuning(report),
     });
   }
   return out;

@@ -23,6 +23,9 @@ const VERSIONS = (process.env.AB_COMFY_VERSIONS || "0.19.3 0.3.64").split(/[\s,]
 const SHOTS = path.resolve(here, process.env.AB_SCREENSHOT_DIR || "screenshots");
 const RUN_TIMEOUT = 180_000;
 const H200_TUNING = JSON.parse(fs.readFileSync(path.join(here, "..", "js", "fixtures", "status_tuning_h200.json"), "utf8"));
+// A Wan run in which `auto` timed its one contested call (tests/js_fixtures.py): a CPU
+// server never contests a call (no cost model there), so the page is given this report.
+const WAN_MEASURED = JSON.parse(fs.readFileSync(path.join(here, "..", "js", "fixtures", "report_auto_measured.json"), "utf8"));
 
 function skipReason(version) {
   if (!chromiumAvailable()) return "no Chromium at /usr/bin/chromium (apt-get install chromium, or set CHROMIUM_PATH)";
@@ -426,6 +429,39 @@ for (const version of VERSIONS) {
         JSON.stringify(figure.links));
       assert.ok(figure.links.some((a) => /full size/i.test(a.text)), JSON.stringify(figure.links));
       await shotSidebarBottom(page, `sidebar-chart-${version}.png`);
+    });
+
+    it("a run in which auto timed a contested call says so on the node and in the sidebar", { timeout: 60_000 }, async () => {
+      await closeSidebar(page);
+      await setWidget(page, ids.run, "backend", "auto");
+      await waitPanel(page, ids.run, (x) => x.kind === "auto", "auto status");
+      const saved = await page.evaluate(({ report, id }) => {
+        const ab = window.__attentionBackends;
+        const before = ab.state.reports.get(String(id));
+        ab.state.reports.set(String(id), { ...report, node_id: id });
+        ab.refreshEverything();
+        return before;
+      }, { report: WAN_MEASURED, id: ids.run });
+      const p = await waitPanel(page, ids.run, (x) => /auto measured: 1 contested shape measured in 1\.84 s/.test(x.text),
+        "auto's measured line");
+      assert.match(p.text, /flash4 ← B=2 H=40 Nq=32760 Nk=32760 D=128/);
+      assert.doesNotMatch(p.text, /auto_tuned:/);
+      assert.ok(p.overflow <= 2, `panel content is cut off by ${p.overflow}px`);
+      await shotNodes(page, [ids.run], `node-auto-measured-${version}.png`);
+      await openSidebar(page);
+      const row = await page.evaluate((id) => {
+        const el = document.querySelector(`.ab-side .ab-run[data-node="${id}"]`);
+        return el && { text: el.innerText, decisions: el.querySelectorAll("details.ab-decision").length };
+      }, ids.run);
+      assert.ok(row, "no sidebar row for the run");
+      assert.match(row.text, /auto measured: 1 contested shape measured in 1\.84 s/);
+      assert.equal(row.decisions, 1);
+      await closeSidebar(page);
+      await page.evaluate(({ report, id }) => {
+        const ab = window.__attentionBackends;
+        if (report) ab.state.reports.set(String(id), report); else ab.state.reports.delete(String(id));
+        ab.refreshEverything();
+      }, { report: saved, id: ids.run });
     });
 
     it("a run with auto_tuned shows its tuning on the node and its decisions in the sidebar", { timeout: RUN_TIMEOUT * 3 }, async () => {

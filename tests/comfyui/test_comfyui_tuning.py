@@ -153,3 +153,48 @@ def test_status_lists_a_bounded_number_of_decisions(pack, user_directory):
     assert len(device["decisions"]) == tuning["listed_at_most"] == pack.nodes.tuning.STATUS_DECISIONS
     assert all(d["tuned_at"].endswith(":59+00:00") for d in device["decisions"])  # the newest
     assert len(json.dumps(tuning)) < 64 * 1024
+
+
+def _contest_every_call(pack, state) -> None:
+    """Make `auto` see every call as contested between SDPA's flash kernel and SDPA: a CPU
+    has no cost model, so no real call is (the sm90 model decides that on the GPU)."""
+    AutoEntry = pack.attention.priority.AutoEntry
+    entries = (AutoEntry("sdpa_flash", measure=True), AutoEntry("sdpa", measure=True))
+    state.main.auto_entries = lambda call: entries
+
+
+def test_auto_times_a_contested_call_once_and_saves_it_beside_tuning(pack, tiny, flux, patch, user_directory,
+                                                                        monkeypatch):
+    plain = tiny.sample(flux)
+    patched, state = patch(flux, "auto")
+    measured_file = user_directory / "attention_backends" / "auto_measured.json"
+    assert state.tuner is None and state.measurer is not None and state.measurer.path == str(measured_file)
+    _contest_every_call(pack, state)
+    out = tiny.sample(patched)
+    report = state.last_report
+    assert report["tuning"] is None
+    measured = report["auto_measured"]
+    assert measured["strategy"] == "auto" and measured["measured"] >= 1 and measured["file"] == str(measured_file)
+    for decision in measured["decisions"]:
+        assert set(decision["candidates"]) == {"sdpa", "sdpa_flash"}
+    assert all(plan["tuned"] == "measured" and plan["tuned_by"] == "auto" for plan in report["plans"])
+    assert "auto measured" in pack.nodes.report.summary(report)
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)
+    # Written after the run, in its own file: auto_tuned's file is untouched.
+    saved = json.loads(measured_file.read_text())
+    assert len(saved["machines"][0]["decisions"]) == measured["measured"]
+    assert not (user_directory / "attention_backends" / "tuning.json").exists()
+
+    # Another node on this machine reuses the measurements; auto_tuned never sees them.
+    again, again_state = patch(flux, "auto")
+    _contest_every_call(pack, again_state)
+    tiny.sample(again)
+    assert again_state.last_report["auto_measured"]["measured"] == 0
+    assert again_state.last_report["auto_measured"]["reused"] == measured["measured"]
+
+    # A run with nothing contested has no auto_measured section; the variable turns timing off.
+    plain_auto, plain_state = patch(flux, "auto")
+    tiny.sample(plain_auto)
+    assert plain_state.last_report["auto_measured"] is None
+    monkeypatch.setenv("ATTENTION_BACKENDS_AUTO_MEASURE", "0")
+    assert patch(flux, "auto")[1].measurer is None

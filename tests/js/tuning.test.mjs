@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   budgetText, candidateRows, decisionView, fingerprintDetails, fingerprintSummary, formatCosine, formatError, formatMs,
-  formatRatio, formatSeconds, formatTunedAt, runnerUp, runnerUpText, shapeText, summariseTuning, tunedOnThisMachine,
+  formatRatio, formatSeconds, formatTunedAt, runnerUp, runnerUpText, runTuning, shapeText, summariseTuning, tunedOnThisMachine,
   tuningTooltipLines, verdictLabel,
 } from "../../web/lib/tuning.js";
 import { describePriority, describeSelection } from "../../web/lib/status.js";
@@ -14,6 +14,8 @@ import { fixture } from "./helpers.mjs";
 // (two measured this run, one saved, one shape left to auto).
 const h200 = fixture("status_tuning_h200.json");
 const sdxl = fixture("report_auto_tuned.json");
+// A Wan run with `auto`: its one contested call timed once this run (tests/js_fixtures.py).
+const wan = fixture("report_auto_measured.json");
 const gpu = fixture("status_gpu_synthetic.json");
 const cpu = fixture("status_cpu.json");
 
@@ -309,4 +311,26 @@ test("the committed H200 tuning file, as the status route sends it, gives a cons
       assert.ok(row.rel_l1 <= saved.budget.rel_l1 && row.cosine >= saved.budget.min_cosine, d.signature);
     }
   }
+});
+
+test("auto's measured contested calls are their own line, not auto_tuned's", () => {
+  assert.equal(wan.tuning, null);
+  assert.equal(wan.auto_measured.strategy, "auto");
+  const s = runTuning(wan);
+  assert.equal(s.text, "auto measured: 1 contested shape measured in 1.84 s");
+  assert.equal(s.cls, "plain");
+  assert.deepEqual(s.decisions.map((d) => [d.backend, d.source]), [["flash4", "measured"]]);
+  assert.match(s.file, /auto_measured\.json$/);
+  // Kept from the node's earlier run: only plans `auto` measured count, not auto_tuned's.
+  const again = { strategy: "auto", measured: 0, reused: 0, tuning_s: 0, left_to_auto: [], decisions: [] };
+  const plans = [{ tuned: "measured", tuned_by: "auto" }, { tuned: "saved", tuned_by: "auto_tuned" }, { tuned: null }];
+  assert.equal(summariseTuning(again, { plans }).text, "auto measured: 1 contested shape kept from this node's earlier run");
+  assert.equal(summariseTuning({ ...again, left_to_auto: ["x"] }).text,
+    "auto measured: 1 left to the cost model's choice (budget spent)");
+  // The report panel and the tooltip carry it like auto_tuned's.
+  assert.equal(summariseReport(wan, { currentSelection: "auto" }).tuning.text, s.text);
+  assert.equal(tuningTooltipLines(s)[0], s.text);
+  // auto_tuned's report is unchanged, and a run that measured nothing has no line.
+  assert.equal(runTuning(sdxl).text, summariseTuning(sdxl.tuning, { plans: sdxl.plans }).text);
+  assert.equal(runTuning({ ...wan, auto_measured: null }), null);
 });

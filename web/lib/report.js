@@ -3,7 +3,7 @@
 // No DOM, no ComfyUI imports.
 
 import { parsePriority } from "./priority.js";
-import { shapeText, summariseTuning } from "./tuning.js";
+import { runTuning, shapeText } from "./tuning.js";
 
 export const REPORT_EVENT = "attention_backends.report";
 
@@ -96,7 +96,8 @@ export function qualityLines(report, limit = 4) {
 /**
  * The "after a run" panel of a node.
  * Returns {level: "ok"|"warn"|"error", headline, rows, fallbacks, warnings, notes, stale, tuning}
- *   tuning: summariseTuning of the report's tuning and plans, null unless the run used auto_tuned
+ *   tuning: runTuning of the report: auto_tuned's measurements, or the contested calls auto
+ *     timed; null when the run measured nothing
  *   currentSelection: the node's combo value now; a report from another selection is marked stale.
  */
 export function summariseReport(report, { currentSelection = null } = {}) {
@@ -135,7 +136,7 @@ export function summariseReport(report, { currentSelection = null } = {}) {
     notes,
     stale,
     staleText: stale ? `ran with "${selection}"; the node now says "${currentSelection}"` : "",
-    tuning: summariseTuning(report.tuning, { plans: report.plans }),
+    tuning: runTuning(report),
   };
 }
 

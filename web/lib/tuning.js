@@ -215,6 +215,10 @@ export function decisionView(decision) {
  */
 export function summariseTuning(tuning, { plans = [] } = {}) {
   if (!tuning || typeof tuning !== "object") return null;
+  // `auto` measures only the calls its cost model cannot separate ("contested"); a report
+  // from before the field was sent is auto_tuned's.
+  const byAuto = tuning.strategy === "auto";
+  const [one, many] = byAuto ? ["contested shape", "contested shapes"] : ["shape", "shapes"];
   const decisions = (Array.isArray(tuning.decisions) ? tuning.decisions : []).map(decisionView);
   const measured = isNumber(tuning.measured) ? tuning.measured : decisions.filter((d) => d.source === "measured").length;
   const reused = isNumber(tuning.reused) ? tuning.reused : decisions.filter((d) => d.source === "saved").length;
@@ -224,21 +228,22 @@ export function summariseTuning(tuning, { plans = [] } = {}) {
   // plans, tuned ones included: the tuner is not asked again. The server counts those
   // shapes as `kept` (and lists them with this_run: false); a report without the count
   // is worked out from the plans.
-  const tunedPlans = (Array.isArray(plans) ? plans : []).filter((p) => p && p.tuned).length;
+  const tunedPlans = (Array.isArray(plans) ? plans : [])
+    .filter((p) => p && p.tuned && (p.tuned_by ?? "auto_tuned") === (byAuto ? "auto" : "auto_tuned")).length;
   const kept = isNumber(tuning.kept) ? tuning.kept : Math.max(0, tunedPlans - decisions.length);
   const parts = [];
   if (measured) {
     const took = formatSeconds(tuning.tuning_s);
-    parts.push(`${plural(measured, "shape", "shapes")} measured${took ? ` in ${took}` : ""}`);
+    parts.push(`${plural(measured, one, many)} measured${took ? ` in ${took}` : ""}`);
   }
-  if (reused) parts.push(parts.length ? `${reused} reused` : `${plural(reused, "shape", "shapes")} reused`);
+  if (reused) parts.push(parts.length ? `${reused} reused` : `${plural(reused, one, many)} reused`);
   if (kept) {
-    parts.push(`${parts.length ? kept : plural(kept, "shape", "shapes")} kept from this node's earlier run`);
+    parts.push(`${parts.length ? kept : plural(kept, one, many)} kept from this node's earlier run`);
   }
   if (partial) parts.push(`${partial} partial (not saved)`);
-  if (left) parts.push(`${left} left to auto (budget spent)`);
+  if (left) parts.push(`${left} left to ${byAuto ? "the cost model's choice" : "auto"} (budget spent)`);
   return {
-    text: `auto_tuned: ${parts.length ? parts.join(", ") : "no call shape measured or reused"}`,
+    text: `${byAuto ? "auto measured" : "auto_tuned"}: ${parts.length ? parts.join(", ") : "no call shape measured or reused"}`,
     cls: left || partial ? "warn" : "plain",
     decisions,
     left,
@@ -246,6 +251,15 @@ export function summariseTuning(tuning, { plans = [] } = {}) {
     kept,
     file: tuning.file ? String(tuning.file) : "",
   };
+}
+
+/**
+ * The measured part of a run report: auto_tuned's `tuning`, else the contested calls
+ * `auto` timed (`auto_measured`); null when the run measured and reused nothing.
+ */
+export function runTuning(report) {
+  if (!report || typeof report !== "object") return null;
+  return summariseTuning(report.tuning || report.auto_measured, { plans: report.plans });
 }
 
 /** A fingerprint in one line: "NVIDIA H200 · driver 580.159.04 · torch 2.11.0+cu130". */
