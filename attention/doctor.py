@@ -7,7 +7,9 @@ import sys
 from typing import Optional, TextIO
 
 from .parallel.status import render as render_parallel
+from .cost_model import CONTESTED_WITHIN
 from .status import machine_status
+from .tuning import AUTO_MEASURED_FILE, ENV_AUTO_MEASURE, auto_measures
 
 
 def _format_rule(rule: dict) -> str:
@@ -36,11 +38,18 @@ def _source_line(source: dict) -> str:
             levels = ", ".join(f"{name} host x{level['host']:.2f} GPU x{level['gpu']:.2f}"
                                for name, level in source["levels"].items())
             line += f"\n    the model shipped for {source['rescaled_from']}, at this machine's levels: {levels}"
-        return line
+        return line + _contested_line()
     if kind == "default":
         return (f"auto decides by the cost model shipped for this GPU class (fitted on {source['gpu']}); "
-                "`python -m attention calibrate` fits this GPU's own")
+                "`python -m attention calibrate` fits this GPU's own" + _contested_line())
     return "auto decides by the rule table above (no cost model for this device class)"
+
+
+def _contested_line() -> str:
+    if not auto_measures():
+        return f"\n    long calls the model cannot separate are not timed ({ENV_AUTO_MEASURE}=0): its first choice runs"
+    return (f"\n    on a long call the model cannot separate (predicted within {CONTESTED_WITHIN:.1%}), auto times those "
+            f"kernels once per machine ({AUTO_MEASURED_FILE}; {ENV_AUTO_MEASURE}=0 turns it off)")
 
 
 def render(status: dict) -> str:

@@ -159,3 +159,12 @@ def test_the_measurements_file_is_not_auto_tuneds(tmp_path):
     tuning = str(tmp_path / "tuning.json")
     assert auto_measured_path(tuning) == str(tmp_path / AUTO_MEASURED_FILE) != tuning
 
+
+
+def test_doctor_says_whether_auto_times_contested_calls(monkeypatch):
+    from attention import doctor
+    line = doctor._source_line({"source": "default", "gpu": "NVIDIA H200"})
+    assert "auto times those kernels once per machine" in line and f"{CONTESTED_WITHIN:.1%}" in line
+    monkeypatch.setenv(ENV_AUTO_MEASURE, "0")
+    assert "are not timed" in doctor._source_line({"source": "default", "gpu": "NVIDIA H200"})
+    assert "timed" not in doctor._source_line({"source": "rules"})
