@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from ..attention import AUTO, Dispatcher, parse_priority, sparse_names
 from ..attention.quality import DEFAULT_BUDGET_REL_L1, QualityMonitor, QualityPolicy
-from ..attention.tuning import Tuner
 from ..attention.sparsity import TEXT_POSITIONS, SolSettings, SpargeSettings
+from ..attention.tuning import Tuner
 from .patch import patch_model
 from .routing import RoutingRules
 from .state import PatchState
