@@ -15,7 +15,7 @@ from .benchmarks import CHART_ROUTE, chart_path, list_benchmarks, shown_name
 from .failures import failures_status
 from .raw_inputs import mark_non_boolean_inputs
 from .report import last_reports
-from .tuning import register_user_folder, tuning_status
+from .tuning import auto_measured_status, register_user_folder, tuning_status
 
 
 def selectable() -> list[str]:
@@ -36,6 +36,7 @@ def structured_tuning(tuning: dict) -> dict:
 def status() -> dict:
     return {**machine_status(), "nodes": {"selectable": selectable(), "sparse": sparse_names()},
             "benchmarks": list_benchmarks(), "tuning": structured_tuning(tuning_status()),
+            "auto_measured": structured_tuning(auto_measured_status()),
             "kernel_failures": failures_status()}
 
 

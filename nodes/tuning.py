@@ -60,9 +60,18 @@ def make_measurer(priority: Priority, mode: str) -> Tuner | None:
 
 
 def tuning_status() -> dict[str, Any]:
-    """The saved decisions for each visible GPU, with the measurements behind them: how
-    many there are (`count`) and the STATUS_DECISIONS newest, sorted by signature."""
-    path = tuning_file()
+    """auto_tuned's saved decisions (file_status of tuning.json)."""
+    return file_status(tuning_file())
+
+
+def auto_measured_status() -> dict[str, Any]:
+    """The contested calls `auto` has timed and saved (file_status of auto_measured.json)."""
+    return file_status(auto_measured_path(tuning_file()))
+
+
+def file_status(path: str) -> dict[str, Any]:
+    """The decisions saved in `path` for each visible GPU, with the measurements behind
+    them: how many there are (`count`) and the STATUS_DECISIONS newest, sorted by signature."""
     if torch.cuda.is_available():
         targets = [(index, torch.device("cuda", index)) for index in range(torch.cuda.device_count())]
     else:

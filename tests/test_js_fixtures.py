@@ -37,7 +37,8 @@ def test_the_status_fixtures_have_every_top_level_field_of_the_route(generated):
     import json
     for name in ("status_cpu.json", "status_gpu_synthetic.json"):
         assert set(json.loads(generated[name])) == {"torch", "cuda", "cudnn", "backends", "devices", "nodes",
-                                                     "benchmarks", "tuning", "parallel", "kernel_failures"}, name
+                                                     "benchmarks", "tuning", "auto_measured", "parallel",
+                                                     "kernel_failures"}, name
 
 
 CALL = CallSignature(device_type="cuda", compute_capability=(9, 0), dtype=torch.bfloat16, batch=2, heads_q=32,

@@ -456,6 +456,23 @@ for (const version of VERSIONS) {
       assert.ok(row, "no sidebar row for the run");
       assert.match(row.text, /auto measured: 1 contested shape measured in 1\.84 s/);
       assert.equal(row.decisions, 1);
+      // What auto has saved on this machine: nothing on a CPU server, so no block; with the
+      // H200 decisions put into the page's status as auto_measured.json's, its own block.
+      const timedBlock = () => page.evaluate(() => {
+        const el = document.querySelector('.ab-side .ab-tuned[data-file="auto_measured"]');
+        return el && { text: el.innerText, decisions: el.querySelectorAll("details.ab-decision").length };
+      });
+      assert.equal(await timedBlock(), null);
+      const serverSaid = await page.evaluate(() => window.__attentionBackends.state.status.auto_measured);
+      assert.ok(serverSaid && serverSaid.file.endsWith("auto_measured.json"), JSON.stringify(serverSaid));
+      await injectStatus(page, { auto_measured: { ...H200_TUNING, file: serverSaid.file } });
+      const timed = await timedBlock();
+      assert.ok(timed, "no 'Timed by auto on this GPU' block");
+      assert.match(timed.text, /Timed by auto on this GPU/);
+      assert.match(timed.text, /9 saved decisions/);
+      assert.equal(timed.decisions, 9);
+      await injectStatus(page, { auto_measured: serverSaid });
+      assert.equal(await timedBlock(), null);
       await closeSidebar(page);
       await page.evaluate(({ report, id }) => {
         const ab = window.__attentionBackends;

@@ -184,6 +184,12 @@ def test_auto_times_a_contested_call_once_and_saves_it_beside_tuning(pack, tiny,
     saved = json.loads(measured_file.read_text())
     assert len(saved["machines"][0]["decisions"]) == measured["measured"]
     assert not (user_directory / "attention_backends" / "tuning.json").exists()
+    # The status route lists them apart from auto_tuned's.
+    status = pack.nodes.routes.status()
+    [device] = status["auto_measured"]["devices"]
+    assert status["auto_measured"]["file"] == str(measured_file) and status["auto_measured"]["exists"]
+    assert device["count"] == measured["measured"] and device["decisions"][0]["shape"]["head_dim"] == 128
+    assert status["tuning"]["devices"][0]["count"] == 0 and not status["tuning"]["exists"]
 
     # Another node on this machine reuses the measurements; auto_tuned never sees them.
     again, again_state = patch(flux, "auto")

@@ -334,3 +334,24 @@ test("auto's measured contested calls are their own line, not auto_tuned's", () 
   assert.equal(runTuning(sdxl).text, summariseTuning(sdxl.tuning, { plans: sdxl.plans }).text);
   assert.equal(runTuning({ ...wan, auto_measured: null }), null);
 });
+
+test("Timed by auto on this GPU: the same view of auto_measured.json", () => {
+  // The CPU server's status: the file exists nowhere, nothing timed (the sidebar hides the block).
+  const onCpu = tunedOnThisMachine(cpu, "auto_measured");
+  assert.equal(onCpu.key, "auto_measured");
+  assert.equal(onCpu.title, "Timed by auto on this GPU");
+  assert.match(onCpu.file, /auto_measured\.json$/);
+  assert.deepEqual(onCpu.devices.map((d) => [d.index, d.count]), [[null, 0]]);
+  assert.match(onCpu.devices[0].countText, /auto times a long call shape its cost model cannot decide, once/);
+  // Saved measurements read as auto_tuned's do; a damaged file names its own .ignored file.
+  const file = "/home/me/ComfyUI/user/attention_backends/auto_measured.json";
+  const timed = tunedOnThisMachine({ auto_measured: { ...h200, file } }, "auto_measured");
+  assert.equal(timed.devices[0].countText, "9 saved decisions");
+  assert.equal(timed.file, file);
+  const damaged = tunedOnThisMachine({ auto_measured: { ...h200, devices: [{ ...h200.devices[0],
+    ignored_file_problem: "not JSON" }] } }, "auto_measured");
+  assert.match(damaged.devices[0].problem, /^The measurements file was ignored: not JSON\. .*auto_measured\.json\.ignored/);
+  assert.equal(tunedOnThisMachine({ ...cpu, auto_measured: undefined }, "auto_measured"), null);
+  assert.equal(tunedOnThisMachine(cpu, "no_such_file"), null);
+  assert.equal(tunedOnThisMachine({ ...gpu, tuning: h200 }).title, "Tuned on this GPU");
+});

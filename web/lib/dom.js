@@ -166,10 +166,13 @@ function decisionDetails(decision, key, expanded) {
   return details;
 }
 
-/** "Tuned on this GPU": what auto_tuned has saved for each visible GPU (status.tuning). */
+/**
+ * "Tuned on this GPU" (what auto_tuned has saved for each visible GPU, status.tuning) or
+ * "Timed by auto on this GPU" (status.auto_measured): tunedOnThisMachine's view.
+ */
 function tunedBlock(tuned, expanded) {
-  return h("div", { class: "ab-tuned" },
-    h("div", { class: "ab-title" }, "Tuned on this GPU"),
+  return h("div", { class: "ab-tuned", dataset: { file: tuned.key } },
+    h("div", { class: "ab-title" }, tuned.title),
     h("div", { class: "ab-muted ab-small ab-tuned-file" },
       `File: ${tuned.file || "?"}${tuned.exists ? "" : " (not written yet)"}`),
     tuned.note ? h("div", { class: "ab-line ab-muted" }, tuned.note) : null,
@@ -178,7 +181,7 @@ function tunedBlock(tuned, expanded) {
       device.details ? h("div", { class: "ab-muted ab-small" }, device.details) : null,
       device.problem ? h("div", { class: "ab-line ab-bad ab-tuned-problem" }, `⚠ ${device.problem}`) : null,
       h("div", { class: `ab-line ${device.count ? "ab-good" : "ab-muted"} ab-tuned-count` }, device.countText),
-      device.decisions.map((d) => decisionDetails(d, `gpu${device.index}|${d.signature}`, expanded)))));
+      device.decisions.map((d) => decisionDetails(d, `${tuned.key}|gpu${device.index}|${d.signature}`, expanded)))));
 }
 
 /**
@@ -253,11 +256,15 @@ export function sidebarContent({ status, error, reports = [], onRefresh, onClear
       : h("div", { class: "ab-line ab-muted" }, "No run reports yet."));
 
   const tuned = tunedOnThisMachine(status);
+  // Shown once there is something to show: most machines never time a contested call.
+  const timed = tunedOnThisMachine(status, "auto_measured");
+  const timedShown = timed && timed.devices.some((device) => device.count || device.problem);
   return h("div", { class: "ab-side" }, header,
     h("div", { class: "ab-muted ab-summary" }, machineSummary(status)),
     autoBlock,
     status.kernel_failures ? failuresBlock(kernelFailures(status), onClearFailures, clearError) : null,
     tuned ? tunedBlock(tuned, expanded) : null,
+    timedShown ? tunedBlock(timed, expanded) : null,
     reportBlock,
     h("div", { class: "ab-title" }, "Backends"), list,
     chartBlock);

@@ -284,17 +284,34 @@ export function fingerprintDetails(fp) {
 }
 
 /**
- * The status route's `tuning` for the sidebar: {file, exists, note, devices: [{index,
+ * The status route's `tuning` (auto_tuned's file) or, with key "auto_measured", the contested
+ * calls `auto` timed, for the sidebar: {key, title, file, exists, note, devices: [{index,
  * label, gpu, summary, details, count, countText, problem, decisions}]}, or null when the
- * server sends none (a pack without auto_tuned). label names the GPU's index when there
+ * server sends none (a pack without it). label names the GPU's index when there
  * are several. The server lists the newest decisions only and counts them all (`count`;
  * a server without it listed every one).
  */
-export function tunedOnThisMachine(status) {
-  const tuning = status && status.tuning;
-  if (!tuning || typeof tuning !== "object") return null;
+const SAVED_FILES = {
+  tuning: {
+    title: "Tuned on this GPU",
+    empty: "No decisions saved for this GPU yet: auto_tuned measures each call shape on first use.",
+    ignored: "tuning.json.ignored",
+  },
+  auto_measured: {
+    title: "Timed by auto on this GPU",
+    empty: "Nothing timed on this GPU yet: auto times a long call shape its cost model cannot decide, once.",
+    ignored: "auto_measured.json.ignored",
+  },
+};
+
+export function tunedOnThisMachine(status, key = "tuning") {
+  const tuning = status && status[key];
+  const words = SAVED_FILES[key];
+  if (!words || !tuning || typeof tuning !== "object") return null;
   const devices = (Array.isArray(tuning.devices) ? tuning.devices : []).filter((d) => d && typeof d === "object");
   return {
+    key,
+    title: words.title,
     file: tuning.file ? String(tuning.file) : "",
     exists: !!tuning.exists,
     note: devices.length ? "" : "No CUDA GPU is visible: saved decisions are listed per GPU.",
@@ -311,10 +328,10 @@ export function tunedOnThisMachine(status) {
         count,
         countText: count
           ? `${plural(count, "saved decision", "saved decisions")}${listed}`
-          : "No decisions saved for this GPU yet: auto_tuned measures each call shape on first use.",
+          : words.empty,
         problem: device.ignored_file_problem
-          ? `The tuning file was ignored: ${device.ignored_file_problem}. Nothing in it is used; it is moved to ` +
-            "tuning.json.ignored when new decisions are saved."
+          ? `The ${key === "tuning" ? "tuning" : "measurements"} file was ignored: ${device.ignored_file_problem}. ` +
+            `Nothing in it is used; it is moved to ${words.ignored} when new decisions are saved.`
           : "",
         decisions,
       };
