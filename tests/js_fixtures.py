@@ -136,7 +136,9 @@ def status(machine: dict, tuning_file: Path) -> dict:
     routes, tuning = module("nodes.routes"), module("nodes.tuning")
     with simulated_machine(**machine), mock.patch.object(tuning, "tuning_file", lambda: str(tuning_file)):
         result = routes.status()
+    # The files as a user's ComfyUI shows them, not where this checkout is.
     result["tuning"]["file"] = SHOWN_TUNING_FILE
+    result["auto_measured"]["file"] = SHOWN_TUNING_FILE.replace("tuning.json", "auto_measured.json")
     return result
 
 
