@@ -85,8 +85,9 @@ QUANTIZED_MIN_KEYS = 1024
 # of the model alone was such a pair (FA4 and Sage 2 fp8 at head dim 128, 18-33k tokens,
 # 1.5-6.7% apart, the winner changing between machines). `auto` times those kernels once
 # per call signature and machine, on calls whose SDPA is predicted at CONTESTED_FROM_US or
-# more: there one measurement costs about ten of the call's steps, which the run repays,
-# and shorter calls gain too little to pay for it (cost_model/contested.md).
+# more: there one measurement cost 33-64 times the call itself on the H200
+# (heldout/run10, contested_tuning_ms), once, where a sampler run makes the call once per
+# block and step; shorter calls gain too little to pay for it (cost_model/contested.md).
 CONTESTED_WITHIN = 0.091
 CONTESTED_FROM_US = 5000.0
 

@@ -548,13 +548,10 @@ class Dispatcher:
 
     def _tuned_plan(self, call: CallSignature, tensors: Tensors, rejected: list[Rejection],
                     checked: dict[Prepared, list[str]]) -> Optional[Plan]:
+        """auto_tuned: every eligible backend timed, the static auto order measured first."""
         runs = self.eligible(call, tensors, checked)
         static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
-        decision = self.tuner.choose(call, tensors, runs, prefer=static) if runs else None
-        if decision is None:
-            return None
-        return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
-                    passthrough=self.passthrough, tuned_by=registry.AUTO_TUNED)
+        return self._chosen_plan(self.tuner, registry.AUTO_TUNED, call, tensors, runs, static, rejected)
 
     def _measured_plan(self, call: CallSignature, names: tuple[str, ...], tensors: Tensors,
                        rejected: list[Rejection], checked: dict[Prepared, list[str]]) -> Optional[Plan]:
@@ -563,11 +560,17 @@ class Dispatcher:
         runs = self.eligible(call, tensors, checked, only=frozenset((*names, SAFEST)))
         if len(runs) < 2:
             return None
-        decision = self.measurer.choose(call, tensors, runs, prefer=names)
+        return self._chosen_plan(self.measurer, registry.AUTO, call, tensors, runs, names, rejected)
+
+    def _chosen_plan(self, tuner: Tuner, strategy: str, call: CallSignature, tensors: Tensors,
+                     runs: dict[str, Callable], prefer: Sequence[str], rejected: list[Rejection]) -> Optional[Plan]:
+        """The plan of `tuner`'s decision among `runs` (None when it makes none), marked as
+        measured by `strategy`."""
+        decision = tuner.choose(call, tensors, runs, prefer=prefer) if runs else None
         if decision is None:
             return None
         return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,
-                    passthrough=self.passthrough, tuned_by=registry.AUTO)
+                    passthrough=self.passthrough, tuned_by=strategy)
 
     def plans(self) -> list[Plan]:
         """Every plan of this run (including ones replaced after a failure or evicted)."""

@@ -60,8 +60,8 @@ from attention import registry  # noqa: E402
 from attention.bench.report import environment  # noqa: E402
 from attention.calibrate import BASELINE, CallTiming, kernel_names, measure_grid, timing_from_json  # noqa: E402
 from attention.calibration_calls import HELD_OUT, Call  # noqa: E402
-from attention.call import MASK_NONE, CallSignature  # noqa: E402
-from attention.cost_model import CostModel, load  # noqa: E402
+from attention.call import MASK_NONE  # noqa: E402
+from attention.cost_model import load  # noqa: E402
 from attention.cost_store import parse_file  # noqa: E402
 from attention.tuning_store import fingerprint  # noqa: E402
 from attention.dispatch import Dispatcher  # noqa: E402

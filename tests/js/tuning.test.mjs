@@ -317,7 +317,7 @@ test("auto's measured contested calls are their own line, not auto_tuned's", () 
   assert.equal(wan.tuning, null);
   assert.equal(wan.auto_measured.strategy, "auto");
   const s = runTuning(wan);
-  assert.equal(s.text, "auto measured: 1 contested shape measured in 1.84 s");
+  assert.equal(s.text, "auto measured: 1 contested shape measured in 1.30 s");
   assert.equal(s.cls, "plain");
   assert.deepEqual(s.decisions.map((d) => [d.backend, d.source]), [["flash4", "measured"]]);
   assert.match(s.file, /auto_measured\.json$/);

@@ -296,11 +296,13 @@ const SAVED_FILES = {
     title: "Tuned on this GPU",
     empty: "No decisions saved for this GPU yet: auto_tuned measures each call shape on first use.",
     ignored: "tuning.json.ignored",
+    what: "tuning file",
   },
   auto_measured: {
     title: "Timed by auto on this GPU",
     empty: "Nothing timed on this GPU yet: auto times a long call shape its cost model cannot decide, once.",
     ignored: "auto_measured.json.ignored",
+    what: "measurements file",
   },
 };
 
@@ -330,7 +332,7 @@ export function tunedOnThisMachine(status, key = "tuning") {
           ? `${plural(count, "saved decision", "saved decisions")}${listed}`
           : words.empty,
         problem: device.ignored_file_problem
-          ? `The ${key === "tuning" ? "tuning" : "measurements"} file was ignored: ${device.ignored_file_problem}. ` +
+          ? `The ${words.what} was ignored: ${device.ignored_file_problem}. ` +
             `Nothing in it is used; it is moved to ${words.ignored} when new decisions are saved.`
           : "",
         decisions,
