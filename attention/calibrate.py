@@ -53,9 +53,11 @@ MIN_REPS = 3
 WARMUP = 2
 # Long calls (the fastest single call at least this long) are screened: each row is timed
 # once, and rows slower than SCREEN_RATIO x the fastest keep that one timing (they cannot
-# win, and a round of the longest grid call over a dozen kernels takes seconds). Kernels
-# at these lengths have no host-path effect on a single timing.
-LONG_CALL_MS = 20.0
+# win, and a round of the longest grid call over a dozen kernels takes seconds). At these
+# lengths a host path (FA4's: 72 µs) is 1.4% of one call at most, far inside the screen.
+# (From 20 ms before: run10's Wan 2.1 1.3B 81f CFG, 17.5 ms, went unscreened and fit 11
+# rounds of its 19 rows into the call's 6 s where the other calls had 16-20.)
+LONG_CALL_MS = 5.0
 SCREEN_RATIO = 1.5
 
 

@@ -22,13 +22,14 @@ from .priority_list import PriorityError, parse_priority
 # Verdict kinds, in the words of attention.tuning.decide and measure_on_device.
 CHOSEN = "chosen"
 SLOWER = "slower"
+INSIDE_NOISE = "inside_noise"  # faster than the kept choice, by less than the noise floor
 OVER_BUDGET = "over_budget"
 NONFINITE = "nonfinite"
 RAISED = "raised"
 NOT_MEASURED = "not_measured"
 NOT_TIMED = "not_timed"
 UNKNOWN = "unknown"  # a verdict from a tuner version this one does not know
-VERDICT_KINDS = (CHOSEN, SLOWER, OVER_BUDGET, NONFINITE, RAISED, NOT_MEASURED, NOT_TIMED, UNKNOWN)
+VERDICT_KINDS = (CHOSEN, SLOWER, INSIDE_NOISE, OVER_BUDGET, NONFINITE, RAISED, NOT_MEASURED, NOT_TIMED, UNKNOWN)
 
 # Install commands start with one of these; any other hint is a note (e.g. "built from source").
 _COMMANDS = ("pip ", "pip3 ", "uv ", "python ", "conda ")
@@ -87,6 +88,8 @@ def verdict(text: Any) -> dict[str, str]:
         kind = CHOSEN
     elif text.startswith("slower"):
         kind = SLOWER
+    elif text.startswith("inside the noise floor"):
+        kind = INSIDE_NOISE
     elif text.startswith("over the error budget"):
         kind = OVER_BUDGET
     elif text.endswith("non-finite values"):

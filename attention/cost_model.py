@@ -83,13 +83,15 @@ QUANTIZED_MIN_KEYS = 1024
 # separate: its leave-one-out error of a quantized/exact time ratio, at the p90, on grid
 # calls from 8192 tokens (cost_model/residuals.md; a test ties the two). Every held-out miss
 # of the model alone was such a pair (FA4 and Sage 2 fp8 at head dim 128, 18-33k tokens,
-# 1.5-6.7% apart, the winner changing between machines). `auto` times those kernels once
-# per call signature and machine, on calls whose SDPA is predicted at CONTESTED_FROM_US or
-# more: there one measurement cost 33-64 times the call itself on the H200
-# (heldout/run10, contested_tuning_ms), once, where a sampler run makes the call once per
-# block and step; shorter calls gain too little to pay for it (cost_model/contested.md).
+# 1.5-6.7% apart, the winner changing between machines), and every table miss too (FA4 and
+# SDPA at SD1.5's level 1 and Flux 1024², 150-430 µs, which the host's speed decides).
+# `auto` times those kernels once per call signature and machine, on calls whose SDPA is
+# predicted at CONTESTED_FROM_US or more: the grid's boundary between calls the host path
+# decides (SDPA timed twice read a p90 of 10% apart under 100 µs, see DEFAULT_MARGIN: a
+# measurement there is mostly noise) and calls the GPU does. A measurement costs 0.3-1.6 s
+# once per machine (cost_model/contest_probe, heldout/run11's contested_tuning_ms).
 CONTESTED_WITHIN = 0.091
-CONTESTED_FROM_US = 5000.0
+CONTESTED_FROM_US = 100.0
 
 _PARAMS = ("host_us", "flat_host_factor", "launch_us", "tile_us", "tflops", "softmax_gelems", "overlap", "gbps",
            "mask_factor", "ragged_factor")

@@ -157,10 +157,13 @@ class Candidate:
 @dataclasses.dataclass(frozen=True)
 class Contest:
     """Where `auto`'s order reaches kernels its cost model cannot separate on the call:
-    they and SDPA (the reference) are timed once on the real tensors, the fastest accurate
-    one serves. Without tensors or a measurer the walk goes on down the model's order."""
+    they and SDPA (the reference) are timed once on the real tensors, and the fastest
+    accurate one serves unless `keep` (the model's own choice among them) measured within
+    the measurement's noise floor of it. Without tensors or a measurer the walk goes on
+    down the model's order."""
 
     names: tuple[str, ...]
+    keep: Optional[str] = None
 
 
 class Prepared:
@@ -404,7 +407,8 @@ class Dispatcher:
                 expanded = list(auto_order)
                 if contested:
                     first = next(i for i, e in enumerate(auto_entries) if e.measure)
-                    expanded.insert(first, Contest(contested))
+                    keep = next((e.backend for e in auto_entries if e.measure and e.rule.reason(call) is None), None)
+                    expanded.insert(first, Contest(contested, keep))
             for candidate in expanded:
                 if isinstance(candidate, Contest):
                     if candidate not in result:
@@ -457,7 +461,7 @@ class Dispatcher:
                     return tuned
                 continue
             if isinstance(candidate, Contest):
-                measured = (self._measured_plan(call, candidate.names, tensors, rejected, checked)
+                measured = (self._measured_plan(call, candidate, tensors, rejected, checked)
                             if tensors is not None and self.measurer else None)
                 if measured is not None:
                     return measured
@@ -553,20 +557,22 @@ class Dispatcher:
         static = [e.backend for e in self.auto_entries(call) if e.rule.reason(call) is None]
         return self._chosen_plan(self.tuner, registry.AUTO_TUNED, call, tensors, runs, static, rejected)
 
-    def _measured_plan(self, call: CallSignature, names: tuple[str, ...], tensors: Tensors,
+    def _measured_plan(self, call: CallSignature, contest: Contest, tensors: Tensors,
                        rejected: list[Rejection], checked: dict[Prepared, list[str]]) -> Optional[Plan]:
-        """The contested kernels `names` and SDPA timed through the measurer (a saved
-        measurement of this machine is reused), the fastest accurate one planned."""
-        runs = self.eligible(call, tensors, checked, only=frozenset((*names, SAFEST)))
+        """The contested kernels and SDPA timed through the measurer (a saved measurement
+        of this machine is reused), the contest's decision planned."""
+        runs = self.eligible(call, tensors, checked, only=frozenset((*contest.names, SAFEST)))
         if len(runs) < 2:
             return None
-        return self._chosen_plan(self.measurer, registry.AUTO, call, tensors, runs, names, rejected)
+        return self._chosen_plan(self.measurer, registry.AUTO, call, tensors, runs, contest.names, rejected,
+                                 keep=contest.keep)
 
     def _chosen_plan(self, tuner: Tuner, strategy: str, call: CallSignature, tensors: Tensors,
-                     runs: dict[str, Callable], prefer: Sequence[str], rejected: list[Rejection]) -> Optional[Plan]:
+                     runs: dict[str, Callable], prefer: Sequence[str], rejected: list[Rejection],
+                     keep: Optional[str] = None) -> Optional[Plan]:
         """The plan of `tuner`'s decision among `runs` (None when it makes none), marked as
         measured by `strategy`."""
-        decision = tuner.choose(call, tensors, runs, prefer=prefer) if runs else None
+        decision = tuner.choose(call, tensors, runs, prefer=prefer, keep=keep) if runs else None
         if decision is None:
             return None
         return Plan(registry.get(decision.backend), call, tuple(rejected), runs[decision.backend], tuning=decision,

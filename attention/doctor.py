@@ -7,7 +7,7 @@ import sys
 from typing import Optional, TextIO
 
 from .parallel.status import render as render_parallel
-from .cost_model import CONTESTED_WITHIN
+from .cost_model import CONTESTED_FROM_US, CONTESTED_WITHIN
 from .status import machine_status
 from .tuning import AUTO_MEASURED_FILE, ENV_AUTO_MEASURE, auto_measures
 
@@ -47,9 +47,10 @@ def _source_line(source: dict) -> str:
 
 def _contested_line() -> str:
     if not auto_measures():
-        return f"\n    long calls the model cannot separate are not timed ({ENV_AUTO_MEASURE}=0): its first choice runs"
-    return (f"\n    on a long call the model cannot separate (predicted within {CONTESTED_WITHIN:.1%}), auto times those "
-            f"kernels once per machine ({AUTO_MEASURED_FILE}; {ENV_AUTO_MEASURE}=0 turns it off)")
+        return f"\n    calls the model cannot separate are not timed ({ENV_AUTO_MEASURE}=0): its first choice runs"
+    return (f"\n    on a call the model cannot separate (SDPA predicted at {CONTESTED_FROM_US:.0f} µs or more, kernels "
+            f"within {CONTESTED_WITHIN:.1%}), auto times those kernels once per machine ({AUTO_MEASURED_FILE}; "
+            f"{ENV_AUTO_MEASURE}=0 turns it off)")
 
 
 def render(status: dict) -> str:

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -61,7 +62,9 @@ CONTENDER_RATIO = 1.25
 # Reference preference: PyTorch's own choice first (ComfyUI's default).
 _REFERENCES = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
 
-_REPEAT = "reference (repeat)"
+_REPEAT = "(repeat)"
+# The verdict of a candidate that measured faster than a kept choice, by less than the margin.
+INSIDE_NOISE = "inside the noise floor"
 
 MEASURED = "measured"
 SAVED = "saved"
@@ -151,7 +154,7 @@ class Measurement:
     ms: Optional[float] = None
     error: Optional[dict] = None
     failure: Optional[str] = None
-    repeat_ms: Optional[float] = None  # the reference only: timed a second time in the same rounds
+    repeat_ms: Optional[float] = None  # one candidate only: timed a second time in the same rounds
 
 
 @dataclasses.dataclass
@@ -167,8 +170,9 @@ class Decision:
     candidates: dict[str, dict]
     complete: bool = True  # every eligible candidate was measured
     tuned_at: str = ""
-    # |1 - ratio| of the reference timed twice in the same rounds: time ratios between
-    # candidates closer to 1 than this are noise. None when no rounds were run.
+    # |1 - ratio| of one candidate timed twice in the same rounds (the kept choice when
+    # there is one, else the reference): time ratios between candidates closer to 1 than
+    # this are noise. None when no rounds were run.
     noise_floor: Optional[float] = None
 
     def to_json(self) -> dict:
@@ -184,8 +188,14 @@ class Decision:
                    noise_floor=saved.get("noise_floor"))
 
 
-def decide(measured: dict[str, Measurement], budget: ErrorBudget) -> tuple[Optional[str], dict[str, dict]]:
+def decide(measured: dict[str, Measurement], budget: ErrorBudget, keep: Optional[str] = None,
+           margin: float = 0.0) -> tuple[Optional[str], dict[str, dict]]:
     """The fastest candidate whose error is inside `budget`, and a verdict for each.
+
+    keep: a choice made before measuring (`auto`'s cost model on a contested call). It
+    stays chosen unless an accurate candidate measured faster by more than `margin` (the
+    measurement's noise floor): a difference the measurement cannot resolve must not
+    overturn it.
 
     Pure: the CPU tests drive it with made-up times and errors.
     """
@@ -203,8 +213,17 @@ def decide(measured: dict[str, Measurement], budget: ErrorBudget) -> tuple[Optio
         else:
             fit[name] = m.ms
     chosen = min(fit, key=fit.get) if fit else None
+    if keep in fit and fit[keep] <= fit[chosen] * (1.0 + margin):
+        chosen = keep
     for name, ms in fit.items():
-        verdicts[name] = "chosen" if name == chosen else f"slower: {ms / fit[chosen]:.3f}x the chosen time"
+        ratio = ms / fit[chosen]
+        if name == chosen:
+            verdicts[name] = "chosen"
+        elif ratio < 1.0:
+            verdicts[name] = (f"{INSIDE_NOISE}: {ratio:.3f}x the chosen time, within the measurement's "
+                              f"{margin:.1%}; the cost model's choice kept")
+        else:
+            verdicts[name] = f"slower: {ratio:.3f}x the chosen time"
     table = {}
     for name, m in measured.items():
         error = m.error or {}
@@ -220,10 +239,10 @@ def _finite(value: Optional[float]) -> Optional[float]:
     return value if value is None or math.isfinite(value) else None
 
 
-def _noise_floor(reference: Optional[Measurement]) -> Optional[float]:
-    if reference is None or reference.ms is None or reference.repeat_ms is None:
-        return None
-    return _finite(abs(1.0 - reference.repeat_ms / reference.ms))
+def _noise_floor(measured: dict[str, Measurement]) -> Optional[float]:
+    """|1 - ratio| of the candidate timed twice, or None when none was."""
+    twice = next((m for m in measured.values() if m.ms is not None and m.repeat_ms is not None), None)
+    return None if twice is None else _finite(abs(1.0 - twice.repeat_ms / twice.ms))
 
 
 def _rows(out: torch.Tensor, layout: str) -> torch.Tensor:
@@ -233,7 +252,8 @@ def _rows(out: torch.Tensor, layout: str) -> torch.Tensor:
 
 def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run], reference: str,
                       limits: Limits, seconds_left: float,
-                      clock: Callable[[], float] = time.perf_counter) -> dict[str, Measurement]:
+                      clock: Callable[[], float] = time.perf_counter, seed: Optional[int] = None,
+                      repeat: Optional[str] = None) -> dict[str, Measurement]:
     """Run each candidate once (compiles, checks its error against `reference`) and time
     one measurement of each accurate one; then time the contenders (within
     CONTENDER_RATIO of the best) in interleaved rounds, as many as `seconds_left` allows.
@@ -241,6 +261,15 @@ def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run
     Times are steady-state costs per call in a stream (measure.interleaved_median_ms):
     a kernel whose host path outlasts its GPU work is charged for the host path, as a
     model is.
+
+    seed: the rounds' shuffle; by default from the signature, so that calls with the same
+    candidates do not all see one sequence of orders (a kernel's place in a round would
+    then be the same on every call).
+    repeat: the candidate timed twice in the rounds for the noise floor, when it is a
+    contender (else, and by default, the reference). On `auto`'s contested calls SDPA is
+    often no contender (outside CONTENDER_RATIO of the leaders), so the kept choice is
+    timed twice instead (benchmarks/results/h200/cost_model/contest_probe: 53 of 60
+    measurements with SDPA as the repeat had no floor).
     """
     q, k, v, mask, scale = tensors
     deadline = clock() + seconds_left
@@ -271,17 +300,21 @@ def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run
                       for name, ms in timed.items() if ms <= CONTENDER_RATIO * best}
         left = deadline - clock()
         if len(contenders) > 1 and left > 0:
-            if reference in contenders:  # the noise floor: the reference twice in the same rounds
-                contenders[_REPEAT] = contenders[reference]
+            twice = repeat if repeat in contenders else reference
+            if twice in contenders:  # the noise floor: one candidate twice in the same rounds
+                contenders[_REPEAT] = contenders[twice]
+            if seed is None:
+                seed = zlib.crc32(signature_key(call).encode())
             medians = interleaved_median_ms(contenders, device, warmup=0, reps=limits.reps, min_reps=1,
-                                            budget_s=left)
-            results[reference].repeat_ms = medians.pop(_REPEAT, None)
+                                            budget_s=left, seed=seed)
+            if twice in contenders:
+                results[twice].repeat_ms = medians.pop(_REPEAT, None)
             for name, ms in medians.items():
                 results[name].ms = ms
     return results
 
 
-Measure = Callable[[CallSignature, Tensors, dict[str, Run], str, Limits, float], dict[str, Measurement]]
+Measure = Callable[..., dict[str, Measurement]]  # measure_on_device's arguments
 
 
 class Tuner:
@@ -350,13 +383,15 @@ class Tuner:
         }
 
     def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run],
-               prefer: Sequence[str] = ()) -> Optional[Decision]:
+               prefer: Sequence[str] = (), keep: Optional[str] = None) -> Optional[Decision]:
         """The decision for `call` among `runs` (eligible backends, prepared), or None
         when it cannot be made now (no exact reference, or the run's budget is spent).
 
         prefer: backends to measure first, after the reference (the static auto choice):
         when the signature's time runs out before every candidate is measured (video
         shapes take ~0.3 s a call), the likely winner has been.
+        keep: the choice made without measuring, kept unless another accurate backend
+        measures faster by more than this measurement's noise floor (`decide`).
         """
         key = signature_key(call)
         store = self.store(tensors[0].device)
@@ -382,11 +417,12 @@ class Tuner:
         order = [reference] + [n for n in prefer if n in runs] + list(runs)
         ordered = {name: runs[name] for name in dict.fromkeys(order)}
         started = self._clock()
-        measured = self._measure(call, tensors, ordered, reference, self.limits, left)
+        measured = self._measure(call, tensors, ordered, reference, self.limits, left, repeat=keep)
         spent = self._clock() - started
         self.run_spent_s += spent
         budget = budget_for(call)
-        chosen, table = decide(measured, budget)
+        noise_floor = _noise_floor(measured)
+        chosen, table = decide(measured, budget, keep=keep, margin=noise_floor or 0.0)
         if chosen is None:
             log.warning("attention backends: no backend passed tuning on %s (%s); using the static order",
                         call.describe(), "; ".join(f"{n}: {row['verdict']}" for n, row in table.items()))
@@ -394,7 +430,7 @@ class Tuner:
         complete = all(m.failure is None or not m.failure.startswith("not measured") for m in measured.values())
         decision = Decision(key=key, backend=chosen, source=MEASURED, reference=reference,
                             tuning_ms=round(spent * 1e3, 3), budget=budget.to_json(), candidates=table,
-                            complete=complete, noise_floor=_noise_floor(measured.get(reference)),
+                            complete=complete, noise_floor=noise_floor,
                             tuned_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         self.decisions.append(decision)
         if complete:

@@ -13,9 +13,11 @@
 #             (or HELDOUT_MODEL: /tmp/fit/sm90.json is the fit of a grid measured by stage 2
 #             with GRID_S or WINDOW on the same machine) and this calibration, in one run;
 #             PREVIOUS_MODEL adds the model a refit replaces, SHIP_FIT=1 calibrates the refit;
+#             CALIBRATION=FILE uses that calibration (same fingerprint) instead of calibrating;
 #             the contested row (heldout.py --contested) measures what the model cannot separate
 #   (kernels) WINDOW=window_: only those grid calls, fitted with the committed grid;
-#             PROBE=tiles_: only those probe calls, measured and not fitted
+#             PROBE=tiles_: only those probe calls, measured and not fitted;
+#             CONTEST_PROBE=1: benchmarks/contest_probe.py (auto's measurement of contested calls)
 #     overhead  the node's override against a direct call of the kernel it chose (auto)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #             (E2E_MODELS, default flux,wan,sdxl); with E2E_SPARSE_S also the Wan step
@@ -74,6 +76,10 @@ case $stage in
       python3 benchmarks/cost_grid.py --out "$out/probe" --only "$PROBE" > "$out/probe.log" 2>&1
       tail -3 "$out/probe.log"
     fi
+    if [ -n "${CONTEST_PROBE:-}" ]; then
+      python3 benchmarks/contest_probe.py --out "$out/contest_probe" > "$out/contest_probe.log" 2>&1
+      tail -3 "$out/contest_probe.log"; tail -12 "$out/contest_probe/contest_probe.md"
+    fi
     ;;
   sparse-tests)
     site_path
@@ -92,9 +98,14 @@ case $stage in
     {
       # SHIP_FIT=1: calibrate rescales /tmp/fit/sm90.json as if it were shipped (this copy only).
       [ -n "${SHIP_FIT:-}" ] && cp /tmp/fit/sm90.json attention/cost_models/sm90.json
-      started=$(date +%s)
-      timeout 330 python3 -m attention calibrate --file "$out/calibration.json" --grid "$out/calibration_grid.json"
-      echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
+      if [ -n "${CALIBRATION:-}" ]; then
+        # CALIBRATION=FILE: an earlier session's calibration of the same fingerprint, not timed again.
+        cp "$CALIBRATION" "$out/calibration.json"
+      else
+        started=$(date +%s)
+        timeout 330 python3 -m attention calibrate --file "$out/calibration.json" --grid "$out/calibration_grid.json"
+        echo "calibrate: rc $? in $(( $(date +%s) - started )) s (the issue's limit: 300 s)"
+      fi
       python3 benchmarks/heldout.py --out "$out/heldout" \
         --model "$model" \
         --calibration "$out/calibration.json" --table --contested --budget-s "${HELDOUT_S:-170}" \

@@ -49,7 +49,7 @@ def make_tuner(priority: Priority, mode: str) -> Tuner | None:
 
 def make_measurer(priority: Priority, mode: str) -> Tuner | None:
     """The tuner with which `auto` times the kernels its cost model cannot separate on a
-    long call (attention.cost_model.contested), saving beside auto_tuned's file; None when
+    call (attention.cost_model.contested), saving beside auto_tuned's file; None when
     the priority does not name `auto` or ATTENTION_BACKENDS_AUTO_MEASURE is 0. The node's
     tuning choice applies: `re-tune` measures those calls again too."""
     if mode not in TUNING_MODES:

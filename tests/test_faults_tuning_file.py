@@ -55,7 +55,7 @@ class FakeMeasure:
     def clock(self) -> float:
         return self.now
 
-    def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+    def __call__(self, call, tensors, runs, reference, limits, seconds_left, repeat=None):
         self.calls += 1
         self.now += 0.5
         return {name: RESULTS[name] for name in runs}

@@ -89,7 +89,7 @@ class _DecliningTuner:
     def __init__(self) -> None:
         self.offered: list[str] = []
 
-    def choose(self, call, tensors, runs, prefer=()):
+    def choose(self, call, tensors, runs, prefer=(), keep=None):
         self.offered = sorted(runs)
         return None
 

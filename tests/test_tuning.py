@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from attention import Dispatcher, registry, tuning
+from attention import Dispatcher, contract, registry, tuning
 from attention.call import FLAT, CallSignature
 from attention.tuning import (DEFAULT_BUDGET, MEASURED, PRECISE_BUDGET, SAVED, Limits, Measurement, Tuner,
                               budget_for, decide, measure_on_device, signature_key)
@@ -60,6 +60,51 @@ def test_decide_refuses_nonfinite_low_cosine_and_failures():
     assert table["flash4"]["ms"] is None
 
 
+def test_decide_keeps_a_choice_a_measurement_cannot_overturn():
+    """`keep` (auto's cost model on a contested call) stays unless beaten by more than the
+    margin (the measurement's noise floor); an inaccurate or unmeasured keep never stays."""
+    measured = {"sdpa": Measurement(ms=1.0, error=good(0.0)), "sage": Measurement(ms=0.80, error=good()),
+                "flash4": Measurement(ms=0.78, error=good())}
+    chosen, table = decide(measured, DEFAULT_BUDGET, keep="sage", margin=0.03)
+    assert chosen == "sage"  # flash4 is 2.5% faster: inside the 3% floor
+    assert table["sage"]["verdict"] == "chosen"
+    assert table["flash4"]["verdict"].startswith("inside the noise floor: 0.975x the chosen time, within the "
+                                                 "measurement's 3.0%")
+    assert contract.verdict(table["flash4"]["verdict"])["kind"] == contract.INSIDE_NOISE
+    assert table["sdpa"]["verdict"].startswith("slower: 1.250x")
+    assert decide(measured, DEFAULT_BUDGET, keep="sage", margin=0.02)[0] == "flash4"  # 2.5% > 2%: measured wins
+    assert decide(measured, DEFAULT_BUDGET, keep="sage")[0] == "flash4"  # no floor: the fastest
+    assert decide(measured, DEFAULT_BUDGET)[0] == "flash4"  # nothing to keep (auto_tuned)
+    inaccurate = dict(measured, sage=Measurement(ms=0.79, error=good(rel_l1=0.05)))
+    assert decide(inaccurate, DEFAULT_BUDGET, keep="sage", margin=0.5)[0] == "flash4"
+    failed = dict(measured, sage=Measurement(failure="raised RuntimeError: no kernel"))
+    assert decide(failed, DEFAULT_BUDGET, keep="sage", margin=0.5)[0] == "flash4"
+    # A keep that measured fastest is simply chosen.
+    assert decide(measured, DEFAULT_BUDGET, keep="flash4", margin=0.03)[0] == "flash4"
+
+
+def test_the_rounds_shuffle_differs_per_signature(monkeypatch):
+    """The rounds' order is seeded from the signature (one seed for every call would give
+    every call with the same candidates the same sequence of orders), or as given."""
+    seeds = []
+
+    def fake_timing(fns, device, **kwargs):
+        if len(fns) > 1:  # the rounds (each kernel's single timing has no order)
+            seeds.append(kwargs["seed"])
+        return dict.fromkeys(fns, 1.0)
+
+    monkeypatch.setattr(tuning, "interleaved_median_ms", fake_timing)
+    q = torch.randn(1, 2, 64, 16)
+    runs = {name: sdpa_run for name in ("sdpa", "sdpa_cudnn")}
+    calls = [CallSignature("cpu", None, torch.float32, 1, 2, 2, n, n, 16, 16, layout_in="B,H,N,D",
+                           layout_out="B,H,N,D") for n in (64, 64, 128)]
+    for call in calls:
+        measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0)
+    assert seeds[0] == seeds[1] != seeds[2]
+    measure_on_device(calls[0], (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0, seed=7)
+    assert seeds[-1] == 7
+
+
 def test_decide_with_nothing_accurate_chooses_nothing():
     chosen, table = decide({"sage": Measurement(ms=0.1, error=good(rel_l1=0.5))}, DEFAULT_BUDGET)
     assert chosen is None and "over the error budget" in table["sage"]["verdict"]
@@ -101,7 +146,7 @@ class FakeMeasure:
     def clock(self) -> float:
         return self.now
 
-    def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+    def __call__(self, call, tensors, runs, reference, limits, seconds_left, repeat=None):
         self.calls += 1
         self.now += min(self.seconds, seconds_left)
         return {name: Measurement(self.results[name].ms, self.results[name].error, self.results[name].failure)
@@ -380,8 +425,16 @@ def test_the_reference_is_timed_twice_with_the_contenders(monkeypatch):
     call = CallSignature("cpu", None, torch.float32, 1, 2, 2, 64, 64, 16, 16, layout_in="B,H,N,D", layout_out="B,H,N,D")
     runs = {name: sdpa_run for name in ("sdpa", "sdpa_cudnn", "sdpa_efficient")}
     measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0)
-    assert rounds[-1] == ["reference (repeat)", "sdpa", "sdpa_cudnn"]
+    assert rounds[-1] == ["(repeat)", "sdpa", "sdpa_cudnn"]
     assert measured["sdpa"].repeat_ms == 1.02 and measured["sdpa_cudnn"].repeat_ms is None
+    # Asked for another contender (auto's kept choice), that one is timed twice instead.
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0,
+                                 repeat="sdpa_cudnn")
+    assert measured["sdpa_cudnn"].repeat_ms == 1.02 and measured["sdpa"].repeat_ms is None
+    # One that is no contender (sdpa_efficient, 3x slower) leaves the floor to the reference.
+    measured = measure_on_device(call, (q, q, q, None, None), runs, "sdpa", Limits(reps=3), 10.0,
+                                 repeat="sdpa_efficient")
+    assert measured["sdpa"].repeat_ms == 1.02 and measured["sdpa_efficient"].repeat_ms is None
     rounds.clear()
     alone = {"sdpa": sdpa_run, "sdpa_efficient": sdpa_run}
     measured = measure_on_device(call, (q, q, q, None, None), alone, "sdpa", Limits(reps=3), 10.0)
@@ -393,7 +446,7 @@ def test_decisions_carry_the_noise_floor_into_the_file(tmp_path):
     results = dict(RESULTS, sdpa=Measurement(ms=1.0, error=good(0.0), repeat_ms=1.02))
 
     class WithRepeat(FakeMeasure):
-        def __call__(self, call, tensors, runs, reference, limits, seconds_left):
+        def __call__(self, call, tensors, runs, reference, limits, seconds_left, repeat=None):
             out = super().__call__(call, tensors, runs, reference, limits, seconds_left)
             out[reference].repeat_ms = self.results[reference].repeat_ms
             return out
@@ -432,7 +485,7 @@ def test_auto_tuned_never_sends_a_mask_to_a_maskless_backend(tmp_path):
     mask = torch.rand(1, 1, 32, 32) > 0.3
     seen = {}
 
-    def spy(call, tensors, runs, reference, limits, seconds_left):
+    def spy(call, tensors, runs, reference, limits, seconds_left, repeat=None):
         seen.update(runs)
         return {name: Measurement(ms=1.0, error=good(0.0)) for name in runs}
 

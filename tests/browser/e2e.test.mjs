@@ -442,9 +442,9 @@ for (const version of VERSIONS) {
         ab.refreshEverything();
         return before;
       }, { report: WAN_MEASURED, id: ids.run });
-      const p = await waitPanel(page, ids.run, (x) => /auto measured: 1 contested shape measured in 1\.30 s/.test(x.text),
+      const p = await waitPanel(page, ids.run, (x) => /auto measured: 1 contested shape measured in 1\.07 s/.test(x.text),
         "auto's measured line");
-      assert.match(p.text, /flash4 ← B=2 H=40 Nq=20400 Nk=20400 D=128/);
+      assert.match(p.text, /sage_qk_int8_pv_fp8_cuda_sm90 ← B=2 H=12 Nq=32760 Nk=32760 D=128/);
       assert.doesNotMatch(p.text, /auto_tuned:/);
       assert.ok(p.overflow <= 2, `panel content is cut off by ${p.overflow}px`);
       await shotNodes(page, [ids.run], `node-auto-measured-${version}.png`);
@@ -454,8 +454,16 @@ for (const version of VERSIONS) {
         return el && { text: el.innerText, decisions: el.querySelectorAll("details.ab-decision").length };
       }, ids.run);
       assert.ok(row, "no sidebar row for the run");
-      assert.match(row.text, /auto measured: 1 contested shape measured in 1\.30 s/);
+      assert.match(row.text, /auto measured: 1 contested shape measured in 1\.07 s/);
       assert.equal(row.decisions, 1);
+      // The decision's table says why FA4, measured faster, did not serve: inside the noise floor.
+      const verdicts = await page.evaluate((id) => {
+        const details = document.querySelector(`.ab-side .ab-run[data-node="${id}"] details.ab-decision`);
+        details.open = true;
+        const cell = details.querySelector('tr[data-backend="flash4"]');
+        return cell && cell.innerText;
+      }, ids.run);
+      assert.match(verdicts || "", /inside noise/);
       // What auto has saved on this machine: nothing on a CPU server, so no block; with the
       // H200 decisions put into the page's status as auto_measured.json's, its own block.
       const timedBlock = () => page.evaluate(() => {

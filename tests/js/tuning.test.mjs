@@ -58,6 +58,7 @@ test("verdicts become short labels by their kind, the text stays for the tooltip
   const labels = (kind, text = "") => [verdictLabel({ kind, text }).label, verdictLabel({ kind, text }).cls];
   assert.deepEqual(labels("chosen", "chosen"), ["chosen", "good"]);
   assert.deepEqual(labels("slower", "slower: 1.254x the chosen time"), ["slower", "muted"]);
+  assert.deepEqual(labels("inside_noise", "inside the noise floor: 0.979x the chosen time"), ["inside noise", "muted"]);
   assert.deepEqual(labels("over_budget"), ["over budget", "bad"]);
   assert.deepEqual(labels("nonfinite"), ["non-finite", "bad"]);
   assert.deepEqual(labels("raised"), ["raised", "bad"]);
@@ -317,9 +318,16 @@ test("auto's measured contested calls are their own line, not auto_tuned's", () 
   assert.equal(wan.tuning, null);
   assert.equal(wan.auto_measured.strategy, "auto");
   const s = runTuning(wan);
-  assert.equal(s.text, "auto measured: 1 contested shape measured in 1.30 s");
+  assert.equal(s.text, "auto measured: 1 contested shape measured in 1.07 s");
   assert.equal(s.cls, "plain");
-  assert.deepEqual(s.decisions.map((d) => [d.backend, d.source]), [["flash4", "measured"]]);
+  assert.deepEqual(s.decisions.map((d) => [d.backend, d.source]), [["sage_qk_int8_pv_fp8_cuda_sm90", "measured"]]);
+  // FA4 measured 2.4% faster, inside the floor of the model's choice timed twice: kept, and said so.
+  const rows = candidateRows(wan.auto_measured.decisions[0]);
+  const fa4 = rows.find((r) => r.backend === "flash4");
+  assert.equal(rows[0].backend, "sage_qk_int8_pv_fp8_cuda_sm90");
+  assert.equal(fa4.verdict.label, "inside noise");
+  assert.match(fa4.verdict.title, /inside the noise floor: 0\.976x the chosen time/);
+  assert.equal(fa4.ratioText, "0.98×");
   assert.match(s.file, /auto_measured\.json$/);
   // Kept from the node's earlier run: only plans `auto` measured count, not auto_tuned's.
   const again = { strategy: "auto", measured: 0, reused: 0, tuning_s: 0, left_to_auto: [], decisions: [] };
@@ -342,7 +350,7 @@ test("Timed by auto on this GPU: the same view of auto_measured.json", () => {
   assert.equal(onCpu.title, "Timed by auto on this GPU");
   assert.match(onCpu.file, /auto_measured\.json$/);
   assert.deepEqual(onCpu.devices.map((d) => [d.index, d.count]), [[null, 0]]);
-  assert.match(onCpu.devices[0].countText, /auto times a long call shape its cost model cannot decide, once/);
+  assert.match(onCpu.devices[0].countText, /auto times a call shape its cost model cannot decide, once/);
   // Saved measurements read as auto_tuned's do; a damaged file names its own .ignored file.
   const file = "/home/me/ComfyUI/user/attention_backends/auto_measured.json";
   const timed = tunedOnThisMachine({ auto_measured: { ...h200, file } }, "auto_measured");

@@ -89,6 +89,7 @@ export function budgetText(budget) {
 const VERDICTS = {
   chosen: ["chosen", "good"],
   slower: ["slower", "muted"],
+  inside_noise: ["inside noise", "muted"],
   over_budget: ["over budget", "bad"],
   nonfinite: ["non-finite", "bad"],
   raised: ["raised", "bad"],
@@ -300,7 +301,7 @@ const SAVED_FILES = {
   },
   auto_measured: {
     title: "Timed by auto on this GPU",
-    empty: "Nothing timed on this GPU yet: auto times a long call shape its cost model cannot decide, once.",
+    empty: "Nothing timed on this GPU yet: auto times a call shape its cost model cannot decide, once.",
     ignored: "auto_measured.json.ignored",
     what: "measurements file",
   },
