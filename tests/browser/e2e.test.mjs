@@ -461,9 +461,13 @@ for (const version of VERSIONS) {
         const details = document.querySelector(`.ab-side .ab-run[data-node="${id}"] details.ab-decision`);
         details.open = true;
         const cell = details.querySelector('tr[data-backend="flash4"]');
-        return cell && cell.innerText;
+        const text = cell && cell.innerText;
+        details.open = false;
+        return text;
       }, ids.run);
       assert.match(verdicts || "", /inside noise/);
+      // Closed again (the panel remembers open tables on the toggle event): later tests start with none.
+      await page.waitForFunction(() => window.__attentionBackends.state.expanded.size === 0, null, { timeout: 5_000 });
       // What auto has saved on this machine: nothing on a CPU server, so no block; with the
       // H200 decisions put into the page's status as auto_measured.json's, its own block.
       const timedBlock = () => page.evaluate(() => {
