@@ -161,8 +161,9 @@ def judge(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], judged: dict) -> str:
+    long_reps = rows[0]["long_reps"] if rows else LONG_REPS
     lines = ["# What auto's one-time measurement of a contested call sees", "",
-             f"Long rounds: {rows[0]['long_reps'] if rows else LONG_REPS} interleaved rounds, each kernel timed twice (time: the mean of the two; "
+             f"Long rounds: {long_reps} interleaved rounds, each kernel timed twice (time: the mean of the two; "
              "floor: the widest gap between a kernel's two timings).", "",
              "| call | model's choice | long rounds: time / fastest | long floor |", "|---|---|---|---|"]
     for row in rows:
