@@ -108,7 +108,7 @@ case $stage in
       fi
       python3 benchmarks/heldout.py --out "$out/heldout" \
         --model "$model" \
-        --calibration "$out/calibration.json" --table --contested --budget-s "${HELDOUT_S:-170}" \
+        --calibration "$out/calibration.json" --table --contested --budget-s "${HELDOUT_S:-260}" \
         ${PREVIOUS_MODEL:+--previous-model "$PREVIOUS_MODEL"}
     } > "$out/calibrate.log" 2>&1
     tail -30 "$out/calibrate.log"

@@ -13,7 +13,7 @@ import torch
 from attention import calibrate as calibration
 from attention.backend import BHND, Backend
 from attention import cost_store
-from attention.calibrate import BASELINE, REPEAT, CallTiming, measure_grid, samples
+from attention.calibrate import BASELINE, LONG_CALL_MS, REPEAT, CallTiming, measure_grid, rounds, samples
 from attention.calibration_calls import Call, grid
 from attention.call import CallSignature
 from attention.cost_model import KernelCost, Tiling, work_of
@@ -80,6 +80,13 @@ def test_measure_grid_stops_starting_calls_when_the_budget_is_spent():
                                      clock=clock)
     assert len(timings) == 8 and left_out == [c.key for c in calls[8:]]
     assert timings[0].noise_floor == pytest.approx(0.01)
+
+
+def test_long_calls_get_the_rounds_asked_for_them_and_short_ones_keep_theirs():
+    assert rounds(LONG_CALL_MS / 2, 20, 6.0, long_reps=40, long_budget_s=12.0) == (20, 6.0)
+    assert rounds(LONG_CALL_MS, 20, 6.0, long_reps=40, long_budget_s=12.0) == (40, 12.0)
+    assert rounds(LONG_CALL_MS * 4, 20, 6.0) == (20, 6.0)  # calibrate asks for nothing more
+    assert rounds(LONG_CALL_MS * 4, 50, 20.0, long_reps=40, long_budget_s=12.0) == (50, 20.0)  # never fewer
 
 
 def test_samples_leave_out_the_repeat_extra_rows_and_sdpas_own_sub_backends():
