@@ -171,9 +171,10 @@ def rounds(best_ms: float, reps: int, budget_s: float, long_reps: int = 0,
            long_budget_s: float = 0.0) -> tuple[int, float]:
     """Interleaved rounds and seconds for a call whose fastest row took `best_ms` once: a
     long call (LONG_CALL_MS) gets at least `long_reps` rounds and `long_budget_s`. On the
-    H200's long calls, one kernel's rows read 3-5% apart after 20 rounds (heldout/run11,
-    run12), as wide as the differences `auto` is judged on there; the held-out run gives
-    them more rounds (benchmarks/heldout.py), `calibrate` does not."""
+    H200's long calls, the three or more rows of one kernel read a median 2% and up to 6%
+    apart after 20 rounds (heldout/run10 to run12), as wide as the differences `auto` is
+    judged on there; the held-out run gives them more rounds (benchmarks/heldout.py),
+    `calibrate` does not."""
     if best_ms < LONG_CALL_MS:
         return reps, budget_s
     return max(reps, long_reps), max(budget_s, long_budget_s)

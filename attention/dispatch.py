@@ -29,7 +29,7 @@ ComfyUI's multi-GPU sampling calls one dispatcher from a thread per device.
 `auto_tuned` in the priority hands the first call of each signature to a Tuner
 (tuning.py), which measures every eligible backend on the real tensors; the plan then
 carries the tuner's decision, and later calls cost what any plan costs. `auto` does the
-same on a long call whose kernels its cost model cannot separate (cost_model.contested),
+same on a call (from 100 µs) whose kernels its cost model cannot separate (cost_model.contested),
 timing only those and SDPA, with a tuner of its own (`measurer`) and its own file.
 
 Sparse backends take per-dispatcher settings (attention.sparsity), bound into the
@@ -282,7 +282,7 @@ class Dispatcher:
     settings: per backend name, the settings object of a backend that takes one (the
         sparse backends); a backend named without settings runs with its defaults.
     monitor: watches the plans as they are made (the sparse node's quality monitor).
-    measurer: times the kernels `auto`'s cost model cannot separate on a long call
+    measurer: times the kernels `auto`'s cost model cannot separate on a call
         (cost_model.contested); one is made (auto_measured.json beside the default
         tuning file) when the priority names `auto`, a cost model decides, none is given,
         `measure_contested` is true and ATTENTION_BACKENDS_AUTO_MEASURE is not 0.
@@ -728,6 +728,6 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
-__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Contest", "Failure", "failure_rows", "PlanMonitor", "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS",
-           "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
+__all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Contest", "Failure", "failure_rows", "PlanMonitor",
+           "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS", "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
            "FAILED", "QUALITY"]

@@ -48,9 +48,9 @@ def _source_line(source: dict) -> str:
 def _contested_line() -> str:
     if not auto_measures():
         return f"\n    calls the model cannot separate are not timed ({ENV_AUTO_MEASURE}=0): its first choice runs"
-    return (f"\n    on a call the model cannot separate (SDPA predicted at {CONTESTED_FROM_US:.0f} µs or more, kernels "
-            f"within {CONTESTED_WITHIN:.1%}), auto times those kernels once per machine ({AUTO_MEASURED_FILE}; "
-            f"{ENV_AUTO_MEASURE}=0 turns it off)")
+    return (f"\n    on a call the model cannot separate (SDPA predicted at {CONTESTED_FROM_US:.0f} µs or more, "
+            f"kernels within {CONTESTED_WITHIN:.1%}), auto times those kernels once per machine "
+            f"({AUTO_MEASURED_FILE}; {ENV_AUTO_MEASURE}=0 turns it off)")
 
 
 def render(status: dict) -> str:

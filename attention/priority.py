@@ -291,7 +291,8 @@ def model_entries(call: CallSignature, model: CostModel) -> tuple[AutoEntry, ...
         passed += [AutoEntry(name, Rule(passed_over=(
             f"{model.source} cost model: {predicted[name]:.1f} µs predicted, SDPA {base:.1f} µs (auto leaves "
             f"SDPA only for a predicted gain over {margins[name]:.0%}"
-            f"{' when the host path decides' if margins[name] == HOST_BOUND_MARGIN else ''})")), measure=name in measured)
+            f"{' when the host path decides' if margins[name] == HOST_BOUND_MARGIN else ''})")),
+            measure=name in measured)
             for name in sorted(predicted, key=predicted.get) if name not in order]
     return tuple(entries[:-1] + passed + entries[-1:])
 

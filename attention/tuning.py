@@ -33,7 +33,7 @@ import math
 import os
 import time
 import zlib
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -314,7 +314,11 @@ def measure_on_device(call: CallSignature, tensors: Tensors, runs: dict[str, Run
     return results
 
 
-Measure = Callable[..., dict[str, Measurement]]  # measure_on_device's arguments
+class Measure(Protocol):
+    """What the tuner measures with: measure_on_device, or a stand-in in the CPU tests."""
+
+    def __call__(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run], reference: str,
+                 limits: Limits, seconds_left: float, *, repeat: Optional[str] = None) -> dict[str, Measurement]: ...
 
 
 class Tuner:

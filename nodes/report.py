@@ -142,7 +142,8 @@ def _measured_line(tuning: dict, what: str, left_to: str) -> str:
     return (f"{what} {tuning['measured']} {noun} measured in {tuning['tuning_s']:.2f}s, "
             f"{tuning['reused']} reused from {tuning['file']}"
             + (f", {tuning['kept']} kept from this node's earlier run" if tuning.get("kept") else "")
-            + (f", {len(tuning['left_to_auto'])} left to {left_to} (run budget spent)" if tuning["left_to_auto"] else ""))
+            + (f", {len(tuning['left_to_auto'])} left to {left_to} (run budget spent)"
+               if tuning["left_to_auto"] else ""))
 
 
 def _model_name(model: Any) -> str:

@@ -179,8 +179,8 @@ class TestAutoOnSyntheticCalls:
 @pytest.mark.skipif(cost_store.shipped_model("sm90") is None, reason="no cost model shipped for sm90 yet")
 class TestShippedModelOnMeasuredCalls:
     """The shipped H200 model decided through the dispatcher on the committed held-out runs
-    (benchmarks/results/h200/heldout/heldout.json, run2/ to run4/, run6/, run7/, run9/ to run12/), whose rounds also timed
-    the kernel table's image shapes: on both lists it is never more than 2% slower than
+    (benchmarks/results/h200/heldout/heldout.json, run2/ to run4/, run6/, run7/, run9/ to run12/), whose rounds
+    also timed the kernel table's image shapes: on both lists it is never more than 2% slower than
     SDPA, and every call it moves off SDPA runs within 3% of the fastest kernel, each
     outside the call's noise floor (two timings of one kernel in the same rounds), on the
     table shapes. The held-out list is left to the targets of benchmarks/heldout.py: Wan 2.2
