@@ -155,14 +155,15 @@ def test_contested_report_on_the_committed_runs(tmp_path):
                                                           encoding="utf-8").read()
     # The shipped policy (CONTESTED_WITHIN from CONTESTED_FROM_US) meets both lists' targets on
     # every committed run, judged pessimistically; from 5 ms (run10's policy) the table missed
-    # in seven of the ten (SD1.5's level 1 and Flux 1024², which the host's speed decides).
+    # in eight of the eleven (SD1.5's level 1 and Flux 1024², which the host's speed decides;
+    # seven of the ten that chose 100 µs, and run13, timed after the choice).
     from attention.cost_model import CONTESTED_FROM_US
     shipped = [s for run in report["runs"].values() for section in run.values() for s in section
                if s["within"] == report["grid_p90"] and s["from_us"] == CONTESTED_FROM_US]
     assert len(shipped) == 2 * len(report["runs"]) and all(s["targets_met"] for s in shipped)
     from_5ms = [run["table"] for run in report["runs"].values() if "table" in run]
     assert sum(not s["targets_met"] for section in from_5ms for s in section
-               if s["within"] == report["grid_p90"] and s["from_us"] == 5000.0) == 7
+               if s["within"] == report["grid_p90"] and s["from_us"] == 5000.0) == 8
 
 
 def test_autos_contested_margin_is_the_fits_own_resolution():
