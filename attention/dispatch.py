@@ -139,6 +139,14 @@ def plan_key(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype: torch.dtype,
             skip_output_reshape, None, attn_precision, low_precision, scale_is_none)
 
 
+def _signature_device(call: CallSignature) -> Optional[torch.device]:
+    """The device a call signature's saved measurements are filed under: the CPU, or the
+    first visible GPU of its capability (None when there is none)."""
+    if call.device_type == "cpu":
+        return torch.device("cpu")
+    return cost_store.device_for(call.device_type, call.compute_capability)
+
+
 def _blocking_failure(name: str, call: CallSignature) -> Optional[Failure]:
     """The failure that keeps `name` off `call` now: a permanent one, or one from this run."""
     failure = _failures.get((name, call))
@@ -159,8 +167,9 @@ class Contest:
     """Where `auto`'s order reaches kernels its cost model cannot separate on the call:
     they and SDPA (the reference) are timed once on the real tensors, and the fastest
     accurate one serves unless `keep` (the model's own choice among them) measured within
-    the measurement's noise floor of it. Without tensors or a measurer the walk goes on
-    down the model's order."""
+    the measurement's noise floor of it. Without tensors, this machine's saved
+    measurement of the call answers; without one, or without a measurer, the walk goes
+    on down the model's order."""
 
     names: tuple[str, ...]
     keep: Optional[str] = None
@@ -447,8 +456,9 @@ class Dispatcher:
 
     def plan_for(self, call: CallSignature, tensors: Optional[Tensors] = None) -> Plan:
         """Decide for `call`. Without `tensors` (a synthetic call) runtime checks are
-        skipped, `auto_tuned` measures nothing (its static order answers) and the plan
-        cannot run, but says what would be chosen and why."""
+        skipped, `auto_tuned` measures nothing (its static order answers), a contested
+        call is answered by this machine's saved measurement when there is one, and the
+        plan cannot run, but says what would be chosen and why."""
         rejected: list[Rejection] = []
         # Each prepared backend's runtime check on these tensors, asked once: the tuner's
         # eligibility and the walk down the list may both need it.
@@ -461,8 +471,10 @@ class Dispatcher:
                     return tuned
                 continue
             if isinstance(candidate, Contest):
+                if self.measurer is None:
+                    continue
                 measured = (self._measured_plan(call, candidate, tensors, rejected, checked)
-                            if tensors is not None and self.measurer else None)
+                            if tensors is not None else self._saved_plan(call, candidate, rejected))
                 if measured is not None:
                     return measured
                 continue
@@ -503,10 +515,11 @@ class Dispatcher:
         (nodes/compiled.py): this dispatcher's plan for it is plain `sdpa`, which needs no
         look at the tensors, is no fallback from a kernel that failed this run (that
         kernel is retried next run, which a graph cannot do), and is not a contested call
-        that `auto` decides by timing on the tensors."""
-        if any(isinstance(candidate, Contest) for candidate in self.candidates(call)):
-            return False
+        that `auto` still has to decide by timing on the tensors: one this machine has
+        measured already (the decision saved, SDPA chosen) is traced like any other."""
         plan = self.plan_for(call)
+        if plan.tuned_by != registry.AUTO and any(isinstance(c, Contest) for c in self.candidates(call)):
+            return False
         return (plan.backend is not None and plan.name == TRACED_BACKEND and plan.backend.runtime_check is None
                 and not plan.retry)
 
@@ -526,6 +539,8 @@ class Dispatcher:
                 plan = self.plan_for(call)
                 if plan.backend is not None:
                     plan.run = self.prepared(plan.backend, call).run
+                if plan.tuned_by == registry.AUTO and plan.tuning is not None:
+                    self.measurer.reused(plan.tuning)
                 if len(self._plans) >= MAX_PLANS:
                     self._evict()
                 self._plans[key] = plan
@@ -566,6 +581,21 @@ class Dispatcher:
             return None
         return self._chosen_plan(self.measurer, registry.AUTO, call, tensors, runs, contest.names, rejected,
                                  keep=contest.keep)
+
+    def _saved_plan(self, call: CallSignature, contest: Contest, rejected: list[Rejection]) -> Optional[Plan]:
+        """Without tensors: the contest's saved decision on this machine, planned when its
+        kernel can serve the call as far as the call alone tells (None otherwise: the walk
+        goes on down the model's order, and the call is timed when it runs)."""
+        device = _signature_device(call)
+        decision = None if device is None else self.measurer.saved(call, device)
+        if decision is None or decision.backend not in (*contest.names, SAFEST):
+            return None
+        backend = registry.get(decision.backend)
+        if (not backend.availability().available or backend.call_reasons(call)
+                or _blocking_failure(backend.name, call) is not None or (backend.name, call) in self._demoted):
+            return None
+        return Plan(backend, call, tuple(rejected), None, tuning=decision, passthrough=self.passthrough,
+                    tuned_by=registry.AUTO)
 
     def _chosen_plan(self, tuner: Tuner, strategy: str, call: CallSignature, tensors: Tensors,
                      runs: dict[str, Callable], prefer: Sequence[str], rejected: list[Rejection],

@@ -386,6 +386,19 @@ class Tuner:
                            "this_run": d.key in this_run} for d in self.decisions + kept],
         }
 
+    def saved(self, call: CallSignature, device: torch.device) -> Optional[Decision]:
+        """This machine's saved decision for `call`, without tensors and without recording
+        it as this run's (None when there is none, or when a re-tune will forget it)."""
+        if not self._cleared:
+            return None
+        saved = self.store(device).get(signature_key(call))
+        return None if saved is None else Decision.from_saved(signature_key(call), saved)
+
+    def reused(self, decision: Decision) -> None:
+        """Count a saved decision that serves this run without `choose` (a compiled graph
+        that runs its call as traced SDPA)."""
+        self.decisions.append(decision)
+
     def choose(self, call: CallSignature, tensors: Tensors, runs: dict[str, Run],
                prefer: Sequence[str] = (), keep: Optional[str] = None) -> Optional[Decision]:
         """The decision for `call` among `runs` (eligible backends, prepared), or None

@@ -196,9 +196,33 @@ def test_a_rule_table_never_measures(tmp_path, every_kernel_installed):
     assert not any(isinstance(c, Contest) for c in dispatcher.candidates(WAN))
 
 
-def test_a_compiled_graph_never_traces_a_contested_call_as_sdpa(tmp_path, every_kernel_installed):
-    dispatcher = Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path, FakeMeasure({})))
-    assert not dispatcher.runs_traced_sdpa(WAN)
+def test_a_compiled_graph_traces_a_contested_call_as_sdpa_once_this_machine_measured_sdpa(
+        tmp_path, every_kernel_installed, monkeypatch):
+    """A compiled graph decides at trace time, on the call alone: a contested call goes
+    through the pack's op until this machine has measured it; once SDPA won, the next
+    trace runs it as traced SDPA (no op on a ~190 µs call), and a synthetic plan says so."""
+    monkeypatch.setattr("attention.dispatch._signature_device", lambda call: torch.device("cpu"))
+    assert not Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path, FakeMeasure({}))).runs_traced_sdpa(WAN)
+    fake = FakeMeasure({"sdpa": 0.40, "flash4": 0.45})
+    first = Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path, fake))
+    assert not first.runs_traced_sdpa(FLUX)  # not measured yet: the op serves it, and times it
+    assert first.plan_for(FLUX, _tensors()).name == "sdpa" and len(fake.seen) == 1
+    later = Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path, fake))
+    assert later.runs_traced_sdpa(FLUX)
+    synthetic = later.plan_for(FLUX)
+    assert synthetic.name == "sdpa" and synthetic.tuned_by == registry.AUTO and synthetic.tuning.source == "saved"
+    assert later.measurer.decisions == [] and len(fake.seen) == 1  # looked up, neither timed nor counted
+    # Counted once a graph runs it (the plan a compiled run serves through).
+    later.traced_plan(("flux",), FLUX)
+    assert [d.key for d in later.measurer.decisions] == [synthetic.tuning.key]
+    # A re-tune forgets the saved decision at its first measurement: until then, nothing is traced on it.
+    retune = Tuner(later.measurer.path, measure=fake, retune=True, store=later.measurer._store_for)
+    assert not Dispatcher("auto", cost_model=MODEL, measurer=retune).runs_traced_sdpa(FLUX)
+    # Where the measurement chose a kernel, the op serves the call.
+    kernel = FakeMeasure({"sdpa": 0.45, "flash4": 0.30})
+    Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path / "b", kernel)).plan_for(FLUX, _tensors())
+    chose_kernel = Dispatcher("auto", cost_model=MODEL, measurer=_measurer(tmp_path / "b", kernel))
+    assert chose_kernel.plan_for(FLUX).name == "flash4" and not chose_kernel.runs_traced_sdpa(FLUX)
 
 
 def test_the_measurements_file_is_not_auto_tuneds(tmp_path):

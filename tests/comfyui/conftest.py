@@ -126,3 +126,29 @@ def patch(pack):
                                         node_id=node_id, **kwargs)
 
     return apply
+
+
+@pytest.fixture
+def user_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """ComfyUI's user directory (where the tuning files live) in the test's own folder."""
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    yield tmp_path
+    # Stores are cached per file and machine for the process; each test has its own file.
+    for module in list(sys.modules.values()):
+        forget = getattr(module, "forget_loaded_stores", None)
+        if forget is not None and getattr(module, "__name__", "").endswith("attention.tuning_store"):
+            forget()
+
+
+@pytest.fixture
+def contest_every_call(pack):
+    """Make a node's `auto` see every call as contested between SDPA's flash kernel and
+    SDPA: a CPU has no cost model, so no real call is (the sm90 model decides that on the GPU)."""
+    AutoEntry = pack.attention.priority.AutoEntry
+    entries = (AutoEntry("sdpa_flash", measure=True), AutoEntry("sdpa", measure=True))
+
+    def contest(state) -> None:
+        state.main.auto_entries = lambda call: entries
+
+    return contest

@@ -214,3 +214,56 @@ def test_override_called_from_threads_counts_every_call(pack, tiny, flux, patch)
         worker.join()
     assert not wrong
     assert state.main.counters().served == {"sdpa": threads * per_thread}
+
+
+def test_a_contested_call_is_traced_as_sdpa_once_this_machine_measured_sdpa(
+        pack, tiny, flux, patch, fresh_dynamo, user_directory, contest_every_call):
+    """`auto` times a contested call on its tensors, which a trace does not have: the first
+    compiled run serves it through the pack's op (and times it there); once SDPA has won on
+    this machine, the next trace runs it as traced SDPA, counted as the saved decision
+    reused. A measurement that chose a kernel keeps the op."""
+    Measurement = pack.attention.tuning.Measurement
+    error = {"rel_l1": 0.0, "cosine": 1.0, "max_abs": 0.0, "nonfinite": 0}
+
+    def measure_as(ms: dict):
+        def fake(call, tensors, runs, reference, limits, seconds_left, repeat=None):
+            return {name: Measurement(ms=ms[name], error=dict(error)) for name in runs}
+        return fake
+
+    eager = tiny.sample(flux)
+    compiled, state = patch(compile_model(flux), "auto")
+    contest_every_call(state)
+    state.measurer._measure = measure_as({"sdpa": 1.0, "sdpa_flash": 1.5})
+    torch.testing.assert_close(tiny.sample(compiled), eager, **TOLERANCE)
+    report = state.last_report
+    assert report["compiled"]["calls_through_graph"] == 4 and report["compiled"]["calls_traced_as_sdpa"] == 0
+    assert report["served"] == {"sdpa": 4} and report["auto_measured"]["measured"] >= 1
+    assert (user_directory / "attention_backends" / "auto_measured.json").exists()
+
+    _reset_dynamo()  # a new process, or ComfyUI compiling the model again
+    again, again_state = patch(compile_model(flux), "auto")
+    contest_every_call(again_state)
+    torch.testing.assert_close(tiny.sample(again), eager, **TOLERANCE)
+    report = again_state.last_report
+    assert report["compiled"]["calls_traced_as_sdpa"] == 4 and report["compiled"]["calls_through_graph"] == 0
+    measured = report["auto_measured"]
+    assert measured["measured"] == 0 and measured["reused"] == len(measured["decisions"]) >= 1
+    assert fresh_dynamo()["graph_breaks"] == 0
+
+    # The same on a machine whose measurement chose the kernel: the op serves it.
+    user_directory.joinpath("attention_backends", "auto_measured.json").unlink()
+    for module in list(__import__("sys").modules.values()):
+        if getattr(module, "__name__", "").endswith("attention.tuning_store"):
+            module.forget_loaded_stores()
+    _reset_dynamo()
+    kernel, kernel_state = patch(compile_model(flux), "auto")
+    contest_every_call(kernel_state)
+    kernel_state.measurer._measure = measure_as({"sdpa": 1.5, "sdpa_flash": 1.0})
+    tiny.sample(kernel)
+    _reset_dynamo()
+    later, later_state = patch(compile_model(flux), "auto")
+    contest_every_call(later_state)
+    torch.testing.assert_close(tiny.sample(later), eager, **TOLERANCE)
+    report = later_state.last_report
+    assert report["served"] == {"sdpa_flash": 4} and report["compiled"]["calls_through_graph"] == 4
+    assert report["compiled"]["calls_traced_as_sdpa"] == 0

@@ -10,19 +10,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def user_directory(tmp_path, monkeypatch):
-    import folder_paths
-    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
-    yield tmp_path
-    # Stores are cached per file and machine for the process; each test has its own file.
-    import sys
-    for module in list(sys.modules.values()):
-        forget = getattr(module, "forget_loaded_stores", None)
-        if forget is not None and getattr(module, "__name__", "").endswith("attention.tuning_store"):
-            forget()
-
-
 def test_first_run_measures_later_node_reuses(pack, tiny, flux, patch, user_directory):
     plain = tiny.sample(flux)
     patched, state = patch(flux, ["auto_tuned", "auto"])
@@ -155,21 +142,13 @@ def test_status_lists_a_bounded_number_of_decisions(pack, user_directory):
     assert len(json.dumps(tuning)) < 64 * 1024
 
 
-def _contest_every_call(pack, state) -> None:
-    """Make `auto` see every call as contested between SDPA's flash kernel and SDPA: a CPU
-    has no cost model, so no real call is (the sm90 model decides that on the GPU)."""
-    AutoEntry = pack.attention.priority.AutoEntry
-    entries = (AutoEntry("sdpa_flash", measure=True), AutoEntry("sdpa", measure=True))
-    state.main.auto_entries = lambda call: entries
-
-
 def test_auto_times_a_contested_call_once_and_saves_it_beside_tuning(pack, tiny, flux, patch, user_directory,
-                                                                        monkeypatch):
+                                                                        contest_every_call, monkeypatch):
     plain = tiny.sample(flux)
     patched, state = patch(flux, "auto")
     measured_file = user_directory / "attention_backends" / "auto_measured.json"
     assert state.tuner is None and state.measurer is not None and state.measurer.path == str(measured_file)
-    _contest_every_call(pack, state)
+    contest_every_call(state)
     out = tiny.sample(patched)
     report = state.last_report
     assert report["tuning"] is None
@@ -193,7 +172,7 @@ def test_auto_times_a_contested_call_once_and_saves_it_beside_tuning(pack, tiny,
 
     # Another node on this machine reuses the measurements; auto_tuned never sees them.
     again, again_state = patch(flux, "auto")
-    _contest_every_call(pack, again_state)
+    contest_every_call(again_state)
     tiny.sample(again)
     assert again_state.last_report["auto_measured"]["measured"] == 0
     assert again_state.last_report["auto_measured"]["reused"] == measured["measured"]
