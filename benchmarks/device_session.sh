@@ -19,6 +19,7 @@
 #             PROBE=tiles_: only those probe calls, measured and not fitted;
 #             CONTEST_PROBE=1: benchmarks/contest_probe.py (auto's measurement of contested calls)
 #     overhead  the node's override against a direct call of the kernel it chose (auto)
+#     compiled-op  a compiled call through the pack's op against traced SDPA (no kit needed)
 #   3 e2e     carry .whl_e2e .comfy_e2e: the end-to-end benchmark with TorchCompileModel
 #             (E2E_MODELS, default flux,wan,sdxl); with E2E_SPARSE_S also the Wan step
 #             through the Sparse node
@@ -117,6 +118,10 @@ case $stage in
     site_path
     python3 benchmarks/overhead.py --out "$out/overhead" > "$out/overhead.log" 2>&1
     tail -10 "$out/overhead.log"
+    ;;
+  compiled-op)
+    python3 benchmarks/compiled_op_cost.py --out "$out/compiled_op_cost" > "$out/compiled_op_cost.log" 2>&1
+    tail -12 "$out/compiled_op_cost.log"
     ;;
   e2e)
     site_path

@@ -269,3 +269,14 @@ def test_a_masked_calls_auto_rows_never_count_as_timings_of_the_masked_kernel():
     # sdpa keeps the mask; the auto rows served it with the keys trimmed: two ways, 1% and 2.4%.
     assert heldout.every_timing_floor(timing) == pytest.approx(1 - 80.0 / 82.0)
     assert heldout.every_timing_floor(timing, leave_out="auto (model)") == pytest.approx(1 - 100.0 / 101.0)
+
+
+def test_compiled_op_cost_times_the_op_against_traced_sdpa_on_cpu(tmp_path):
+    script = _script("compiled_op_cost")
+    assert script.main(["--out", str(tmp_path), "--smoke"]) == 0
+    written = json.loads((tmp_path / "compiled_op_cost.json").read_text())
+    [row] = written["rows"]
+    assert set(row["per_call_us"]) == {script.TRACED, script.OP, script.AGAIN}
+    assert all(us > 0 for us in row["per_call_us"].values()) and row["noise_floor"] >= 0
+    assert row["op_over_traced"] == pytest.approx(row["per_call_us"][script.OP] / row["per_call_us"][script.TRACED])
+    assert "through the op" in (tmp_path / "compiled_op_cost.md").read_text()
