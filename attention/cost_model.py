@@ -88,8 +88,8 @@ QUANTIZED_MIN_KEYS = 1024
 # `auto` times those kernels once per call signature and machine, on calls whose SDPA is
 # predicted at CONTESTED_FROM_US or more: the grid's boundary between calls the host path
 # decides (SDPA timed twice read a p90 of 10% apart under 100 µs, see DEFAULT_MARGIN: a
-# measurement there is mostly noise) and calls the GPU does. A measurement cost 0.13-0.32 s
-# on image calls and 0.44-1.8 s on video ones, once per machine (heldout/run12,
+# measurement there is mostly noise) and calls the GPU does. A measurement cost 0.12-0.36 s
+# on image calls and 0.35-1.8 s on video ones, once per machine (heldout/run12 and run13,
 # contested_tuning_ms).
 CONTESTED_WITHIN = 0.091
 CONTESTED_FROM_US = 100.0

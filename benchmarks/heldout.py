@@ -84,8 +84,8 @@ AUTOS = (AUTO_RULES, AUTO_MODEL, AUTO_CALIBRATED, AUTO_PREVIOUS, AUTO_CONTESTED,
 SMOKE_SHRINK = 32
 # Long calls (5 ms and more, screened: attention.calibrate.rounds) get twice the rounds:
 # after 20, the rows of one kernel read a median 2% and up to 6% apart on the video calls
-# (heldout/run10 to run12), as wide as the FA4/Sage 2 fp8 differences judged there. By
-# arithmetic from run12's rounds, about 60 s more per run (set before run13; not measured).
+# (heldout/run10 to run12), as wide as the FA4/Sage 2 fp8 differences judged there. With
+# 40 (run13): a median 1.2% and up to 3.4%, for 17-37 s more than runs 10-12 took.
 LONG_REPS, LONG_CALL_BUDGET_S = 40, 12.0
 # The kernel table's image shapes, timed with --table (bf16, as the table was).
 TABLE_KEYS = ("sd15_l1", "sd15_l2", "sd15_l3", "sdxl_l1", "sdxl_l2", "sdxl_cross", "flux_1024", "qwen_1328")
