@@ -759,5 +759,5 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["Dispatcher", "Plan", "Prepared", "Candidate", "Contest", "Failure", "failure_rows", "PlanMonitor",
-           "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS", "forget_failures", "remembered_failures", "NoBackendError", "UNSUPPORTED", "UNAVAILABLE", "RULE",
-           "FAILED", "QUALITY"]
+           "PASSTHROUGH", "RETRY_LIMIT", "MAX_PLANS", "forget_failures", "remembered_failures", "NoBackendError",
+           "UNSUPPORTED", "UNAVAILABLE", "RULE", "FAILED", "QUALITY"]

@@ -128,17 +128,28 @@ def patch(pack):
     return apply
 
 
+def forget_loaded_stores() -> None:
+    """Drop the tuning stores every loaded copy of the pack caches per file and machine
+    for the process (as a restart of ComfyUI would)."""
+    for module in list(sys.modules.values()):
+        forget = getattr(module, "forget_loaded_stores", None)
+        if forget is not None and getattr(module, "__name__", "").endswith("attention.tuning_store"):
+            forget()
+
+
 @pytest.fixture
 def user_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """ComfyUI's user directory (where the tuning files live) in the test's own folder."""
     import folder_paths
     monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
     yield tmp_path
-    # Stores are cached per file and machine for the process; each test has its own file.
-    for module in list(sys.modules.values()):
-        forget = getattr(module, "forget_loaded_stores", None)
-        if forget is not None and getattr(module, "__name__", "").endswith("attention.tuning_store"):
-            forget()
+    forget_loaded_stores()  # each test has its own files
+
+
+@pytest.fixture
+def restart_stores():
+    """forget_loaded_stores, for a test that stands in for a new process."""
+    return forget_loaded_stores
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ def test_override_called_from_threads_counts_every_call(pack, tiny, flux, patch)
 
 
 def test_a_contested_call_is_traced_as_sdpa_once_this_machine_measured_sdpa(
-        pack, tiny, flux, patch, fresh_dynamo, user_directory, contest_every_call):
+        pack, tiny, flux, patch, fresh_dynamo, user_directory, contest_every_call, restart_stores):
     """`auto` times a contested call on its tensors, which a trace does not have: the first
     compiled run serves it through the pack's op (and times it there); once SDPA has won on
     this machine, the next trace runs it as traced SDPA, counted as the saved decision
@@ -252,9 +252,7 @@ def test_a_contested_call_is_traced_as_sdpa_once_this_machine_measured_sdpa(
 
     # The same on a machine whose measurement chose the kernel: the op serves it.
     user_directory.joinpath("attention_backends", "auto_measured.json").unlink()
-    for module in list(__import__("sys").modules.values()):
-        if getattr(module, "__name__", "").endswith("attention.tuning_store"):
-            module.forget_loaded_stores()
+    restart_stores()
     _reset_dynamo()
     kernel, kernel_state = patch(compile_model(flux), "auto")
     contest_every_call(kernel_state)

@@ -284,14 +284,7 @@ export function fingerprintDetails(fp) {
   return parts.join(" · ");
 }
 
-/**
- * The status route's `tuning` (auto_tuned's file) or, with key "auto_measured", the contested
- * calls `auto` timed, for the sidebar: {key, title, file, exists, note, devices: [{index,
- * label, gpu, summary, details, count, countText, problem, decisions}]}, or null when the
- * server sends none (a pack without it). label names the GPU's index when there
- * are several. The server lists the newest decisions only and counts them all (`count`;
- * a server without it listed every one).
- */
+// The sidebar's words for each saved-decisions file the status route lists.
 const SAVED_FILES = {
   tuning: {
     title: "Tuned on this GPU",
@@ -307,6 +300,14 @@ const SAVED_FILES = {
   },
 };
 
+/**
+ * The status route's `tuning` (auto_tuned's file) or, with key "auto_measured", the contested
+ * calls `auto` timed, for the sidebar: {key, title, file, exists, note, devices: [{index,
+ * label, gpu, summary, details, count, countText, problem, decisions}]}, or null when the
+ * server sends none (a pack without it). label names the GPU's index when there
+ * are several. The server lists the newest decisions only and counts them all (`count`;
+ * a server without it listed every one).
+ */
 export function tunedOnThisMachine(status, key = "tuning") {
   const tuning = status && status[key];
   const words = SAVED_FILES[key];
